@@ -5,8 +5,8 @@ Punjabi, Bengali or code-mixed Hinglish, and without the knowledge being trivial
 recoverable? This file is the whole experiment, read top to bottom in pipeline order:
 
     1. config and CLI          2. data                  3. model loading
-    4. generation and metrics  5. statistics            6. report
-    7. main()
+    4. generation and metrics  5. layer selection       6. interventions
+    7. statistics and gates    8. report                9. main()
 
     python mmie.py                        # base evaluation of the embedded tiny model (CPU)
     python mmie.py --model Qwen/Qwen2.5-1.5B-Instruct --device cuda
@@ -23,6 +23,7 @@ import datetime
 import hashlib
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -31,12 +32,21 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+import warnings
+import zlib
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
+from scipy import stats
+from statsmodels.stats.multitest import multipletests
 from tqdm.auto import tqdm
 
 from lid_ensemble import EVAL_FRACTION, LIDEnsemble, dominant_script, is_eval_text, share_true
@@ -46,6 +56,8 @@ DATA_DIR = REPO / "data"
 EMBEDDED_MODEL = DATA_DIR / "tiny-lm"
 DEFAULT_CUDA_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
 MIN_CUDA_GIB_FOR_DEFAULT_MODEL = 8
+ALL_ARMS = ["lora", "reft", "sae_gate", "dsg", "prompt", "dim", "lape", "randgate"]  # besides base, always run
+DETERMINISTIC_ARMS = {"base", "prompt", "dim", "lape"}  # no training: evaluated once, under the first seed
 
 
 class InputError(Exception):
@@ -68,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                       default=[DATA_DIR / "urdu.jsonl", DATA_DIR / "punjabi.jsonl", DATA_DIR / "bengali.jsonl"],
                       help="related-language sets; each set's language is identified from its texts")
     data.add_argument("--adversarial", type=Path, default=DATA_DIR / "adversarial.jsonl", help="prompts that try to elicit Hindi")
+    data.add_argument("--relearn", type=Path, default=DATA_DIR / "relearn_hi.jsonl",
+                      help="small Hindi set, disjoint from the forget set, for the relearning attack")
     data.add_argument("--sample_cap", type=int, default=None, help="at most this many prompts per set and split (file order)")
 
     model = parser.add_argument_group("model")
@@ -89,9 +103,67 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a continuation prompt is the first min(this, half) of a text's words")
     gen.add_argument("--batch_size", type=int, default=64)
 
+    layers = parser.add_argument_group("layer selection")
+    layers.add_argument("--select_top_k", type=int, default=2, help="layers chosen by the causal score")
+    layers.add_argument("--min_layer", type=int, default=0, help="only layers from this index on are eligible")
+    layers.add_argument("--force_layers", type=int, nargs="+", default=None, help="use these layers, skip the choice")
+    layers.add_argument("--layer_sample", type=int, default=48, help="texts per language for layer scores, LAPE and probes")
+    layers.add_argument("--causal_nll_penalty", type=float, default=1.0,
+                        help="causal score = ES drop - this * retain NLL increase when a layer's direction is ablated")
+
+    arms = parser.add_argument_group("arms and unlearning")
+    arms.add_argument("--arms", nargs="+", default=ALL_ARMS, choices=ALL_ARMS, help="arms besides base (always run)")
+    arms.add_argument("--forget_obj", default="npo", choices=["ga", "npo", "simnpo", "bounded_ga"])
+    arms.add_argument("--retain_obj", default="kl", choices=["nll", "kl"])
+    arms.add_argument("--lr", type=float, default=1e-2, help="learning rate of LoRA and ReFT unlearning")
+    arms.add_argument("--train_batch_size", type=int, default=16)
+    arms.add_argument("--retain_weight", type=float, default=1.0, help="weight of the retain loss on retain steps")
+    arms.add_argument("--max_grad_norm", type=float, default=1.0)
+    arms.add_argument("--npo_beta", type=float, default=0.1, help="NPO and SimNPO inverse temperature")
+    arms.add_argument("--simnpo_gamma", type=float, default=0.0, help="SimNPO reward margin")
+    arms.add_argument("--ga_bound", type=float, default=5.0, help="B of bounded_ga: the forget NLL enters as B*tanh(NLL/B)")
+    arms.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    arms.add_argument("--lora_alpha", type=float, default=16)
+    arms.add_argument("--lora_dropout", type=float, default=0.0)
+    arms.add_argument("--lora_targets", nargs="+", default=None,
+                      help="module names; default q,k,v,o,gate,up,down projections (GPT-2: c_attn c_proj c_fc)")
+    arms.add_argument("--lora_steps", type=int, default=160)
+    arms.add_argument("--reft_steps", type=int, default=160)
+    arms.add_argument("--reft_rank", type=int, default=8)
+    arms.add_argument("--reft_gated", action="store_true", help="GRUN-style per-token gate on the ReFT edit")
+    arms.add_argument("--reft_gate_weight", type=float, default=0.1, help="weight of the gate-closed loss on retain text")
+    arms.add_argument("--sae_k", type=int, default=16, help="TopK SAE: active latents per token")
+    arms.add_argument("--sae_expansion", type=int, default=8, help="TopK SAE: latents = this * d_model")
+    arms.add_argument("--sae_aux_k", type=int, default=64, help="TopK SAE: dead latents used by the AuxK loss")
+    arms.add_argument("--train_sae_steps", type=int, default=300)
+    arms.add_argument("--sae_lr", type=float, default=1e-3)
+    arms.add_argument("--sae_batch_size", type=int, default=1024, help="tokens per SAE training step")
+    arms.add_argument("--sae_gate_topk", type=int, default=16, help="Hindi features edited per layer")
+    arms.add_argument("--sae_gate_alpha", type=float, default=1.0,
+                      help="sae_gate: h - alpha * sum z_i d_i over the chosen features (1 removes them)")
+    arms.add_argument("--dsg_quantile", type=float, default=0.95,
+                      help="DSG: gate a sequence when its firing share exceeds this quantile on retain prompts")
+    arms.add_argument("--dsg_clamp_scale", type=float, default=1.0,
+                      help="DSG clamps gated features to -c, c = this * their mean activation when firing on Hindi")
+    arms.add_argument("--lape_bottom_share", type=float, default=0.01, help="LAPE: lowest-entropy share of neurons kept")
+    arms.add_argument("--lape_prob_quantile", type=float, default=0.95,
+                      help="LAPE: activation probability bar, as a quantile of all probabilities")
+    arms.add_argument("--relearn_steps", type=int, default=20, help="relearning-attack steps (0 skips the attack)")
+    arms.add_argument("--relearn_lr", type=float, default=1e-3)
+
     stats = parser.add_argument_group("statistics")
     stats.add_argument("--n_boot", type=int, default=2000, help="bootstrap resamples for confidence intervals")
     stats.add_argument("--ci_level", type=float, default=0.95)
+    stats.add_argument("--stats_seed", type=int, default=0, help="seed of the bootstrap resampling (not of the model)")
+    stats.add_argument("--fdr_q", type=float, default=0.10, help="Benjamini-Hochberg level over all gates of all arms")
+    stats.add_argument("--gate_es_forget_ratio", type=float, default=0.5, help="G1/G1S: ES_arm < this * ES_base")
+    stats.add_argument("--gate_es_mixed_ratio", type=float, default=0.7, help="G3: mixed ES_arm < this * ES_base")
+    stats.add_argument("--gate_ppl_ratio", type=float, default=1.10, help="G2: retain NLL increase < log(this)")
+    stats.add_argument("--gate_fidelity_drop", type=float, default=0.10, help="G4: related-language fidelity drop < this")
+    stats.add_argument("--gate_mia_margin", type=float, default=0.05, help="G5: MIA AUC within 0.5 +/- this")
+    stats.add_argument("--gate_es_adv_ratio", type=float, default=0.7, help="G6: adversarial ES_arm < this * ES_base")
+    stats.add_argument("--aggregate", type=Path, nargs="+", default=None, metavar="REPORT",
+                       help="pool reports of the same design (e.g. one per seed) and redo the statistics; see --out")
 
     run = parser.add_argument_group("run")
     run.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -104,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for flag in ("sample_cap", "max_len", "max_new_tokens", "prompt_words", "batch_size", "n_boot"):
+    for flag in ("sample_cap", "max_len", "max_new_tokens", "prompt_words", "batch_size", "n_boot", "select_top_k",
+                 "layer_sample", "train_batch_size", "rank", "reft_rank"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise InputError(f"--{flag} must be at least 1 (got {value})")
@@ -164,7 +237,7 @@ def read_jsonl(path: Path, flag: str) -> tuple[list[str], str]:
 def load_sets(args: argparse.Namespace) -> dict[str, TextSet]:
     named = [("forget", "--forget", args.forget), ("forget_roman", "--forget_roman", args.forget_roman),
              ("retain", "--retain", args.retain), ("mixed", "--mixed", args.mixed),
-             ("adversarial", "--adversarial", args.adversarial)]
+             ("adversarial", "--adversarial", args.adversarial), ("relearn", "--relearn", args.relearn)]
     named += [(f"xlang_{path.stem}", "--xlang", path) for path in args.xlang]
     if len({name for name, _, _ in named}) != len(named):
         raise InputError("--xlang: two files share a name stem; rename one so the report can tell them apart")
@@ -178,7 +251,8 @@ def load_sets(args: argparse.Namespace) -> dict[str, TextSet]:
 
 
 # Expected language (and script, where it matters) of each role's texts.
-EXPECTED_LANG = {"forget": ("hi", "Deva"), "forget_roman": ("hi", "Latn"), "retain": ("en", None)}
+EXPECTED_LANG = {"forget": ("hi", "Deva"), "forget_roman": ("hi", "Latn"), "retain": ("en", None),
+                 "relearn": ("hi", "Deva")}
 LANG_MISMATCH_TOLERANCE = 0.05  # warn when more than this share of a set is another language
 
 
@@ -211,6 +285,10 @@ def check_sets(sets: dict[str, TextSet], lid: LIDEnsemble) -> dict[str, dict]:
         warn(f"{len(overlap)} texts are in both the forget set ({sets['forget'].path}) and the retain set "
              f"({sets['retain'].path})")
     checks["forget_retain_overlap"] = len(overlap)
+    relearn_overlap = set(sets["forget"].texts) & set(sets["relearn"].texts)
+    if relearn_overlap:  # the attack must not train on the very texts it then probes
+        warn(f"{len(relearn_overlap)} texts are in both the forget set and the relearn set ({sets['relearn'].path})")
+    checks["forget_relearn_overlap"] = len(relearn_overlap)
     return checks
 
 
@@ -238,7 +316,7 @@ def build_eval_sets(sets: dict[str, TextSet], checks: dict[str, dict], args: arg
         "mixed": prompts(sets["mixed"].eval),
         "adversarial": first(sets["adversarial"].eval),
     }
-    related = {}
+    related, related_source = {}, {}
     for name, text_set in sets.items():
         if name.startswith("xlang_"):
             lang = checks[name]["expected_lang"]
@@ -246,12 +324,13 @@ def build_eval_sets(sets: dict[str, TextSet], checks: dict[str, dict], args: arg
                 raise InputError(f"{text_set.path}: identified as {lang!r}, which another set already covers (--xlang)")
             generation[f"xlang_{lang}"] = prompts(text_set.eval)
             related[f"xlang_{lang}"] = lang
+            related_source[f"xlang_{lang}"] = name
     scoring = {
         "retain": first(sets["retain"].eval),
         "forget_train_text": first(sets["forget"].train),
         "forget_eval_text": first(sets["forget"].eval),
     }
-    return {"generation": generation, "scoring": scoring, "related": related}
+    return {"generation": generation, "scoring": scoring, "related": related, "related_source": related_source}
 
 
 # =============================================================================================
@@ -342,6 +421,88 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     raise InputError(f"{type(model).__name__}: cannot find its decoder layers (expected .layers or .h)")
 
 
+class HookSwitch:
+    """Lets hook-based edits be turned off for a moment, so the unedited model (NPO reference,
+    KL target, token KL) is read without removing and re-adding hooks."""
+
+    def __init__(self):
+        self.on = True
+
+    @contextmanager
+    def off(self):
+        self.on = False
+        try:
+            yield
+        finally:
+            self.on = True
+
+
+@contextmanager
+def edit_layer_outputs(model, edits: dict[int, Callable[[torch.Tensor], torch.Tensor]],
+                       switch: HookSwitch | None = None):
+    """Within the block, decoder layer i's output hidden states h become edits[i](h), at every
+    position and every forward (prefill and cached decoding alike), except while `switch` is off.
+    Hooks are always removed, so no edit leaks into a later arm, whatever happens inside."""
+    layers = decoder_layers(model)
+    handles = []
+
+    def hook_for(edit):
+        def hook(module, inputs, output):
+            if switch is not None and not switch.on:
+                return output
+            if isinstance(output, tuple):  # older layer classes return (hidden, ...)
+                return (edit(output[0]), *output[1:])
+            return edit(output)
+        return hook
+
+    try:
+        for index, edit in edits.items():
+            handles.append(layers[index].register_forward_hook(hook_for(edit)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def active_hooks(model) -> int:
+    """Forward hooks still registered anywhere in the model (0 after every arm)."""
+    return sum(len(module._forward_hooks) + len(module._forward_pre_hooks) for module in model.modules())
+
+
+@contextmanager
+def record_layer_outputs(model, layer_indices: list[int]):
+    """Within the block, the dict it yields holds the latest output of each listed decoder layer
+    (the residual stream after that layer, before any final norm)."""
+    outputs: dict[int, torch.Tensor] = {}
+
+    def recorder(index):
+        def record(hidden):
+            outputs[index] = hidden
+            return hidden
+        return record
+
+    with edit_layer_outputs(model, {i: recorder(i) for i in layer_indices}):
+        yield outputs
+
+
+@torch.no_grad()
+def collect_token_activations(model, tokenizer, texts: list[str], layer_indices: list[int], *, batch_size: int,
+                              max_len: int) -> dict[int, torch.Tensor]:
+    """Residual-stream activations (decoder layer outputs) of every non-pad token of `texts`, per
+    layer: {layer: float32 tensor [n_tokens, d_model]} on the CPU, tokens in text order."""
+    device = next(model.parameters()).device
+    collected: dict[int, list[torch.Tensor]] = {i: [] for i in layer_indices}
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_len, padding_side="right").to(device)
+        mask = encoded["attention_mask"].bool()
+        with record_layer_outputs(model, layer_indices) as outputs:
+            model(**encoded)
+        for i in layer_indices:
+            collected[i].append(outputs[i][mask].float().cpu())
+    return {i: torch.cat(chunks) for i, chunks in collected.items()}
+
+
 # =============================================================================================
 # 4. Generation and metrics
 # =============================================================================================
@@ -349,19 +510,22 @@ def uses_chat_template(tokenizer, args: argparse.Namespace) -> bool:
     return bool(getattr(tokenizer, "chat_template", None)) and not args.no_chat_template
 
 
-def format_prompts(tokenizer, prompts: list[str], chat: bool) -> list[str]:
+def format_prompts(tokenizer, prompts: list[str], chat: bool, instruction: str | None = None) -> list[str]:
+    """Prompts as the model sees them: under the chat template when there is one (with the
+    instruction as a system message), else raw text (with the instruction as a first line)."""
     if not chat:
-        return prompts
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-            for p in prompts]
+        return [f"{instruction}\n{p}" if instruction else p for p in prompts]
+    system = [{"role": "system", "content": instruction}] if instruction else []
+    return [tokenizer.apply_chat_template(system + [{"role": "user", "content": p}], add_generation_prompt=True,
+                                          tokenize=False) for p in prompts]
 
 
 @torch.no_grad()
 def generate_token_ids(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int, max_len: int,
-                       chat: bool = False, desc: str = "generate") -> list[list[int]]:
+                       chat: bool = False, instruction: str | None = None, desc: str = "generate") -> list[list[int]]:
     """Greedy, batched (longest first, so batches hold similar lengths), left-padded, KV-cached
     continuations: per prompt, the new token ids only, up to and without EOS and padding."""
-    texts = format_prompts(tokenizer, prompts, chat)
+    texts = format_prompts(tokenizer, prompts, chat, instruction)
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=not chat)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
     new_ids: list[list[int]] = [[] for _ in texts]
@@ -390,21 +554,17 @@ def text_nll(model, tokenizer, texts: list[str], *, batch_size: int, max_len: in
     """Per text: mean next-token NLL (pad positions masked) and the number of scored tokens."""
     nll, count = np.zeros(len(texts)), np.zeros(len(texts), dtype=np.int64)
     device = next(model.parameters()).device
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"
-    try:
-        for start in range(0, len(texts), batch_size):
-            encoded = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
-                                max_length=max_len).to(device)
-            logits = model(**encoded).logits[:, :-1].float()
-            targets = encoded["input_ids"][:, 1:]
-            mask = encoded["attention_mask"][:, 1:].bool()
-            token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-            token_nll = token_nll.masked_fill(~mask, 0.0)
-            n_tokens = mask.sum(1)
-            nll[start : start + len(targets)] = (token_nll.sum(1) / n_tokens.clamp(min=1)).cpu().numpy()
-            count[start : start + len(targets)] = n_tokens.cpu().numpy()
-    finally:
-        tokenizer.padding_side = padding_side
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_len, padding_side="right").to(device)
+        logits = model(**encoded).logits[:, :-1].float()
+        targets = encoded["input_ids"][:, 1:]
+        mask = encoded["attention_mask"][:, 1:].bool()
+        token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        token_nll = token_nll.masked_fill(~mask, 0.0)
+        n_tokens = mask.sum(1)
+        nll[start : start + len(targets)] = (token_nll.sum(1) / n_tokens.clamp(min=1)).cpu().numpy()
+        count[start : start + len(targets)] = n_tokens.cpu().numpy()
     return nll, count
 
 
@@ -438,13 +598,15 @@ def score_outputs(outputs: dict[str, list[str]], related: dict[str, str], lid: L
     return per_prompt
 
 
-def evaluate_model(model, tokenizer, lid: LIDEnsemble, eval_sets: dict, args: argparse.Namespace) -> dict:
+def evaluate_model(model, tokenizer, lid: LIDEnsemble, eval_sets: dict, args: argparse.Namespace,
+                   instruction: str | None = None) -> dict:
     """Every metric of DESIGN section 4 that needs no second model: per-prompt outcomes, metric values
     and the generated outputs. All prompt sets go through one batched generation pass."""
     names = list(eval_sets["generation"])
     all_prompts = [p for name in names for p in eval_sets["generation"][name]]
     generated = generate(model, tokenizer, all_prompts, max_new_tokens=args.max_new_tokens,
-                         batch_size=args.batch_size, max_len=args.max_len, chat=uses_chat_template(tokenizer, args))
+                         batch_size=args.batch_size, max_len=args.max_len, chat=uses_chat_template(tokenizer, args),
+                         instruction=instruction)
     outputs, offset = {}, 0
     for name in names:
         outputs[name] = generated[offset : offset + len(eval_sets["generation"][name])]
@@ -458,27 +620,32 @@ def evaluate_model(model, tokenizer, lid: LIDEnsemble, eval_sets: dict, args: ar
     return {"per_prompt": per_prompt, "metrics": metrics_from_per_prompt(per_prompt), "outputs": outputs}
 
 
-def ppl_from_nll(nll, ntok) -> float:
-    """exp of the token-weighted mean NLL."""
+def ppl_from_nll(nll: ArrayLike, ntok: ArrayLike, axis: int = -1):
+    """exp of the token-weighted mean NLL (vectorised along axis)."""
     nll, ntok = np.asarray(nll, dtype=float), np.asarray(ntok, dtype=float)
-    return float(np.exp((nll * ntok).sum() / ntok.sum()))
+    return np.exp((nll * ntok).sum(axis=axis) / ntok.sum(axis=axis))
 
 
-def mia_auc(member_nll, nonmember_nll) -> float:
-    """ROC AUC of the loss-based membership score (-NLL) separating members from non-members."""
-    from sklearn.metrics import roc_auc_score
-
-    scores = -np.concatenate([member_nll, nonmember_nll])
-    labels = np.concatenate([np.ones(len(member_nll)), np.zeros(len(nonmember_nll))])
-    return float(roc_auc_score(labels, scores))
+def auc_from_nll(member_nll: ArrayLike, nonmember_nll: ArrayLike, axis: int = -1):
+    """MIA ROC AUC of the score -NLL with members as positives (ties count 1/2), vectorised along axis
+    (equals sklearn's roc_auc_score). Batch dimensions of the two samples broadcast."""
+    x = np.moveaxis(-np.asarray(member_nll, dtype=float), axis, -1)
+    y = np.moveaxis(-np.asarray(nonmember_nll, dtype=float), axis, -1)
+    batch = np.broadcast_shapes(x.shape[:-1], y.shape[:-1])
+    x, y = np.broadcast_to(x, batch + x.shape[-1:]), np.broadcast_to(y, batch + y.shape[-1:])
+    m, n = x.shape[-1], y.shape[-1]
+    ranks = stats.rankdata(np.concatenate([x, y], axis=-1), axis=-1)
+    u = ranks[..., :m].sum(axis=-1) - m * (m + 1) / 2  # Mann-Whitney U of the members
+    return u / (m * n)
 
 
 # Metrics that are not means of one per-prompt list: name -> (per-prompt inputs, function).
 DERIVED_METRICS = {
-    "ppl_retain": (("nll_retain", "ntok_retain"), ppl_from_nll),
-    "mia_auc": (("nll_forget_train_text", "nll_forget_eval_text"), mia_auc),
+    "ppl_retain": (("nll_retain", "ntok_retain"), lambda nll, ntok: float(ppl_from_nll(nll, ntok))),
+    "mia_auc": (("nll_forget_train_text", "nll_forget_eval_text"), lambda m, n: float(auc_from_nll(m, n))),
 }
 NOT_SUMMARISED = {"ntok_retain", "ntok_forget_train_text", "ntok_forget_eval_text"}
+MIA_INPUTS = ("nll_forget_train_text", "nll_forget_eval_text")
 
 
 def metrics_from_per_prompt(per_prompt: dict[str, list[float]]) -> dict[str, float]:
@@ -508,44 +675,1601 @@ def language_continuation_quality(model_dir: Path, data_dir: Path, n_prompts: in
 
 
 # =============================================================================================
-# 5. Statistics
+# 5. Layer selection
 # =============================================================================================
-def bootstrap_ci(samples: tuple, statistic, *, paired: bool, n_boot: int, ci_level: float, seed: int) -> list:
-    """BCa confidence interval with scipy over prompts; a constant sample has a zero-width interval
-    (BCa is undefined there), and an interval scipy cannot form is null, never invented."""
-    from scipy.stats import bootstrap
+@torch.no_grad()
+def mean_pooled_activations(model, tokenizer, texts: list[str], layer_indices: list[int], *, batch_size: int,
+                            max_len: int) -> dict[int, np.ndarray]:
+    """Per layer, one vector per text: the mean of its non-pad tokens' residual-stream activations."""
+    device = next(model.parameters()).device
+    pooled: dict[int, list[np.ndarray]] = {i: [] for i in layer_indices}
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_len, padding_side="right").to(device)
+        mask = encoded["attention_mask"].unsqueeze(-1).float()
+        with record_layer_outputs(model, layer_indices) as outputs:
+            model(**encoded)
+        for i in layer_indices:
+            pooled[i].append(((outputs[i].float() * mask).sum(1) / mask.sum(1)).cpu().numpy())
+    return {i: np.concatenate(chunks) for i, chunks in pooled.items()}
 
-    arrays = tuple(np.asarray(s, dtype=float) for s in samples)
-    point = statistic(*arrays)
-    if all(np.ptp(a) == 0 for a in arrays):
-        return [point, point]
-    result = bootstrap(arrays, statistic, paired=paired, vectorized=False, n_resamples=n_boot,
-                       confidence_level=ci_level, method="BCa", rng=np.random.default_rng(seed))
-    low, high = result.confidence_interval
+
+def feature_space_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA between the feature covariances of two sets of activations. The Hindi and
+    English texts are not translations of each other, so the example-space CKA of Kornblith et
+    al. (which pairs rows) does not apply; comparing centred covariances needs no pairing."""
+    cov_x = np.cov(x, rowvar=False)
+    cov_y = np.cov(y, rowvar=False)
+    return float((cov_x * cov_y).sum() / (np.linalg.norm(cov_x) * np.linalg.norm(cov_y)))
+
+
+def probe_auc(positives: np.ndarray, negatives: np.ndarray, seed: int) -> float:
+    """Cross-validated ROC AUC of a logistic-regression probe separating two sets of vectors."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    features = np.concatenate([positives, negatives])
+    labels = np.concatenate([np.ones(len(positives)), np.zeros(len(negatives))])
+    folds = StratifiedKFold(n_splits=min(5, len(positives), len(negatives)), shuffle=True, random_state=seed)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+    return float(cross_val_score(probe, features, labels, cv=folds, scoring="roc_auc").mean())
+
+
+def hindi_direction(hindi: np.ndarray, english: np.ndarray) -> torch.Tensor:
+    """Unit difference-in-means direction, Hindi minus English."""
+    direction = torch.tensor(hindi.mean(0) - english.mean(0), dtype=torch.float32)
+    return direction / direction.norm()
+
+
+def project_out(direction: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """h -> h - (h . r) r for a unit direction r (directional ablation)."""
+    def edit(hidden: torch.Tensor) -> torch.Tensor:
+        r = direction.to(hidden.device, hidden.dtype)
+        return hidden - (hidden @ r).unsqueeze(-1) * r
+    return edit
+
+
+def mean_es(model, tokenizer, lid: LIDEnsemble, prompts: list[str], args: argparse.Namespace) -> float:
+    outputs = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                       max_len=args.max_len, chat=uses_chat_template(tokenizer, args))
+    return float(np.mean([share_true(mask) for mask in lid.hindi_word_masks(outputs)]))
+
+
+def select_layers(model, tokenizer, lid: LIDEnsemble, sets: dict[str, TextSet], eval_sets: dict,
+                  args: argparse.Namespace) -> dict:
+    """Score every layer representationally (feature-space CKA of Hindi and English; Hindi-vs-English
+    probe AUC minus the mean related-language-vs-English AUC) and causally (ES drop on a forget
+    sample when the layer's Hindi-minus-English direction is ablated, minus causal_nll_penalty
+    times the retain NLL increase), then choose the top layers by the causal score."""
+    n_layers = len(decoder_layers(model))
+    layer_indices = list(range(n_layers))
+    n = args.layer_sample
+    texts = {"hi": sets["forget"].train[:n], "en": sets["retain"].train[:n]}
+    texts.update({lang: sets[eval_sets["related_source"][key]].train[:n] for key, lang in eval_sets["related"].items()})
+    pooled = {lang: mean_pooled_activations(model, tokenizer, t, layer_indices, batch_size=args.batch_size,
+                                            max_len=args.max_len) for lang, t in texts.items()}
+    related_langs = [lang for lang in texts if lang not in ("hi", "en")]
+    forget_prompts = [continuation_prompt(t, args.prompt_words) for t in texts["hi"]]
+    retain_texts = texts["en"]
+    es_base = mean_es(model, tokenizer, lid, forget_prompts, args)
+    nll_base = text_nll(model, tokenizer, retain_texts, batch_size=args.batch_size, max_len=args.max_len)[0].mean()
+    scores, directions = {}, {}
+    for i in tqdm(layer_indices, desc="layer scores", leave=False):
+        directions[i] = hindi_direction(pooled["hi"][i], pooled["en"][i])
+        auc_hi = probe_auc(pooled["hi"][i], pooled["en"][i], args.seeds[0])
+        auc_related = [probe_auc(pooled[lang][i], pooled["en"][i], args.seeds[0]) for lang in related_langs]
+        with edit_layer_outputs(model, {i: project_out(directions[i])}):
+            es_ablated = mean_es(model, tokenizer, lid, forget_prompts, args)
+            nll_ablated = text_nll(model, tokenizer, retain_texts, batch_size=args.batch_size,
+                                   max_len=args.max_len)[0].mean()
+        es_drop, nll_increase = es_base - es_ablated, float(nll_ablated - nll_base)
+        scores[i] = {"cka_hi_en": feature_space_cka(pooled["hi"][i], pooled["en"][i]),
+                     "probe_auc_hi_en": auc_hi, "probe_auc_related_en": float(np.mean(auc_related)) if auc_related else None,
+                     "probe_score": auc_hi - float(np.mean(auc_related)) if auc_related else auc_hi,
+                     "es_drop": es_drop, "retain_nll_increase": nll_increase,
+                     "causal_score": es_drop - args.causal_nll_penalty * max(0.0, nll_increase)}
+    if args.force_layers:
+        bad = [i for i in args.force_layers if not 0 <= i < n_layers]
+        if bad:
+            raise InputError(f"--force_layers {bad}: the model has layers 0..{n_layers - 1}")
+        chosen, rule = sorted(args.force_layers), "--force_layers"
+    else:
+        eligible = [i for i in layer_indices if i >= args.min_layer] or layer_indices
+        chosen = sorted(sorted(eligible, key=lambda i: -scores[i]["causal_score"])[: args.select_top_k])
+        rule = f"top {args.select_top_k} causal_score among layers >= {args.min_layer}"
+    return {"chosen": chosen, "rule": rule, "scores": scores, "es_base_sample": es_base,
+            "directions": {i: directions[i] for i in layer_indices}}
+
+
+# =============================================================================================
+# 6. Interventions (LoRA, ReFT, SAE, baselines)
+# =============================================================================================
+# --- unlearning objectives ---------------------------------------------------------------------
+def batch_token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-token log-prob of each next token [B, T-1], token mask [B, T-1], logits [B, T-1, V])."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    targets = batch["input_ids"][:, 1:]
+    mask = batch["attention_mask"][:, 1:].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logp * mask, mask, logits
+
+
+def forget_loss(objective: str, model, batch: dict, ref_seq_logp: torch.Tensor | None, args) -> torch.Tensor:
+    """Loss to minimise on forget text. ga: -NLL. bounded_ga: -B*tanh(NLL/B), so the ascent
+    saturates instead of diverging. npo (Zhang et al. 2024): (2/beta) log(1 + (pi/pi_ref)^beta)
+    on sequence log-likelihoods. simnpo (Fan et al. 2024): reference-free, length-normalised:
+    -(2/beta) log sigmoid(-(beta/|y|) log pi - gamma)."""
+    logp, mask, _ = batch_token_logprobs(model, batch)
+    seq_logp, length = logp.sum(1), mask.sum(1).clamp(min=1)
+    nll = -seq_logp / length
+    if objective == "ga":
+        return -nll.mean()
+    if objective == "bounded_ga":
+        return -(args.ga_bound * torch.tanh(nll / args.ga_bound)).mean()
+    if objective == "npo":
+        log_ratio = seq_logp - ref_seq_logp
+        return (-2.0 / args.npo_beta * torch.nn.functional.logsigmoid(-args.npo_beta * log_ratio)).mean()
+    if objective == "simnpo":
+        margin = -args.npo_beta * seq_logp / length - args.simnpo_gamma
+        return (-2.0 / args.npo_beta * torch.nn.functional.logsigmoid(margin)).mean()
+    raise InputError(f"--forget_obj {objective!r}: choose ga, npo, simnpo or bounded_ga")
+
+
+def retain_loss(objective: str, model, batch: dict, reference: Callable) -> torch.Tensor:
+    """nll: next-token NLL on retain text. kl: token-mean KL(base || edited) on retain text, the
+    base read through `reference` (the disabled adapter, or the model without hooks)."""
+    logp, mask, logits = batch_token_logprobs(model, batch)
+    if objective == "nll":
+        return -(logp.sum() / mask.sum())
+    with torch.no_grad(), reference():
+        ref_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    kl = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1),
+                                    log_target=True, reduction="none").sum(-1)
+    return (kl * mask).sum() / mask.sum()
+
+
+def pad_batch(tokenizer, texts: list[str], max_len: int, device) -> dict:
+    return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_len,
+                     padding_side="right").to(device)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, tokenizer, texts: list[str], *, batch_size: int, max_len: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    chunks = [batch_token_logprobs(model, pad_batch(tokenizer, texts[s : s + batch_size], max_len, device))[0].sum(1)
+              for s in range(0, len(texts), batch_size)]
+    return torch.cat(chunks)
+
+
+def train_unlearning(model, tokenizer, params: list[torch.nn.Parameter], forget_texts: list[str],
+                     retain_texts: list[str], reference: Callable, *, steps: int, seed: int, args,
+                     retain_penalty: Callable[[], torch.Tensor] | None = None, desc: str = "unlearn") -> list[dict]:
+    """Alternating forget and retain steps (even steps forget, odd steps retain) with AdamW,
+    gradient clipping, linear warmup and cosine decay. `reference` gives the unedited model
+    (NPO's pi_ref and the KL retain target) without a second copy of the weights."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    device = next(model.parameters()).device
+    rng = np.random.default_rng(seed)
+    ref_seq_logp = None
+    if args.forget_obj == "npo":
+        with reference():
+            ref_seq_logp = sequence_logprobs(model, tokenizer, forget_texts, batch_size=args.batch_size,
+                                             max_len=args.max_len)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
+    model.train()
+    log = []
+    try:
+        for step in tqdm(range(steps), desc=desc, leave=False):
+            forgetting = step % 2 == 0
+            pool = forget_texts if forgetting else retain_texts
+            picked = rng.choice(len(pool), size=min(args.train_batch_size, len(pool)), replace=False)
+            batch = pad_batch(tokenizer, [pool[i] for i in picked], args.max_len, device)
+            if forgetting:
+                loss = forget_loss(args.forget_obj, model, batch, None if ref_seq_logp is None else
+                                   ref_seq_logp[torch.as_tensor(picked, device=device)], args)
+            else:
+                loss = args.retain_weight * retain_loss(args.retain_obj, model, batch, reference)
+                if retain_penalty is not None:
+                    loss = loss + retain_penalty()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            log.append({"step": step, "kind": "forget" if forgetting else "retain", "loss": loss.item()})
+    finally:
+        model.eval()
+    return log
+
+
+# --- LoRA (peft) -------------------------------------------------------------------------------
+DEFAULT_LORA_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "default": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+def lora_targets(model, requested: list[str] | None) -> list[str]:
+    if requested:
+        return requested
+    return DEFAULT_LORA_TARGETS["gpt2" if model.config.model_type == "gpt2" else "default"]
+
+
+@contextmanager
+def lora_adapter(model, config, name: str):
+    """The model wrapped by peft with one adapter; the adapter is always unloaded at exit, which
+    restores the original modules (the base weights are never merged)."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, config, adapter_name=name)
+    try:
+        yield peft_model
+    finally:
+        peft_model.unload()
+
+
+# --- LoReFT ------------------------------------------------------------------------------------
+class LoReFT(torch.nn.Module):
+    """LoReFT (Wu et al. 2024): h + R^T (W h + b - R h), with R's rows kept orthonormal by a torch
+    parametrization. With `gated`, a GRUN-style scalar gate sigmoid(w.h + c) per token scales
+    the edit; the last forward's gate values are kept so training can hold the gate closed on
+    retain text."""
+
+    def __init__(self, d_model: int, rank: int, gated: bool):
+        super().__init__()
+        # Cayley map: the default Householder map collapses R to zero under AdamW's decoupled weight
+        # decay (measured: |R R^T - I| = 1 after one step), Cayley stays orthonormal under any optimizer.
+        self.rotate = torch.nn.utils.parametrizations.orthogonal(torch.nn.Linear(d_model, rank, bias=False),
+                                                                 orthogonal_map="cayley")
+        self.learned = torch.nn.Linear(d_model, rank)
+        self.gate = torch.nn.Linear(d_model, 1) if gated else None
+        self.last_gate: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        h = hidden.float()
+        rotation = self.rotate.weight  # [rank, d_model], orthonormal rows
+        edit = (self.learned(h) - h @ rotation.T) @ rotation
+        if self.gate is not None:
+            self.last_gate = torch.sigmoid(self.gate(h))
+            edit = self.last_gate * edit
+        return (h + edit).to(hidden.dtype)
+
+
+# --- sparse autoencoders: TopK SAE, static gate, Dynamic SAE Guardrails -----------------------
+SAE_FORMAT = "mmie-topk-sae/1"
+
+
+# ---------------------------------------------------------------------------------------------
+# TopK sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse autoencoders")
+# ---------------------------------------------------------------------------------------------
+class TopKSAE(torch.nn.Module):
+    """z = TopK_k(ReLU(W_enc (x - b_pre) + b_enc)),   x_hat = W_dec z + b_pre = b_pre + sum_i z_i d_i.
+
+    Row i of W_dec is latent i's direction d_i in the residual stream, kept at unit norm so that
+    z_i is that feature's size in residual units (and edits of z_i move h by exactly that much)."""
+
+    def __init__(self, d_model: int, n_latents: int, k: int, seed: int = 0):
+        super().__init__()
+        if not 0 < k <= n_latents:
+            raise ValueError(f"k={k} must be in [1, n_latents={n_latents}]")
+        self.d_model, self.n_latents, self.k = d_model, n_latents, k
+        # The paper initialises the decoder with random unit directions and the encoder as its
+        # transpose, so each latent starts out reading the direction it writes.
+        generator = torch.Generator().manual_seed(seed)
+        directions = torch.randn(n_latents, d_model, generator=generator)
+        directions /= directions.norm(dim=1, keepdim=True)
+        self.b_pre = torch.nn.Parameter(torch.zeros(d_model))
+        self.W_enc = torch.nn.Parameter(directions.T.clone())
+        self.b_enc = torch.nn.Parameter(torch.zeros(n_latents))
+        self.W_dec = torch.nn.Parameter(directions)
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu((x - self.b_pre) @ self.W_enc + self.b_enc)
+
+    def topk(self, pre: torch.Tensor) -> torch.Tensor:
+        """Keep the k largest (non-negative) pre-activations of each token, zero the rest."""
+        values, indices = pre.topk(self.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, indices, values)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Sparse codes [..., n_latents] of activations [..., d_model]: at most k nonzeros per token."""
+        return self.topk(self.pre_activations(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.W_dec + self.b_pre
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encode(x)
+        return self.decode(z), z
+
+    @torch.no_grad()
+    def normalise_decoder_(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+
+    @torch.no_grad()
+    def project_decoder_grad_(self) -> None:
+        """Remove each direction's gradient component along itself (as in the paper's code): with
+        unit-norm directions that component only changes a norm the renormalisation undoes."""
+        grad = self.W_dec.grad
+        grad -= (grad * self.W_dec).sum(dim=1, keepdim=True) * self.W_dec
+
+
+def geometric_median(points: torch.Tensor, iters: int = 50, eps: float = 1e-8) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to `points`."""
+    median = points.mean(0)
+    for _ in range(iters):
+        weights = 1.0 / (points - median).norm(dim=1).clamp(min=eps)
+        median = (weights[:, None] * points).sum(0) / weights.sum()
+    return median
+
+
+def normalised_mse(reconstruction: torch.Tensor, target: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per token divided by the target's variance per token (so 1.0 is what
+    predicting the mean would score); the paper's normalisation of both the MSE and AuxK terms."""
+    return ((reconstruction - target) ** 2).sum(-1).mean() / variance
+
+
+def total_variance(x: torch.Tensor) -> torch.Tensor:
+    return ((x - x.mean(0)) ** 2).sum(-1).mean()
+
+
+def train_sae(acts: torch.Tensor, *, expansion: int, k: int, aux_k: int, steps: int, lr: float, batch_size: int,
+              seed: int, aux_coef: float = 1 / 32, dead_tokens_threshold: int = 100_000, eval_fraction: float = 0.1,
+              b_pre_init: Literal["geometric_median", "mean"] = "geometric_median", median_sample: int = 32_768,
+              adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 6.25e-10,
+              device: str | torch.device = "cpu", progress: bool = True) -> tuple[TopKSAE, dict]:
+    """Train a TopK SAE with AuxK on token activations `acts` [N, d_model] (float32, on `device`;
+    the SAE comes back there).
+
+    Loss = MSE / Var(x) + aux_coef * AuxK, where AuxK reconstructs the main model's error
+    e = x - x_hat with the top-`aux_k` latents among the dead ones (not fired in the last
+    `dead_tokens_threshold` training tokens), normalised by Var(e) in the batch, as in the paper.
+    After each step the decoder directions are renormalised to unit norm.
+
+    A random `eval_fraction` of the tokens is held out (token-level split: tokens of one text can
+    fall on both sides); stats["fvu"] is measured on them (on the training tokens when
+    eval_fraction == 0; stats["fvu_on"] says which). dead_fraction uses the training definition
+    above (0 until dead_tokens_threshold tokens have been seen); never_fired_fraction counts the
+    latents silent on the FVU tokens. Deterministic on CPU for a given seed.
+    Deviations from the paper: no EMA of weights and no encoder rescaling at init (the paper's
+    code notes no clear benefit from the latter); dead_tokens_threshold defaults to 1e5 rather
+    than 1e7 tokens because our runs see ~1e5-1e6 tokens in all."""
+    if b_pre_init not in ("geometric_median", "mean"):
+        raise ValueError(f"b_pre_init={b_pre_init!r}: expected 'geometric_median' or 'mean'")
+    acts = acts.detach().to(device=device, dtype=torch.float32)
+    n_tokens, d_model = acts.shape
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n_tokens, generator=generator)
+    n_eval = int(round(n_tokens * eval_fraction))
+    if eval_fraction > 0 and not 0 < n_eval < n_tokens:
+        raise ValueError(f"eval_fraction={eval_fraction} of {n_tokens} tokens leaves no eval or no train tokens")
+    train_acts = acts[order[n_eval:]]
+    eval_acts = acts[order[:n_eval]] if n_eval else train_acts
+
+    sae = TopKSAE(d_model, expansion * d_model, k, seed=seed).to(device)
+    with torch.no_grad():
+        sample = train_acts[:median_sample]
+        sae.b_pre.copy_(geometric_median(sample) if b_pre_init == "geometric_median" else sample.mean(0))
+    data_variance = total_variance(train_acts)
+    optimiser = torch.optim.Adam(sae.parameters(), lr=lr, betas=adam_betas, eps=adam_eps)
+    tokens_since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=device)
+    batches = shuffled_batches(len(train_acts), batch_size, generator)
+    mse = aux = torch.zeros((), device=device)
+
+    for _ in tqdm(range(steps), desc="train SAE", leave=False, disable=not progress):
+        x = train_acts[next(batches).to(device)]
+        pre = sae.pre_activations(x)
+        z = sae.topk(pre)
+        x_hat = sae.decode(z)
+        mse = normalised_mse(x_hat, x, data_variance)
+        # Dead-latent bookkeeping comes before AuxK, so this batch's firings count (as in the paper).
+        tokens_since_fired += len(x)
+        tokens_since_fired[(z > 0).any(0)] = 0
+        dead = tokens_since_fired >= dead_tokens_threshold
+        aux = torch.zeros((), device=device)
+        if aux_coef > 0 and dead.any():
+            n_aux = min(aux_k, int(dead.sum()))
+            # pre >= 0 after the ReLU, so -1 keeps live latents out of the top n_aux <= n_dead.
+            values, indices = pre.masked_fill(~dead, -1.0).topk(n_aux, dim=-1)
+            z_aux = torch.zeros_like(pre).scatter(-1, indices, values)
+            error = x - x_hat.detach()
+            aux = normalised_mse(z_aux @ sae.W_dec, error, total_variance(error).clamp(min=1e-12))
+        loss = mse + aux_coef * aux
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.project_decoder_grad_()
+        optimiser.step()
+        sae.normalise_decoder_()
+
+    sae.eval()
+    stats = sae_stats(sae, eval_acts)
+    stats.update(fvu_on="heldout" if n_eval else "train", n_train_tokens=len(train_acts), n_eval_tokens=n_eval,
+                 dead_fraction=float((tokens_since_fired >= dead_tokens_threshold).float().mean()),
+                 tokens_seen=steps * batch_size, final_mse=float(mse.detach()), final_auxk=float(aux.detach()))
+    return sae, stats
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index batches that visit every item once per epoch, in a fresh seeded order each epoch."""
+    batch_size = min(batch_size, n)
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+
+
+@torch.no_grad()
+def sae_stats(sae: TopKSAE, acts: torch.Tensor, chunk: int = 8192) -> dict:
+    """FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, mean L0, and the share of latents that
+    never fire on `acts`."""
+    squared_error, fired, l0 = 0.0, torch.zeros(sae.n_latents, dtype=torch.bool, device=acts.device), 0.0
+    for start in range(0, len(acts), chunk):
+        x = acts[start : start + chunk]
+        x_hat, z = sae(x)
+        squared_error += float(((x - x_hat) ** 2).sum())
+        fired |= (z > 0).any(0)
+        l0 += float((z > 0).sum())
+    variance = float(((acts - acts.mean(0)) ** 2).sum())
+    return {"fvu": squared_error / max(variance, 1e-12), "mean_l0": l0 / len(acts),
+            "never_fired_fraction": float((~fired).float().mean())}
+
+
+def save_sae(sae: TopKSAE, path: str | Path) -> None:
+    torch.save({"format": SAE_FORMAT, "d_model": sae.d_model, "n_latents": sae.n_latents, "k": sae.k,
+                "state_dict": {name: t.detach().cpu() for name, t in sae.state_dict().items()}}, Path(path))
+
+
+def load_sae(path: str | Path) -> TopKSAE:
+    saved = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if saved.get("format") != SAE_FORMAT:
+        raise ValueError(f"{path}: not an MMIE TopK SAE file (format {saved.get('format')!r})")
+    sae = TopKSAE(saved["d_model"], saved["n_latents"], saved["k"])
+    sae.load_state_dict(saved["state_dict"])
+    return sae.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Which latents to edit
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def latent_statistics(sae: TopKSAE, acts: torch.Tensor, chunk: int = 8192) -> dict[str, torch.Tensor]:
+    """Per latent over the tokens of `acts`: firing rate, mean activation (over all tokens and over
+    the tokens where it fires), and mean squared activation (the DSG paper's Fisher proxy)."""
+    fires, total, squares = (torch.zeros(sae.n_latents) for _ in range(3))
+    for start in range(0, len(acts), chunk):
+        z = sae.encode(acts[start : start + chunk].to(sae.W_dec))
+        fires += (z > 0).sum(0).cpu()
+        total += z.sum(0).cpu()
+        squares += (z**2).sum(0).cpu()
+    n = max(len(acts), 1)
+    return {"freq": fires / n, "mean": total / n, "mean_when_firing": total / fires.clamp(min=1),
+            "mean_sq": squares / n}
+
+
+def select_hindi_features(sae: TopKSAE, forget_acts: torch.Tensor, retain_acts: torch.Tensor,
+                          roman_acts: torch.Tensor, top_n: int, *,
+                          criterion: Literal["contrast", "fisher"] = "contrast", roman_weight: float = 0.5,
+                          max_retain_freq: float = 0.05, fisher_ratio_quantile: float = 0.9
+                          ) -> tuple[list[int], list[dict]]:
+    """The top_n most Hindi-specific latents, and a score table (one dict per chosen latent, best
+    first) for the report. Fewer than top_n come back when fewer qualify.
+
+    criterion "contrast" (default) combines firing frequency f and strength when firing m:
+        rate_s = f_s * m_s / m_hi     (set s's firing rate, each firing counted in units of the
+                                       latent's typical strength on Hindi; rate_hi = f_hi)
+        score  = (f_hi - rate_en) + roman_weight * min(rate_roman, f_hi)
+    With equal strengths the first term is the firing-rate gap; a latent that fires as often on
+    English but more weakly still scores > 0, one that fires more strongly on English scores
+    less. The bonus rewards the part of its Hindi firing that the latent keeps on romanized Hindi
+    (capped by f_hi, so a romanized-only latent gains nothing): script-invariant Hindi features
+    rank above Devanagari detectors. Latents firing on more than max_retain_freq of English
+    tokens are never chosen (editing them would touch English directly).
+    criterion "fisher" is the DSG paper's selection: with F = E[z^2] per set, keep the latents
+    whose F_hi / F_en ratio is in the top (1 - fisher_ratio_quantile), ranked by F_hi."""
+    hi, en, roman = (latent_statistics(sae, acts) for acts in (forget_acts, retain_acts, roman_acts))
+    if criterion == "contrast":
+        hindi_strength = hi["mean_when_firing"].clamp(min=1e-12)
+        rate_en, rate_roman = en["mean"] / hindi_strength, roman["mean"] / hindi_strength
+        score = (hi["freq"] - rate_en) + roman_weight * torch.minimum(rate_roman, hi["freq"])
+        eligible = (score > 0) & (hi["freq"] > 0) & (en["freq"] <= max_retain_freq)
+    elif criterion == "fisher":
+        ratio = hi["mean_sq"] / (en["mean_sq"] + 1e-12)
+        score = hi["mean_sq"]
+        eligible = (ratio >= torch.quantile(ratio, fisher_ratio_quantile)) & (score > 0)
+    else:
+        raise ValueError(f"criterion={criterion!r}: expected 'contrast' or 'fisher'")
+    ranked = [i for i in torch.argsort(score, descending=True, stable=True).tolist() if eligible[i]][:top_n]
+    table = [{"latent": i, "score": float(score[i]),
+              "freq_forget": float(hi["freq"][i]), "freq_retain": float(en["freq"][i]),
+              "freq_roman": float(roman["freq"][i]), "mean_act_forget": float(hi["mean_when_firing"][i]),
+              "mean_act_retain": float(en["mean_when_firing"][i]),
+              "mean_act_roman": float(roman["mean_when_firing"][i]),
+              "fisher_forget": float(hi["mean_sq"][i]), "fisher_retain": float(en["mean_sq"][i])} for i in ranked]
+    return ranked, table
+
+
+def random_features(n_latents: int, n: int, seed: int, exclude: Iterable[int] = ()) -> list[int]:
+    """n distinct random latents outside `exclude`: the "randgate" control (same count, no selection)."""
+    candidates = np.setdiff1d(np.arange(n_latents), np.fromiter(exclude, dtype=np.int64))
+    if n > len(candidates):
+        raise ValueError(f"cannot draw {n} random latents from {len(candidates)} candidates")
+    return sorted(np.random.default_rng(seed).choice(candidates, size=n, replace=False).tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# Static gate: subtract the chosen features at every token
+# ---------------------------------------------------------------------------------------------
+def feature_directions(model, saes: dict[int, TopKSAE], features: dict[int, list[int]]
+                       ) -> dict[int, tuple[TopKSAE, torch.Tensor, torch.Tensor]]:
+    """Per layer: the SAE (moved to the model's device), chosen latent indices, their directions."""
+    device = next(model.parameters()).device
+    chosen = {}
+    for layer, indices in features.items():
+        sae = saes[layer].to(device)
+        index = torch.as_tensor(list(indices), dtype=torch.long, device=device)
+        chosen[layer] = (sae, index, sae.W_dec.detach()[index])
+    return chosen
+
+
+@contextmanager
+def sae_gate(model, saes: dict[int, TopKSAE], features: dict[int, list[int]], alpha: float,
+             switch: HookSwitch | None = None):
+    """Within the block, at each layer L of `features`: h -> h - alpha * sum_{i in F_L} z_i(h) d_i,
+    z = saes[L].encode(h). Only the chosen features' contributions move; the SAE's reconstruction
+    error and all other latents stay in h, so alpha = 0 is exactly the identity, alpha = 1 removes
+    the features, alpha > 1 pushes them negative. Hooks are removed on exit, whatever happens."""
+
+    def edit_for(sae: TopKSAE, index: torch.Tensor, directions: torch.Tensor) -> Callable:
+        def edit(h: torch.Tensor) -> torch.Tensor:
+            z = sae.encode(h.to(directions.dtype))[..., index]
+            return h - (alpha * z @ directions).to(h.dtype)
+        return edit
+
+    chosen = feature_directions(model, saes, features)
+    with edit_layer_outputs(model, {layer: edit_for(*parts) for layer, parts in chosen.items()}, switch):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# Dynamic SAE Guardrails (Muhamed et al. 2025, arXiv 2504.08192)
+# ---------------------------------------------------------------------------------------------
+# The paper's classifier: a sequence is "forget-like" when the share of its tokens on which any
+# chosen feature fires exceeds a threshold, the 95th percentile of that share over retain texts.
+# In such sequences, at each token where a chosen feature fires, all chosen features are clamped
+# to -c (the other latents and the SAE's error are kept). Deviations, and why:
+#  - Generation: the paper scores whole forward passes (multiple-choice prompts). With a KV cache
+#    each decode step sees one token, so we decide on the prompt (the forward with an empty cache)
+#    and keep that decision for the sequence's decode steps. (Without a cache, every forward is a
+#    prompt and is decided afresh, as in the paper.)
+#  - Pads are excluded via the attention mask; the paper's code uses unpadded packed sequences
+#    and instead drops position 0 (Gemma's BOS). Our Qwen2 tokenizers add no BOS, so no token is
+#    dropped; a BOS, where a tokenizer adds one, counts like any token.
+#  - Several layers may be gated; each layer decides with its own SAE and threshold (the paper
+#    uses one SAE at one layer).
+def fire_fraction(z_chosen: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per sequence: the share of its valid (non-pad) tokens on which any chosen feature fires.
+    z_chosen [batch, seq, n_chosen], valid bool [batch, seq] -> float [batch]."""
+    fires = (z_chosen > 0).any(-1) & valid
+    return fires.sum(1) / valid.sum(1).clamp(min=1)
+
+
+@torch.no_grad()
+def sequence_fire_fractions(model, tokenizer, saes: dict[int, TopKSAE], features: dict[int, list[int]],
+                            texts: list[str], *, batch_size: int, max_len: int) -> dict[int, np.ndarray]:
+    """fire_fraction of each text, per layer, measured on exactly the hidden states that dsg_gate
+    edits (the texts are tokenized as given: apply the chat template first if prompts will use it)."""
+    device = next(model.parameters()).device
+    chosen = feature_directions(model, saes, features)
+    hidden: dict[int, torch.Tensor] = {}
+    fractions: dict[int, list[np.ndarray]] = {layer: [] for layer in chosen}
+
+    def record(layer: int) -> Callable:
+        def keep(h: torch.Tensor) -> torch.Tensor:
+            hidden[layer] = h
+            return h
+        return keep
+
+    with edit_layer_outputs(model, {layer: record(layer) for layer in chosen}):
+        for start in range(0, len(texts), batch_size):
+            encoded = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
+                                truncation=True, max_length=max_len).to(device)
+            model(**encoded)
+            valid = encoded["attention_mask"].bool()
+            for layer, (sae, index, directions) in chosen.items():
+                z = sae.encode(hidden[layer].to(directions.dtype))[..., index]
+                fractions[layer].append(fire_fraction(z, valid).cpu().numpy())
+    return {layer: np.concatenate(parts) for layer, parts in fractions.items()}
+
+
+def calibrate_dsg_threshold(model, tokenizer, saes: dict[int, TopKSAE], features: dict[int, list[int]],
+                            retain_texts: list[str], quantile: float = 0.95, *, batch_size: int = 8,
+                            max_len: int = 256) -> dict[int, float]:
+    """Per layer: the `quantile` of fire_fraction over retain texts, so that about 1 - quantile of
+    retain sequences are gated (the paper's 95th percentile)."""
+    fractions = sequence_fire_fractions(model, tokenizer, saes, features, retain_texts, batch_size=batch_size,
+                                        max_len=max_len)
+    return {layer: float(np.quantile(values, quantile)) for layer, values in fractions.items()}
+
+
+@dataclass
+class DSGState:
+    """What dsg_gate decided. gated / fraction: per layer, for the sequences of the latest prompt
+    forward; history: per layer, (fraction, gated) of every prompt seen, for trigger rates."""
+    gated: dict[int, torch.Tensor] = field(default_factory=dict)
+    fraction: dict[int, torch.Tensor] = field(default_factory=dict)
+    history: dict[int, list[tuple[float, bool]]] = field(default_factory=dict)
+
+
+@contextmanager
+def dsg_gate(model, saes: dict[int, TopKSAE], features: dict[int, list[int]], threshold: float | dict[int, float],
+             clamp_value: float, switch: HookSwitch | None = None):
+    """Within the block, Dynamic SAE Guardrails on every forward: a sequence whose prompt has
+    fire_fraction > threshold (per layer) is gated, and in gated sequences, at each token where a
+    chosen feature fires, h -> h + sum_{i in F} (-clamp_value - z_i) d_i. Ungated sequences are
+    left bit-for-bit unchanged. Yields a DSGState. All hooks are removed on exit."""
+    if clamp_value < 0:
+        raise ValueError(f"clamp_value={clamp_value}: give c >= 0, features are clamped to -c")
+    thresholds = threshold if isinstance(threshold, dict) else {layer: threshold for layer in features}
+    chosen = feature_directions(model, saes, features)
+    state = DSGState(history={layer: [] for layer in chosen})
+    forward_args = inspect.signature(model.forward)
+    batch: dict = {}
+
+    def capture_batch(module, args, kwargs) -> None:
+        # The attention mask says which tokens are pads; an empty (or no) cache says this forward
+        # holds the prompt, where the gating decision is taken.
+        bound = forward_args.bind_partial(*args, **kwargs).arguments
+        mask, cache = bound.get("attention_mask"), bound.get("past_key_values")
+        if mask is not None and mask.dim() != 2:
+            raise ValueError(f"dsg_gate needs a 2-D attention mask [batch, seq], got shape {tuple(mask.shape)}")
+        batch["mask"] = mask
+        batch["prompt"] = cache is None or cache.get_seq_length() == 0
+
+    def edit_for(layer: int, sae: TopKSAE, index: torch.Tensor, directions: torch.Tensor) -> Callable:
+        def edit(h: torch.Tensor) -> torch.Tensor:
+            z = sae.encode(h.to(directions.dtype))[..., index]
+            mask = batch["mask"]
+            valid = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if mask is None \
+                else mask[:, -h.shape[1]:].bool()
+            if batch["prompt"]:
+                fraction = fire_fraction(z, valid)
+                state.fraction[layer], state.gated[layer] = fraction, fraction > thresholds[layer]
+                state.history[layer] += zip(fraction.tolist(), state.gated[layer].tolist())
+            elif len(state.gated.get(layer, ())) != len(h):
+                raise RuntimeError(f"dsg_gate: a cached decoding step at layer {layer} with no prompt decision "
+                                   "for this batch (was the prompt run outside the block?)")
+            clamp_here = (z > 0).any(-1) & valid & state.gated[layer][:, None]
+            delta = ((-clamp_value - z) * clamp_here[..., None]) @ directions
+            return h + delta.to(h.dtype)
+        return edit
+
+    handle = model.register_forward_pre_hook(capture_batch, with_kwargs=True)
+    try:
+        with edit_layer_outputs(model, {layer: edit_for(layer, *parts) for layer, parts in chosen.items()}, switch):
+            yield state
+    finally:
+        handle.remove()
+
+
+# --- training-free baselines -------------------------------------------------------------------
+ENGLISH_ONLY_INSTRUCTION = "Answer only in English, even if the request is in another language or asks for Hindi."
+
+
+def mlp_activation_module(layer) -> torch.nn.Module:
+    """The MLP's activation-function module (Llama/Qwen2/Gemma3 act_fn, GPT-2 act)."""
+    for attr in ("act_fn", "act"):
+        module = getattr(layer.mlp, attr, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise ValueError(f"{type(layer).__name__}: no MLP activation module (act_fn or act) for LAPE")
+
+
+@torch.no_grad()
+def activation_probabilities(model, tokenizer, texts: list[str], *, batch_size: int, max_len: int) -> torch.Tensor:
+    """[n_layers, n_neurons]: share of non-pad tokens on which each MLP neuron's activation > 0."""
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    fired = [None] * len(layers)
+    total = 0
+    current_mask = {}
+
+    def counter(index):
+        def hook(module, inputs, output):
+            positive = ((output > 0) & current_mask["mask"].unsqueeze(-1)).sum((0, 1)).float().cpu()
+            fired[index] = positive if fired[index] is None else fired[index] + positive
+        return hook
+
+    handles = [mlp_activation_module(layer).register_forward_hook(counter(i)) for i, layer in enumerate(layers)]
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = pad_batch(tokenizer, texts[start : start + batch_size], max_len, device)
+            current_mask["mask"] = batch["attention_mask"].bool()
+            total += int(batch["attention_mask"].sum())
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(fired) / total
+
+
+def lape_hindi_neurons(probabilities: dict[str, torch.Tensor], *, bottom_share: float, prob_quantile: float) -> dict:
+    """Language activation probability entropy (Tang et al. 2024): normalise each neuron's
+    activation probabilities over languages, keep the `bottom_share` lowest-entropy neurons whose
+    highest probability exceeds the `prob_quantile` quantile of all probabilities, and return
+    those whose probability for Hindi passes that same bar: {layer: [neuron, ...]}."""
+    langs = list(probabilities)
+    stacked = torch.stack([probabilities[lang] for lang in langs], -1)  # [layers, neurons, langs]
+    normalised = stacked / stacked.sum(-1, keepdim=True).clamp(min=1e-12)
+    entropy = -(normalised * normalised.clamp(min=1e-12).log()).sum(-1)
+    bar = torch.quantile(stacked.flatten().float(), prob_quantile)
+    candidates = stacked.max(-1).values > bar
+    cutoff = torch.quantile(entropy[candidates].float(), bottom_share) if candidates.any() else torch.tensor(-1.0)
+    specific = candidates & (entropy <= cutoff) & (stacked[..., langs.index("hi")] > bar)
+    return {int(layer): torch.nonzero(specific[layer]).flatten().tolist() for layer in range(specific.shape[0])
+            if specific[layer].any()}
+
+
+@contextmanager
+def zero_mlp_neurons(model, neurons: dict[int, list[int]], switch: "HookSwitch"):
+    """Deactivate the given MLP neurons (their activation-function output set to 0) while switch.on."""
+    layers = decoder_layers(model)
+    handles = []
+
+    def zeroer(index_tensor):
+        def hook(module, inputs, output):
+            if not switch.on:
+                return output
+            output = output.clone()
+            output[..., index_tensor.to(output.device)] = 0
+            return output
+        return hook
+
+    try:
+        for layer, indices in neurons.items():
+            handles.append(mlp_activation_module(layers[layer]).register_forward_hook(zeroer(torch.tensor(indices))))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --- arms ----------------------------------------------------------------------------------------
+@dataclass
+class ArmEdit:
+    """An arm while its edit is active on the model (inside the arm's builder)."""
+    reference: Callable = nullcontext  # context giving the unedited model for a moment
+    instruction: str | None = None  # the prompt arm's system instruction
+    edited_layers: list[int] = field(default_factory=list)
+    peft_model: object = None  # set for the LoRA arm (the relearning attack adds its adapter there)
+    info: dict = field(default_factory=dict)  # training logs and fitted quantities, for the report
+
+
+@contextmanager
+def frozen(model):
+    """Model weights need no gradient while an intervention's own parameters train."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def hook_arm(model, edits: dict[int, Callable], **arm_fields):
+    switch = HookSwitch()
+    with edit_layer_outputs(model, edits, switch):
+        yield ArmEdit(reference=switch.off, edited_layers=sorted(edits), **arm_fields)
+
+
+@contextmanager
+def build_arm(name: str, ctx: "Experiment", seed: int, ckpt: Path):
+    """Apply arm `name` to ctx.model for the duration of the block: train it (or read its saved
+    weights back from `ckpt`) and yield its ArmEdit. Everything is undone at exit."""
+    model, tokenizer, args, chosen = ctx.model, ctx.tokenizer, ctx.args, ctx.layers["chosen"]
+    forget_train, retain_train = ctx.sets["forget"].train, ctx.sets["retain"].train
+    if name == "base":
+        yield ArmEdit()
+    elif name == "prompt":
+        yield ArmEdit(instruction=ENGLISH_ONLY_INSTRUCTION)
+    elif name == "dim":
+        with hook_arm(model, {i: project_out(ctx.layers["directions"][i]) for i in chosen}) as arm:
+            yield arm
+    elif name == "lape":
+        probabilities = {lang: activation_probabilities(model, tokenizer, texts, batch_size=args.batch_size,
+                                                        max_len=args.max_len)
+                         for lang, texts in ctx.language_train_texts().items()}
+        neurons = lape_hindi_neurons(probabilities, bottom_share=args.lape_bottom_share,
+                                     prob_quantile=args.lape_prob_quantile)
+        switch = HookSwitch()
+        with zero_mlp_neurons(model, neurons, switch):
+            yield ArmEdit(reference=switch.off, edited_layers=sorted(neurons),
+                          info={"neurons": neurons, "n_neurons": sum(map(len, neurons.values()))})
+    elif name == "lora":
+        from peft import LoraConfig, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                            target_modules=lora_targets(model, args.lora_targets), layers_to_transform=chosen)
+        with lora_adapter(model, config, "unlearn") as peft_model:
+            weights = ckpt / "unlearn" / "adapter_model.safetensors"  # peft saves a named adapter in its subfolder
+            info = {"targets": sorted(config.target_modules)}
+            if weights.is_file() and not args.fresh:
+                set_peft_model_state_dict(peft_model, load_file(weights), adapter_name="unlearn")
+                info["weights"] = f"read back from {weights}"
+            else:
+                params = [p for p in peft_model.parameters() if p.requires_grad]
+                info["train_log"] = train_unlearning(model, tokenizer, params, forget_train, retain_train,
+                                                     peft_model.disable_adapter, steps=args.lora_steps, seed=seed,
+                                                     args=args, desc="lora")
+                peft_model.save_pretrained(ckpt, selected_adapters=["unlearn"])
+            yield ArmEdit(reference=peft_model.disable_adapter, edited_layers=chosen, peft_model=peft_model, info=info)
+    elif name == "reft":
+        d_model = model.config.hidden_size
+        modules = torch.nn.ModuleDict({str(i): LoReFT(d_model, args.reft_rank, args.reft_gated) for i in chosen})
+        modules.to(next(model.parameters()).device)
+        weights = ckpt / "reft.pt"
+        with hook_arm(model, {i: modules[str(i)] for i in chosen}) as arm:
+            if weights.is_file() and not args.fresh:
+                modules.load_state_dict(torch.load(weights, weights_only=True))
+                arm.info["weights"] = f"read back from {weights}"
+            else:
+                def gate_closed_on_retain():
+                    gates = [m.last_gate.mean() for m in modules.values() if m.last_gate is not None]
+                    return args.reft_gate_weight * torch.stack(gates).mean() if gates else torch.zeros(())
+
+                with frozen(model):
+                    arm.info["train_log"] = train_unlearning(
+                        model, tokenizer, list(modules.parameters()), forget_train, retain_train, arm.reference,
+                        steps=args.reft_steps, seed=seed, args=args, desc="reft",
+                        retain_penalty=gate_closed_on_retain if args.reft_gated else None)
+                ckpt.mkdir(parents=True, exist_ok=True)
+                torch.save(modules.state_dict(), weights)
+            for p in modules.parameters():
+                p.requires_grad_(False)
+            arm.info["orthonormality_error"] = max(
+                float((m.rotate.weight @ m.rotate.weight.T - torch.eye(args.reft_rank, device=m.rotate.weight.device))
+                      .abs().max()) for m in modules.values())
+            yield arm
+    elif name in ("sae_gate", "dsg", "randgate"):
+        saes, features, info = sae_features(ctx, seed, ckpt.parent.parent / "sae" / f"seed{seed}")
+        switch = HookSwitch()
+        if name == "randgate":  # the control: as many random latents per layer as sae_gate edits
+            features = {layer: random_features(saes[layer].n_latents, len(chosen_latents), seed, exclude=chosen_latents)
+                        for layer, chosen_latents in features.items()}
+            info = {**info, "random_features": features}
+        if name == "dsg":
+            # Calibrated on retain prompts of the same form as the gated inputs (continuation prompts,
+            # chat template where used), so the 95th percentile means what the paper means.
+            prompts = format_prompts(tokenizer, [continuation_prompt(t, args.prompt_words) for t in retain_train],
+                                     uses_chat_template(tokenizer, args))
+            threshold = calibrate_dsg_threshold(model, tokenizer, saes, features, prompts, quantile=args.dsg_quantile,
+                                                batch_size=args.batch_size, max_len=args.max_len)
+            clamp = args.dsg_clamp_scale * info["mean_firing_activation"]
+            with dsg_gate(model, saes, features, threshold, clamp, switch) as state:
+                arm = ArmEdit(reference=switch.off, edited_layers=chosen,
+                              info={**info, "threshold": threshold, "clamp_value": clamp})
+                yield arm
+                arm.info["gated_share_of_prompt_forwards"] = {
+                    layer: float(np.mean([gated for _, gated in history])) if history else None
+                    for layer, history in state.history.items()}
+        else:
+            with sae_gate(model, saes, features, args.sae_gate_alpha, switch):
+                yield ArmEdit(reference=switch.off, edited_layers=chosen, info={**info, "alpha": args.sae_gate_alpha})
+    else:
+        raise InputError(f"--arms: unknown arm {name!r}; choose from {', '.join(ALL_ARMS)}")
+
+
+def sae_features(ctx: "Experiment", seed: int, sae_dir: Path) -> tuple[dict, dict, dict]:
+    """Per chosen layer, a TopK SAE trained on token-level activations of forget+retain train text
+    (saved under sae_dir and read back on reruns) and its Hindi features (forget-vs-retain firing
+    frequency and magnitude, preferring latents that also fire on romanized Hindi). Shared by the
+    sae_gate, dsg and randgate arms of a seed."""
+    if seed in ctx.sae_cache:
+        return ctx.sae_cache[seed]
+    model, tokenizer, args, chosen = ctx.model, ctx.tokenizer, ctx.args, ctx.layers["chosen"]
+    options = {"batch_size": args.batch_size, "max_len": args.max_len}
+    forget = collect_token_activations(model, tokenizer, ctx.sets["forget"].train, chosen, **options)
+    retain = collect_token_activations(model, tokenizer, ctx.sets["retain"].train, chosen, **options)
+    roman = collect_token_activations(model, tokenizer, ctx.sets["forget_roman"].train, chosen, **options)
+    saes, features, info = {}, {}, {"sae": {}, "features": {}}
+    for layer in chosen:
+        path = sae_dir / f"layer{layer}.pt"
+        if path.is_file() and not args.fresh:
+            saes[layer] = load_sae(path)
+            info["sae"][layer] = {"read_back": str(path)}
+        else:
+            saes[layer], info["sae"][layer] = train_sae(
+                torch.cat([forget[layer], retain[layer]]), expansion=args.sae_expansion, k=args.sae_k,
+                aux_k=args.sae_aux_k, steps=args.train_sae_steps, lr=args.sae_lr, batch_size=args.sae_batch_size,
+                seed=seed, progress=False)
+            sae_dir.mkdir(parents=True, exist_ok=True)
+            save_sae(saes[layer], path)
+        features[layer], info["features"][layer] = select_hindi_features(
+            saes[layer], forget[layer], retain[layer], roman[layer], args.sae_gate_topk)
+    with torch.no_grad():  # the clamp scale of DSG: how strongly the chosen latents fire on Hindi
+        firing = [z[z > 0] for layer in chosen
+                  for z in [saes[layer].encode(forget[layer])[:, torch.as_tensor(features[layer], dtype=torch.long)]]]
+        info["mean_firing_activation"] = float(torch.cat(firing).mean()) if sum(map(len, firing)) else 0.0
+    ctx.sae_cache[seed] = (saes, features, info)
+    return ctx.sae_cache[seed]
+
+
+# --- evaluations that need the edit and its reference -------------------------------------------
+@torch.no_grad()
+def token_kl(model, tokenizer, texts: list[str], reference: Callable, *, batch_size: int, max_len: int) -> list[float]:
+    """Per text, the mean over its tokens of KL(base || edited) of the next-token distributions."""
+    device = next(model.parameters()).device
+    per_text = []
+    for start in range(0, len(texts), batch_size):
+        batch = pad_batch(tokenizer, texts[start : start + batch_size], max_len, device)
+        edited = torch.log_softmax(model(**batch).logits[:, :-1].float(), -1)
+        with reference():
+            base = torch.log_softmax(model(**batch).logits[:, :-1].float(), -1)
+        mask = batch["attention_mask"][:, 1:].float()
+        kl = (base.exp() * (base - edited)).sum(-1)
+        per_text.extend(((kl * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu().tolist())
+    return per_text
+
+
+def layer_probes(model, tokenizer, hindi: list[str], english: list[str], *, seed: int, args) -> dict[int, float]:
+    """Hindi-vs-English probe AUC at every layer of the (edited) model: where did Hindi go?"""
+    layers = list(range(len(decoder_layers(model))))
+    pooled_hi = mean_pooled_activations(model, tokenizer, hindi, layers, batch_size=args.batch_size, max_len=args.max_len)
+    pooled_en = mean_pooled_activations(model, tokenizer, english, layers, batch_size=args.batch_size, max_len=args.max_len)
+    return {i: probe_auc(pooled_hi[i], pooled_en[i], seed) for i in layers}
+
+
+def relearn_attack(ctx: "Experiment", arm: ArmEdit, prompts: list[str], seed: int) -> list[float]:
+    """Recoverability: fine-tune a fresh LoRA adapter for a few steps on a small Hindi set that is
+    disjoint from the forget set, on top of the edited model, then measure ES on `prompts`. The
+    adapter is removed afterwards, leaving the arm as it was."""
+    from peft import LoraConfig
+
+    model, tokenizer, args = ctx.model, ctx.tokenizer, ctx.args
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=lora_targets(model, None))
+    texts = ctx.sets["relearn"].texts
+    torch.manual_seed(seed)
+
+    def attack(trainable):
+        rng = np.random.default_rng(seed)
+        optimizer = torch.optim.AdamW(trainable, lr=args.relearn_lr)
+        device = next(model.parameters()).device
+        model.train()
+        try:
+            for _ in range(args.relearn_steps):
+                picked = rng.choice(len(texts), size=min(args.train_batch_size, len(texts)), replace=False)
+                logp, mask, _ = batch_token_logprobs(model, pad_batch(tokenizer, [texts[i] for i in picked],
+                                                                      args.max_len, device))
+                loss = -(logp.sum() / mask.sum())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        finally:
+            model.eval()
+        outputs = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                           max_len=args.max_len, chat=uses_chat_template(tokenizer, args))
+        return [share_true(mask) for mask in ctx.lid.hindi_word_masks(outputs)]
+
+    with frozen(model):
+        if arm.peft_model is not None:  # the LoRA arm: stack a second adapter over the frozen unlearning one
+            peft_model = arm.peft_model
+            peft_model.add_adapter("relearn", config)
+            try:
+                peft_model.base_model.set_adapter(["unlearn", "relearn"])
+                trainable = []
+                for param_name, param in peft_model.named_parameters():
+                    param.requires_grad_(".relearn." in param_name)
+                    if ".relearn." in param_name:
+                        trainable.append(param)
+                return attack(trainable)
+            finally:
+                peft_model.delete_adapter("relearn")
+                peft_model.base_model.set_adapter("unlearn")
+                for param in peft_model.parameters():
+                    param.requires_grad_(False)
+        with lora_adapter(model, config, "relearn") as peft_model:
+            return attack([p for p in peft_model.parameters() if p.requires_grad])
+
+
+@dataclass
+class Experiment:
+    """What every arm needs: the model, the data and the chosen layers."""
+    args: argparse.Namespace
+    model: object
+    tokenizer: object
+    lid: LIDEnsemble
+    sets: dict[str, TextSet]
+    eval_sets: dict
+    layers: dict
+    sae_cache: dict = field(default_factory=dict)  # seed -> (SAEs, features, info), shared by the SAE arms
+
+    def language_train_texts(self) -> dict[str, list[str]]:
+        cap = self.args.layer_sample
+        texts = {"hi": self.sets["forget"].train[:cap], "en": self.sets["retain"].train[:cap]}
+        for key, lang in self.eval_sets["related"].items():
+            texts[lang] = self.sets[self.eval_sets["related_source"][key]].train[:cap]
+        return texts
+
+
+def run_arm(ctx: Experiment, name: str, seed: int, ckpt: Path) -> dict:
+    """Apply, evaluate and remove one arm for one seed: every metric of DESIGN section 4, per prompt."""
+    args = ctx.args
+    torch.manual_seed(seed)
+    with build_arm(name, ctx, seed, ckpt) as arm:
+        result = evaluate_model(ctx.model, ctx.tokenizer, ctx.lid, ctx.eval_sets, args, instruction=arm.instruction)
+        per_prompt = result["per_prompt"]
+        per_prompt["token_kl_retain"] = token_kl(ctx.model, ctx.tokenizer, ctx.eval_sets["scoring"]["retain"],
+                                                 arm.reference, batch_size=args.batch_size, max_len=args.max_len)
+        if args.relearn_steps > 0:
+            per_prompt["es_relearn"] = relearn_attack(ctx, arm, ctx.eval_sets["generation"]["forget_eval"], seed)
+        probes = layer_probes(ctx.model, ctx.tokenizer, ctx.sets["forget"].eval[: args.layer_sample],
+                              ctx.sets["retain"].eval[: args.layer_sample], seed=seed, args=args)
+    return {"status": "ok", "error": None, "per_prompt": per_prompt, "metrics": metrics_from_per_prompt(per_prompt),
+            "outputs": result["outputs"], "edited_layers": arm.edited_layers, "info": arm.info,
+            "probe_auc_by_layer": probes}
+
+
+# =============================================================================================
+# 7. Statistics and gates
+# =============================================================================================
+# Gate thresholds: names are the CLI flags, values their defaults (DESIGN section 5).
+DEFAULT_GATE_THRESHOLDS = {"gate_es_forget_ratio": 0.5, "gate_es_mixed_ratio": 0.7, "gate_ppl_ratio": 1.10,
+                           "gate_fidelity_drop": 0.10, "gate_mia_margin": 0.05, "gate_es_adv_ratio": 0.7}
+# Ratio gates: gate -> (per-prompt ES metric, threshold flag).
+RATIO_GATES = {"G1": ("es_forget_eval", "gate_es_forget_ratio"), "G1S": ("es_forget_roman", "gate_es_forget_ratio"),
+               "G3": ("es_mixed", "gate_es_mixed_ratio"), "G6": ("es_adversarial", "gate_es_adv_ratio")}
+MIA_MEMBERS, MIA_NONMEMBERS = "nll_forget_train_text", "nll_forget_eval_text"
+# Resampled values held in memory at once; resamples are drawn in chunks of this size (not one by one).
+_CHUNK_ELEMENTS = 4_000_000
+
+
+# ---------------------------------------------------------------------------------------------
+# Resampling machinery shared by the intervals and the gates
+# ---------------------------------------------------------------------------------------------
+def as_seed_rows(values: ArrayLike) -> np.ndarray:
+    """Per-prompt outcomes as a float array (n_seeds, n_prompts); one list is one seed."""
+    rows = np.asarray(values, dtype=float)
+    if rows.ndim == 1:
+        rows = rows[None, :]
+    if rows.ndim != 2:
+        raise ValueError(f"expected (n_seeds, n_prompts) values, got shape {rows.shape}")
+    return rows
+
+
+def _check_rows(*named_rows: tuple[str, np.ndarray | None], min_n: int = 2) -> str | None:
+    """Why these aligned inputs cannot be tested, or None when they can."""
+    n = None
+    for name, rows in named_rows:
+        if rows is None:
+            continue
+        if rows.size == 0:
+            return f"{name} is empty"
+        if not np.all(np.isfinite(rows)):
+            return f"{name} has non-finite values"
+        if n is not None and rows.shape[1] != n:
+            return f"{name} has {rows.shape[1]} prompts, expected {n} (prompts must be aligned)"
+        n = rows.shape[1]
+    if n is not None and n < min_n:
+        return f"{n} prompt(s): at least {min_n} are needed"
+    return None
+
+
+def _prompt_index_chunks(n_prompts: int, width: int, n_boot: int, rng: np.random.Generator):
+    """Resampled prompt indices, (chunk, n_prompts) at a time, so memory stays bounded for large sets."""
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, n_prompts * width))
+    for start in range(0, n_boot, chunk):
+        yield rng.integers(0, n_prompts, size=(min(chunk, n_boot - start), n_prompts))
+
+
+def _gather(rows_list: Sequence[np.ndarray], idx: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    """Values at the resampled prompts idx (b, n), with the seeds of each resampled prompt resampled too
+    (second level). Arrays in rows_list share their seed draws (e.g. NLL and token counts of one text).
+    Returns arrays (b, n, k): k seed draws per prompt copy (k = 1 with a single seed)."""
+    n_seeds = rows_list[0].shape[0]
+    if n_seeds == 1:
+        return [rows[0, idx][..., None] for rows in rows_list]
+    seeds = rng.integers(0, n_seeds, size=idx.shape + (n_seeds,))
+    return [rows[seeds, idx[..., None]] for rows in rows_list]
+
+
+def _bootstrap_nested_means(arm: np.ndarray, base: np.ndarray | None, n_boot: int,
+                            rng: np.random.Generator) -> np.ndarray:
+    """mean over prompts of arm - base per resample: prompts resampled once with the same indices for arm
+    and base (paired), then seeds within each resampled prompt, independently for arm and base."""
+    width = max(arm.shape[0], 1 if base is None else base.shape[0])
+    means = []
+    for idx in _prompt_index_chunks(arm.shape[1], width, n_boot, rng):
+        d = _gather([arm], idx, rng)[0].mean(axis=-1)
+        if base is not None:
+            d = d - _gather([base], idx, rng)[0].mean(axis=-1)
+        means.append(d.mean(axis=-1))
+    return np.concatenate(means)
+
+
+def _bootstrap_t_stars(d: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Studentized resampled means (mean(d*) - mean(d)) / se(d*) of per-prompt values d, prompts resampled."""
+    n, t_star = len(d), []
+    for idx in _prompt_index_chunks(n, 1, n_boot, rng):
+        resampled = d[idx]
+        t_star.append(_t_values(resampled.mean(axis=1) - d.mean(), resampled.std(axis=1, ddof=1) / math.sqrt(n)))
+    return np.concatenate(t_star)
+
+
+def _percentile_ci(distribution: np.ndarray, ci_level: float) -> list[float]:
+    low, high = np.quantile(distribution, [(1 - ci_level) / 2, (1 + ci_level) / 2])
     return [float(low), float(high)]
 
 
-def summarise(per_prompt: dict[str, list[float]], args: argparse.Namespace) -> dict[str, dict]:
-    """Mean and CI of every metric from one arm's per-prompt outcomes."""
+def _scipy_bca_ci(samples: tuple[np.ndarray, ...], statistic: Callable, *, paired: bool, n_boot: int,
+                  ci_level: float, seed: int) -> tuple[list[float], str]:
+    """scipy BCa interval over prompts (one seed). BCa is undefined on constant data (zero jackknife
+    spread) and when the bootstrap distribution is degenerate (scipy then warns and returns NaN, or the
+    bias correction is infinite); those cases get a zero-width or a percentile interval, never NaN."""
+    point = float(statistic(*samples, axis=-1))
+    if all(np.ptp(s) == 0 for s in samples):
+        return [point, point], "constant"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = stats.bootstrap(samples, statistic, paired=paired, vectorized=True, n_resamples=n_boot,
+                                 confidence_level=ci_level, method="BCa", rng=np.random.default_rng(seed),
+                                 batch=max(1, _CHUNK_ELEMENTS // sum(len(x) for x in samples)))
+    degenerate = any(issubclass(w.category, stats.DegenerateDataWarning) for w in caught)
+    for w in caught:  # a degenerate case also raises 0/0 RuntimeWarnings (the jackknife); anything else is passed on
+        if not (degenerate and issubclass(w.category, (stats.DegenerateDataWarning, RuntimeWarning))):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    dist = np.asarray(result.bootstrap_distribution, dtype=float)
+    below = np.mean(dist < point)
+    low, high = (float(v) for v in result.confidence_interval)
+    # below in {0, 1} means an infinite bias correction: BCa then only returns an extreme resample.
+    if degenerate or below in (0.0, 1.0) or not (np.isfinite(low) and np.isfinite(high)):
+        dist = dist[np.isfinite(dist)]
+        if dist.size == 0:
+            return [point, point], "constant"
+        return _percentile_ci(dist, ci_level), "percentile (BCa degenerate)"
+    return [low, high], "BCa"
+
+
+# ---------------------------------------------------------------------------------------------
+# Confidence intervals
+# ---------------------------------------------------------------------------------------------
+def _mean_last(x: np.ndarray, axis: int = -1):
+    return np.mean(x, axis=axis)
+
+
+def hierarchical_bootstrap_ci(values: ArrayLike, *, base: ArrayLike | None = None, n_boot: int = 2000,
+                              ci_level: float = 0.95, seed: int = 0, statistic: str = "mean") -> dict:
+    """CI of a per-arm mean, or of the paired difference arm - base when base is given.
+
+    values, base: (n_seeds, n_prompts) or one list (one seed), prompts aligned. Point estimate: mean over
+    prompts of the per-prompt seed means. One seed in both: scipy BCa over prompts (of the per-prompt
+    differences when paired). Several seeds: two-level bootstrap, prompts (same indices for arm and base)
+    then seeds within each resampled prompt, percentile interval. BCa is not used there: its acceleration
+    comes from a jackknife over single observations, which has no counterpart for a nested resampling
+    scheme (scipy resamples one level only), and a bias correction estimated from it would be wrong. Resampling
+    both levels slightly over-counts the seed-to-seed spread, so that interval errs on the wide side.
+    Seed means alone are never bootstrapped."""
+    if statistic != "mean":
+        raise ValueError(f"unsupported statistic {statistic!r}: only 'mean'")
+    arm = as_seed_rows(values)
+    base_rows = None if base is None else as_seed_rows(base)
+    n_seeds = arm.shape[0]
+    reason = _check_rows(("values", arm), ("base", base_rows))
+    if reason is not None:
+        point = float(np.mean(arm)) if base is None and arm.size and np.all(np.isfinite(arm)) else None
+        return {"mean": point, "ci": None, "n": int(arm.shape[1]), "n_seeds": n_seeds, "method": None,
+                "reason": reason}
+    d = arm.mean(axis=0) - (0.0 if base_rows is None else base_rows.mean(axis=0))
+    estimate = float(d.mean())
+    if n_seeds == 1 and (base_rows is None or base_rows.shape[0] == 1):
+        ci, method = _scipy_bca_ci((d,), _mean_last, paired=False, n_boot=n_boot, ci_level=ci_level, seed=seed)
+    else:
+        means = _bootstrap_nested_means(arm, base_rows, n_boot, np.random.default_rng(seed))
+        ci, method = _percentile_ci(means, ci_level), "percentile (two-level: prompts, seeds within prompts)"
+    return {"mean": estimate, "ci": ci, "n": int(arm.shape[1]), "n_seeds": n_seeds, "method": method}
+
+
+def ppl_ci(nll: ArrayLike, ntok: ArrayLike, *, base_nll: ArrayLike | None = None,
+           base_ntok: ArrayLike | None = None, n_boot: int = 2000, ci_level: float = 0.95,
+           seed: int = 0) -> dict:
+    """CI of ppl = exp(token-weighted mean NLL) from per-text NLL and token counts (resampled together).
+    With base_nll/base_ntok: CI of the ratio ppl_arm / ppl_base, texts resampled paired. Several seeds
+    (rows of nll; ntok one row or one per seed): two-level percentile bootstrap as in
+    hierarchical_bootstrap_ci, the point estimate pooling all seeds' tokens."""
+    nll_rows, ntok_rows = as_seed_rows(nll), as_seed_rows(ntok)
+    ntok_rows = np.broadcast_to(ntok_rows, nll_rows.shape) if ntok_rows.shape[0] == 1 else ntok_rows
+    paired_base = base_nll is not None
+    b_nll = as_seed_rows(base_nll) if paired_base else None
+    b_ntok = as_seed_rows(base_ntok) if paired_base else None
+    if paired_base:
+        b_ntok = np.broadcast_to(b_ntok, b_nll.shape) if b_ntok.shape[0] == 1 else b_ntok
+    reason = _check_rows(("nll", nll_rows), ("ntok", ntok_rows), ("base_nll", b_nll), ("base_ntok", b_ntok))
+    if reason is None and (ntok_rows.shape != nll_rows.shape or (paired_base and b_ntok.shape != b_nll.shape)):
+        reason = "token counts do not match the NLL rows"
+    if reason is None and (np.any(ntok_rows <= 0) or (paired_base and np.any(b_ntok <= 0))):
+        reason = "token counts must be positive"
+    if reason is not None:
+        return {"mean": None, "ci": None, "n": int(nll_rows.shape[1]), "n_seeds": int(nll_rows.shape[0]),
+                "method": None, "reason": reason}
+
+    def pooled(nll_r, ntok_r):
+        return float(ppl_from_nll(nll_r.ravel(), ntok_r.ravel()))
+
+    estimate = pooled(nll_rows, ntok_rows) / (pooled(b_nll, b_ntok) if paired_base else 1.0)
+    single = nll_rows.shape[0] == 1 and (not paired_base or b_nll.shape[0] == 1)
+    if single:
+        samples = (nll_rows[0], ntok_rows[0]) + ((b_nll[0], b_ntok[0]) if paired_base else ())
+
+        def statistic(*s, axis=-1):
+            value = ppl_from_nll(s[0], s[1], axis=axis)
+            return value / ppl_from_nll(s[2], s[3], axis=axis) if len(s) == 4 else value
+
+        ci, method = _scipy_bca_ci(samples, statistic, paired=True, n_boot=n_boot, ci_level=ci_level, seed=seed)
+    else:
+        rng, dist = np.random.default_rng(seed), []
+        width = max(nll_rows.shape[0], b_nll.shape[0] if paired_base else 1)
+        for idx in _prompt_index_chunks(nll_rows.shape[1], 2 * width, n_boot, rng):
+            x, w = _gather([nll_rows, ntok_rows], idx, rng)
+            value = ppl_from_nll(x.reshape(len(idx), -1), w.reshape(len(idx), -1))
+            if paired_base:
+                bx, bw = _gather([b_nll, b_ntok], idx, rng)
+                value = value / ppl_from_nll(bx.reshape(len(idx), -1), bw.reshape(len(idx), -1))
+            dist.append(value)
+        ci, method = _percentile_ci(np.concatenate(dist), ci_level), "percentile (two-level)"
+    return {"mean": estimate, "ci": ci, "n": int(nll_rows.shape[1]), "n_seeds": int(nll_rows.shape[0]),
+            "method": method}
+
+
+def _counts(n: int, b: int, rng: np.random.Generator) -> np.ndarray:
+    """(b, n) multiplicities of n items in b bootstrap resamples."""
+    flat = (rng.integers(0, n, size=(b, n)) + n * np.arange(b)[:, None]).ravel()
+    return np.bincount(flat, minlength=b * n).reshape(b, n)
+
+
+def _placements(scores: np.ndarray, other: np.ndarray, w_other: np.ndarray) -> np.ndarray:
+    """Twice the weighted count of `other` below each score, ties counting 1/2: (b, len(scores)). Cumulative
+    weights over the sorted other group make this O(b * (m + n)) with no m x n comparison matrix."""
+    order = np.argsort(other, kind="stable")
+    already_sorted = np.array_equal(order, np.arange(len(other)))
+    cum = np.zeros((w_other.shape[0], len(other) + 1), dtype=np.int64)
+    np.cumsum(w_other if already_sorted else w_other[:, order], axis=1, out=cum[:, 1:])
+    sorted_other = other[order]
+    below, upto = np.searchsorted(sorted_other, scores, "left"), np.searchsorted(sorted_other, scores, "right")
+    if np.array_equal(below, upto):  # no ties across the groups
+        return 2 * cum[:, below]
+    return cum[:, below] + cum[:, upto]
+
+
+def _auc_moments(members: np.ndarray, nonmembers: np.ndarray, wx: np.ndarray, wy: np.ndarray,
+                 seed_counts: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """AUC and its DeLong standard error for weighted resamples.
+
+    members (S, m), nonmembers (S, n): NLL per seed (texts aligned across seeds). wx (b, m), wy (b, n):
+    text multiplicities; seed_counts (b, S): seed multiplicities (None: every seed once). The AUC of a
+    multi-seed arm is the mean of its per-seed AUCs (each model is attacked on its own). DeLong placements:
+    v10_i = share of non-members member i beats, v01_j = share of members that beat non-member j."""
+    m, n, n_seeds = members.shape[1], nonmembers.shape[1], members.shape[0]
+    v10, v01 = 0.0, 0.0
+    for s in range(n_seeds):  # a handful of seeds; every resample is handled at once inside
+        x, y = -members[s], -nonmembers[s]  # score = -NLL, members positive
+        place_x = _placements(x, y, wy) / (2.0 * n)
+        place_y = 1.0 - _placements(y, x, wx) / (2.0 * m)
+        weight = 1.0 / n_seeds if seed_counts is None else seed_counts[:, s : s + 1] / n_seeds
+        v10, v01 = v10 + weight * place_x, v01 + weight * place_y
+    auc = np.einsum("bi,bi->b", wx, v10) / m
+    var10 = np.maximum(np.einsum("bi,bi,bi->b", wx, v10, v10) - m * auc**2, 0) / (m - 1)
+    var01 = np.maximum(np.einsum("bj,bj,bj->b", wy, v01, v01) - n * auc**2, 0) / (n - 1)
+    return auc, np.sqrt(var10 / m + var01 / n)
+
+
+def _auc_bootstrap(members: np.ndarray, nonmembers: np.ndarray, n_boot: int, rng: np.random.Generator,
+                   resample_seeds: bool) -> tuple[np.ndarray, np.ndarray]:
+    """AUC and DeLong SE per resample. Members and non-members are resampled independently (two samples,
+    not paired with each other); a text keeps its outcomes of all seeds. resample_seeds (CIs only) resamples
+    seeds as whole models: an AUC compares texts within one model, so seeds cannot be resampled within a
+    text the way they are for per-prompt means."""
+    m, n, n_seeds = members.shape[1], nonmembers.shape[1], members.shape[0]
+    if n_seeds == 1:  # texts are exchangeable under resampling: sorting once saves a gather per resample
+        members, nonmembers = -np.sort(-members, axis=1), -np.sort(-nonmembers, axis=1)  # scores ascending
+    chunk = max(1, _CHUNK_ELEMENTS // (4 * (m + n)))
+    aucs, ses = [], []
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        seed_counts = _counts(n_seeds, b, rng) if resample_seeds and n_seeds > 1 else None
+        auc, se = _auc_moments(members, nonmembers, _counts(m, b, rng), _counts(n, b, rng), seed_counts)
+        aucs.append(auc)
+        ses.append(se)
+    return np.concatenate(aucs), np.concatenate(ses)
+
+
+def _observed_auc(members: np.ndarray, nonmembers: np.ndarray) -> tuple[float, float]:
+    auc, se = _auc_moments(members, nonmembers, np.ones((1, members.shape[1]), dtype=np.int64),
+                           np.ones((1, nonmembers.shape[1]), dtype=np.int64), None)
+    return float(auc[0]), float(se[0])
+
+
+def mia_auc_ci(member_nll: ArrayLike, nonmember_nll: ArrayLike, *, n_boot: int = 2000, ci_level: float = 0.95,
+               seed: int = 0) -> dict:
+    """CI of the MIA AUC (members = forget-train texts, non-members = forget-eval texts), the two samples
+    resampled independently. One seed: scipy two-sample BCa. Several seeds (rows): mean of per-seed AUCs,
+    texts and whole seeds resampled, percentile interval."""
+    members, nonmembers = as_seed_rows(member_nll), as_seed_rows(nonmember_nll)
+    reason = _check_rows(("member_nll", members)) or _check_rows(("nonmember_nll", nonmembers))
+    if reason is None and members.shape[0] != nonmembers.shape[0]:
+        reason = "members and non-members have different numbers of seeds"
+    sizes = [int(members.shape[1]), int(nonmembers.shape[1])]
+    if reason is not None:
+        return {"mean": None, "ci": None, "n": sizes, "n_seeds": int(members.shape[0]), "method": None,
+                "reason": reason}
+    estimate, _ = _observed_auc(members, nonmembers)
+    if members.shape[0] == 1:
+        ci, method = _scipy_bca_ci((members[0], nonmembers[0]), auc_from_nll, paired=False, n_boot=n_boot,
+                                   ci_level=ci_level, seed=seed)
+    else:
+        aucs, _ = _auc_bootstrap(members, nonmembers, n_boot, np.random.default_rng(seed), resample_seeds=True)
+        ci, method = _percentile_ci(aucs, ci_level), "percentile (texts and seeds)"
+    return {"mean": estimate, "ci": ci, "n": sizes, "n_seeds": int(members.shape[0]), "method": method}
+
+
+# ---------------------------------------------------------------------------------------------
+# Gate tests: one-sided, H0 = "the arm fails the gate", studentized bootstrap (bootstrap-t) p-values
+# ---------------------------------------------------------------------------------------------
+def not_evaluated(reason: str) -> dict:
+    """A gate that could not be tested: no p-value, and it can never pass."""
+    return {"p": None, "statistic": None, "n": 0, "evaluated": False, "reason": reason}
+
+
+def _t_values(deviation: ArrayLike, se: ArrayLike) -> np.ndarray:
+    """deviation / se where se may be 0: +-inf for a real deviation, 0 for none (0/0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.asarray(deviation, dtype=float) / np.asarray(se, dtype=float)
+    return np.where(np.isnan(t), 0.0, t)
+
+
+def _bootstrap_t_p(t_obs: float, t_star: np.ndarray, reject_small: bool) -> float:
+    """One-sided bootstrap-t p-value; the observed sample counts as one resample, so p >= 1/(B+1)."""
+    hits = np.sum(t_star <= t_obs) if reject_small else np.sum(t_star >= t_obs)
+    return float((1 + hits) / (len(t_star) + 1))
+
+
+def paired_mean_test(arm: ArrayLike, base: ArrayLike, *, arm_coef: float, base_coef: float, shift: float,
+                     n_boot: int = 2000, seed: int = 0) -> dict:
+    """Test H0: E[d] >= 0 against E[d] < 0, d_i = arm_coef*arm_i + base_coef*base_i + shift per prompt.
+
+    arm (n_seeds, n_prompts), base (n_base_seeds, n_prompts), prompts aligned. Studentized bootstrap
+    (bootstrap-t) over prompts: t = mean(d)/se(d), its null distribution that of (mean(d*) - mean(d))/se(d*);
+    second-order accurate for skewed, lumpy data such as ES with many exact 0s and 1s.
+    Several seeds: d_i uses the arm's per-prompt seed mean, and prompts (the unit of replication, as in
+    hierarchical_bootstrap_ci) are resampled; seeds are not resampled again inside prompts. The observed
+    statistic is computed from the full seed mean, so resampling prompts replicates its sampling exactly,
+    each d_i's spread already carrying its seed-to-seed noise; resampling seeds inside prompts on top adds
+    noise the observed statistic does not have and, simulated at the null boundary (76 prompts, 3 seeds),
+    rejected more often (0.058 vs 0.054 at alpha 0.05). The CIs keep that second level, where erring wide
+    is harmless. A whole-seed shift shared by every prompt is not identifiable from a few seeds either way.
+    Constant d (e.g. perfect forgetting on every prompt) has se = 0: t = -inf, p = 1/(B+1) if mean(d) < 0."""
+    arm_rows, base_rows = as_seed_rows(arm), as_seed_rows(base)
+    reason = _check_rows(("arm", arm_rows), ("base", base_rows))
+    if reason is not None:
+        return not_evaluated(reason)
+    n = arm_rows.shape[1]
+    d = arm_coef * arm_rows.mean(axis=0) + base_coef * base_rows.mean(axis=0) + shift
+    mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(n))
+    t_obs = float(_t_values(mean, se))
+    t_star = _bootstrap_t_stars(d, n_boot, np.random.default_rng(seed))
+    return {"p": _bootstrap_t_p(t_obs, t_star, reject_small=True), "statistic": t_obs, "n": int(n),
+            "evaluated": True, "estimate": mean, "se": se, "n_seeds": int(arm_rows.shape[0]),
+            "n_boot": int(n_boot), "method": "bootstrap-t over prompts (arm averaged over seeds per prompt)",
+            "arm_mean": float(arm_rows.mean()), "base_mean": float(base_rows.mean())}
+
+
+def ratio_gate(arm_es: ArrayLike, base_es: ArrayLike, *, rho: float, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Pass: mean ES_arm < rho * mean ES_base. d_i = ES_arm_i - rho*ES_base_i, H0: mean(d) >= 0."""
+    result = paired_mean_test(arm_es, base_es, arm_coef=1.0, base_coef=-rho, shift=0.0, n_boot=n_boot, seed=seed)
+    if result["evaluated"]:
+        result["threshold"] = rho
+        result["ratio"] = result["arm_mean"] / result["base_mean"] if result["base_mean"] > 0 else None
+    return result
+
+
+def utility_gate(arm_nll: ArrayLike, base_nll: ArrayLike, *, ppl_ratio: float = 1.10, n_boot: int = 2000,
+                 seed: int = 0) -> dict:
+    """Pass: mean per-text NLL increase < log(ppl_ratio). d_i = nll_arm_i - nll_base_i - log(ratio)."""
+    result = paired_mean_test(arm_nll, base_nll, arm_coef=1.0, base_coef=-1.0, shift=-math.log(ppl_ratio),
+                              n_boot=n_boot, seed=seed)
+    if result["evaluated"]:
+        result["threshold"] = ppl_ratio
+        result["nll_increase"] = result["arm_mean"] - result["base_mean"]
+    return result
+
+
+def fidelity_gate(arm_fid: ArrayLike, base_fid: ArrayLike, *, max_drop: float = 0.10, n_boot: int = 2000,
+                  seed: int = 0) -> dict:
+    """Non-inferiority, pass: fidelity drop < max_drop. d_i = fid_base_i - fid_arm_i - max_drop."""
+    result = paired_mean_test(arm_fid, base_fid, arm_coef=-1.0, base_coef=1.0, shift=-max_drop, n_boot=n_boot,
+                              seed=seed)
+    if result["evaluated"]:
+        result["threshold"] = max_drop
+        result["drop"] = result["base_mean"] - result["arm_mean"]
+    return result
+
+
+def mia_gate(member_nll: ArrayLike, nonmember_nll: ArrayLike, *, margin: float = 0.05, n_boot: int = 2000,
+             seed: int = 0) -> dict:
+    """Equivalence, pass: 0.5 - margin < AUC < 0.5 + margin, by two one-sided bootstrap-t tests (TOST) with
+    the DeLong SE; p = max of the two. Members and non-members resampled independently. Several seeds (rows,
+    texts aligned across seeds): the mean of per-seed AUCs, texts resampled, seeds kept (as paired_mean_test)."""
+    members, nonmembers = as_seed_rows(member_nll), as_seed_rows(nonmember_nll)
+    reason = _check_rows(("members", members)) or _check_rows(("non-members", nonmembers))
+    if reason is None and members.shape[0] != nonmembers.shape[0]:
+        reason = "members and non-members have different numbers of seeds"
+    if reason is not None:
+        return not_evaluated(reason)
+    auc, se = _observed_auc(members, nonmembers)
+    aucs, ses = _auc_bootstrap(members, nonmembers, n_boot, np.random.default_rng(seed), resample_seeds=False)
+    t_star = _t_values(aucs - auc, ses)
+    t_lower = float(_t_values(auc - (0.5 - margin), se))  # H0: AUC <= 0.5 - margin, reject when large
+    t_upper = float(_t_values(auc - (0.5 + margin), se))  # H0: AUC >= 0.5 + margin, reject when small
+    p_lower = _bootstrap_t_p(t_lower, t_star, reject_small=False)
+    p_upper = _bootstrap_t_p(t_upper, t_star, reject_small=True)
+    binding = "lower" if p_lower >= p_upper else "upper"
+    return {"p": max(p_lower, p_upper), "statistic": t_lower if binding == "lower" else t_upper,
+            "n": int(members.shape[1] + nonmembers.shape[1]), "evaluated": True, "estimate": auc, "se": se,
+            "p_lower": p_lower, "p_upper": p_upper, "t_lower": t_lower, "t_upper": t_upper, "binding": binding,
+            "n_members": int(members.shape[1]), "n_nonmembers": int(nonmembers.shape[1]),
+            "n_seeds": int(members.shape[0]), "threshold": margin, "n_boot": int(n_boot),
+            "method": "TOST, bootstrap-t with DeLong SE"}
+
+
+_GATE_ORDER = {"G1": 0, "G1S": 1, "G2": 2, "G3": 3, "G4": 4, "G5": 5, "G6": 6}
+
+
+def _child_seed(seed: int, name: str) -> int:
+    """A reproducible seed per gate, so gates do not share resamples."""
+    return int(np.random.SeedSequence([int(seed), zlib.crc32(name.encode("utf-8"))]).generate_state(1)[0])
+
+
+def _is_empty(values) -> bool:
+    return values is None or len(values) == 0
+
+
+def _rows_of(base_per_prompt: dict, arm_seeds_per_prompt: list[dict], key: str,
+             with_base: bool = True) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
+    """(arm rows, base rows, None) for one metric, or (None, None, reason) when it is missing or ragged."""
+    if not arm_seeds_per_prompt:
+        return None, None, "no successful seed of the arm"
+    if with_base and _is_empty(base_per_prompt.get(key)):
+        return None, None, f"{key} missing or empty in the base arm"
+    lists = [seed_pp.get(key) for seed_pp in arm_seeds_per_prompt]
+    if any(_is_empty(values) for values in lists):
+        return None, None, f"{key} missing or empty in a seed of the arm"
+    if len({len(values) for values in lists}) > 1:
+        return None, None, f"{key} has different lengths across seeds"
+    try:
+        arm = as_seed_rows(np.array(lists, dtype=float))
+        base = as_seed_rows(base_per_prompt[key]) if with_base else None
+    except (TypeError, ValueError) as error:
+        return None, None, f"{key} is not numeric: {error}"
+    return arm, base, None
+
+
+def evaluate_gates(base_per_prompt: dict, arm_seeds_per_prompt: list[dict], thresholds: dict | None = None,
+                   n_boot: int = 2000, seed: int = 0) -> dict:
+    """Gates G1, G1S, G2, G3, G4_<lang>, G5, G6 of one arm against the base arm.
+
+    base_per_prompt: the base's per_prompt (one seed; a deterministic model). arm_seeds_per_prompt: the
+    per_prompt dicts of the arm's successful seeds. thresholds: CLI flag names (DEFAULT_GATE_THRESHOLDS
+    fills in the missing ones). Missing or unusable inputs give a not-evaluated gate, never a pass."""
+    limits = {**DEFAULT_GATE_THRESHOLDS, **(thresholds or {})}
+    base_per_prompt = base_per_prompt or {}
+    gates = {}
+
+    def run(name: str, key: str, test: Callable, **kwargs):
+        arm, base, reason = _rows_of(base_per_prompt, arm_seeds_per_prompt, key)
+        gates[name] = not_evaluated(reason) if reason else test(arm, base, n_boot=n_boot,
+                                                                 seed=_child_seed(seed, name), **kwargs)
+        gates[name]["metric"] = key
+
+    for name, (key, flag) in RATIO_GATES.items():
+        run(name, key, ratio_gate, rho=limits[flag])
+    run("G2", "nll_retain", utility_gate, ppl_ratio=limits["gate_ppl_ratio"])
+    fidelity_keys = sorted({k for pp in [base_per_prompt, *arm_seeds_per_prompt] for k in pp
+                            if k.startswith("fidelity_")})
+    for key in fidelity_keys:
+        run(f"G4_{key.removeprefix('fidelity_')}", key, fidelity_gate, max_drop=limits["gate_fidelity_drop"])
+    if not fidelity_keys:  # the gate exists by design; no data is not a pass
+        gates["G4"] = not_evaluated("no fidelity_<lang> metric recorded")
+    members, _, reason = _rows_of(base_per_prompt, arm_seeds_per_prompt, MIA_MEMBERS, with_base=False)
+    nonmembers, _, reason_non = _rows_of(base_per_prompt, arm_seeds_per_prompt, MIA_NONMEMBERS, with_base=False)
+    if reason or reason_non:
+        gates["G5"] = not_evaluated(reason or reason_non)
+    else:
+        gates["G5"] = mia_gate(members, nonmembers, margin=limits["gate_mia_margin"], n_boot=n_boot,
+                               seed=_child_seed(seed, "G5"))
+    gates["G5"]["metric"] = "mia_auc"
+    return dict(sorted(gates.items(), key=lambda item: _GATE_ORDER.get(item[0].split("_")[0], 99)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiplicity and decisions
+# ---------------------------------------------------------------------------------------------
+def apply_fdr(gates: dict, q: float = 0.10) -> dict:
+    """Benjamini-Hochberg over every evaluated gate of every arm together; writes p_adj and pass (p_adj <= q)
+    into each result in place (and returns gates). Not-evaluated gates get p_adj None and pass False."""
+    evaluated = [(arm, name) for arm, arm_gates in gates.items() for name, result in arm_gates.items()
+                 if result.get("p") is not None and np.isfinite(result["p"])]
+    for arm_gates in gates.values():
+        for result in arm_gates.values():
+            result["p_adj"], result["pass"] = None, False
+    if evaluated:
+        p = np.array([gates[arm][name]["p"] for arm, name in evaluated], dtype=float)
+        _, p_adj, _, _ = multipletests(p, alpha=q, method="fdr_bh")
+        for (arm, name), value in zip(evaluated, p_adj):
+            gates[arm][name]["p_adj"] = float(value)
+            gates[arm][name]["pass"] = bool(value <= q)
+    return gates
+
+
+def decide(gates: dict) -> dict:
+    """PROCEED only if the arm has gates and every one passed after correction (run apply_fdr first)."""
+    return {arm: "PROCEED" if arm_gates and all(r.get("pass") is True for r in arm_gates.values()) else "STOP"
+            for arm, arm_gates in gates.items()}
+
+
+def ok_per_prompt(arm: dict) -> list[dict]:
+    """The per_prompt outcomes of an arm's successful seeds, in seed order."""
+    return [arm["seeds"][seed]["per_prompt"] for seed in sorted(arm["seeds"], key=int)
+            if arm["seeds"][seed]["status"] == "ok"]
+
+
+def summarise(arm_seeds: list[dict], base_seeds: list[dict], args: argparse.Namespace) -> dict[str, dict]:
+    """Mean and CI of every metric of one arm over prompts and seeds, and of its paired difference
+    from the base arm ("diff_vs_base"; for ppl_retain, the ratio to base)."""
+    options = {"n_boot": args.n_boot, "ci_level": args.ci_level, "seed": args.stats_seed}
     summary = {}
-    for name, values in per_prompt.items():
-        if name in NOT_SUMMARISED or not values:
+    for name in arm_seeds[0]:
+        if name in NOT_SUMMARISED or name in MIA_INPUTS:
             continue
-        summary[name] = {"mean": float(np.mean(values)), "n": len(values),
-                         "ci": bootstrap_ci((values,), np.mean, paired=False, n_boot=args.n_boot,
-                                            ci_level=args.ci_level, seed=args.seeds[0])}
-    for name, (inputs, function) in DERIVED_METRICS.items():
-        if all(key in per_prompt for key in inputs):
-            samples = tuple(per_prompt[key] for key in inputs)
-            paired = name == "ppl_retain"  # NLL and token count belong to the same text
-            summary[name] = {"mean": function(*samples), "n": len(samples[0]) if paired else [len(s) for s in samples],
-                             "ci": bootstrap_ci(samples, function, paired=paired, n_boot=args.n_boot,
-                                                ci_level=args.ci_level, seed=args.seeds[0])}
+        rows = [seed_pp[name] for seed_pp in arm_seeds]
+        summary[name] = hierarchical_bootstrap_ci(rows, **options)
+        if base_seeds and name in base_seeds[0]:
+            summary[name]["diff_vs_base"] = hierarchical_bootstrap_ci(
+                rows, base=[seed_pp[name] for seed_pp in base_seeds], **options)
+    if "nll_retain" in arm_seeds[0]:
+        nll, ntok = [pp["nll_retain"] for pp in arm_seeds], [pp["ntok_retain"] for pp in arm_seeds]
+        summary["ppl_retain"] = ppl_ci(nll, ntok, **options)
+        if base_seeds:
+            summary["ppl_retain"]["ratio_vs_base"] = ppl_ci(
+                nll, ntok, base_nll=[pp["nll_retain"] for pp in base_seeds],
+                base_ntok=[pp["ntok_retain"] for pp in base_seeds], **options)
+    if all(key in arm_seeds[0] for key in MIA_INPUTS):
+        summary["mia_auc"] = mia_auc_ci(*([pp[key] for pp in arm_seeds] for key in MIA_INPUTS), **options)
     return summary
 
 
+def compute_statistics(report: dict, args: argparse.Namespace) -> None:
+    """Summaries with CIs, gates, Benjamini-Hochberg across all gates of all arms, and decisions,
+    all from the per-prompt outcomes in report["arms"] (a run and a pooled sweep alike)."""
+    base_seeds = ok_per_prompt(report["arms"]["base"]) if "base" in report["arms"] else []
+    report["summary"] = {name: summarise(ok_per_prompt(arm), base_seeds if name != "base" else [], args)
+                         for name, arm in report["arms"].items() if ok_per_prompt(arm)}
+    thresholds = {flag: getattr(args, flag) for flag in DEFAULT_GATE_THRESHOLDS}
+    gates = {name: evaluate_gates(base_seeds[0] if base_seeds else {}, ok_per_prompt(arm), thresholds,
+                                  n_boot=args.n_boot, seed=args.stats_seed)
+             for name, arm in report["arms"].items() if name != "base"}
+    report["gates"] = apply_fdr(gates, q=args.fdr_q)
+    report["decision"] = decide(report["gates"])
+    report["statistics_config"] = {"n_boot": args.n_boot, "ci_level": args.ci_level, "stats_seed": args.stats_seed,
+                                   "fdr_q": args.fdr_q, **thresholds}
+
+
 # =============================================================================================
-# 6. Report
+# 8. Report
 # =============================================================================================
 def warn(message: str) -> None:
     print(f"mmie: warning: {message}", file=sys.stderr)
@@ -600,32 +2324,113 @@ def report_path(out: Path | None, model_name: str) -> Path:
     return out if out.suffix == ".json" else out / "report.json"
 
 
+# Settings an arm's outcomes depend on (besides model and data): a rerun reads outcomes back only
+# when they match, and only reports that agree on them are pooled by --aggregate.
+DESIGN_KEYS = ("model_resolved", "sample_cap", "max_len", "max_new_tokens", "prompt_words", "no_chat_template",
+               "dtype_resolved", "load_in_8bit", "select_top_k", "min_layer", "force_layers", "layer_sample",
+               "causal_nll_penalty", "forget_obj", "retain_obj", "lr", "train_batch_size", "retain_weight",
+               "max_grad_norm", "npo_beta", "simnpo_gamma", "ga_bound", "rank", "lora_alpha", "lora_dropout",
+               "lora_targets", "lora_steps", "reft_steps", "reft_rank", "reft_gated", "reft_gate_weight", "sae_k",
+               "sae_expansion", "sae_aux_k", "train_sae_steps", "sae_lr", "sae_batch_size", "sae_gate_topk",
+               "sae_gate_alpha", "dsg_quantile", "dsg_clamp_scale", "lape_bottom_share", "lape_prob_quantile",
+               "relearn_steps", "relearn_lr")
+
+
 def outcome_key(model_name: str, data: dict, args: argparse.Namespace) -> str:
     """Identifies what an arm's outcomes depend on, so a rerun reads them back only when valid."""
-    relevant = {"model": model_name, "data": {k: v["sha256"] for k, v in data.items()},
-                **{k: getattr(args, k) for k in ("sample_cap", "max_len", "max_new_tokens", "prompt_words",
-                                                  "no_chat_template", "dtype", "load_in_8bit")}}
+    settings = {**vars(args), "model_resolved": model_name}
+    relevant = {"data": {k: v["sha256"] for k, v in data.items()},
+                **{k: settings.get(k) for k in DESIGN_KEYS if k != "dtype_resolved"}, "dtype": args.dtype}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+TABLE_METRICS = ["es_forget_train", "es_forget_eval", "es_semantic", "es_forget_roman", "es_mixed", "es_adversarial",
+                 "fidelity_ur", "fidelity_pa", "fidelity_bn", "ppl_retain", "token_kl_retain", "mia_auc", "es_relearn",
+                 "empty_rate_forget_eval", "repetition_forget_eval"]
+
+
+def format_estimate(row: dict | None) -> str:
+    if not row or row.get("mean") is None:
+        return "-"
+    if not row.get("ci"):
+        return f"{row['mean']:.3f}"
+    return f"{row['mean']:.3f} [{row['ci'][0]:.2f},{row['ci'][1]:.2f}]"
+
+
 def print_table(report: dict) -> None:
-    rows = [(name, row) for name, row in report["summary"]["base"].items()
-            if not name.startswith(("nll_forget", "hi_rate_"))]
-    print(f"\n{'metric':28s} {'base':>8s}   {int(report['config']['ci_level'] * 100)}% CI          n")
-    for name, row in rows:
-        low, high = row["ci"]
-        ci = f"[{low:.3f}, {high:.3f}]" if low is not None and high is not None else "[n/a]"
-        print(f"{name:28s} {row['mean']:8.3f}   {ci:18s} {row['n']}")
+    """Arms by metrics (means and CIs), then gates (pass/fail with BH-adjusted p) and decisions."""
+    arms = list(report["summary"])
+    width = 21
+    print(f"\n{'metric':24s}" + "".join(f"{arm:>{width}s}" for arm in arms))
+    for metric in TABLE_METRICS:
+        print(f"{metric:24s}" + "".join(f"{format_estimate(report['summary'][arm].get(metric)):>{width}s}"
+                                         for arm in arms))
+    gated = [arm for arm in report["gates"]]
+    names = sorted({name for arm in gated for name in report["gates"][arm]},
+                   key=lambda name: (_GATE_ORDER.get(name.split("_")[0], 99), name))
+    print(f"\n{'gate (pass, p_adj)':24s}" + "".join(f"{arm:>{width}s}" for arm in gated))
+    for name in names:
+        cells = []
+        for arm in gated:
+            result = report["gates"][arm].get(name)
+            cells.append("-" if result is None else "not evaluated" if result.get("p_adj") is None else
+                         f"{'PASS' if result['pass'] else 'fail'} {result['p_adj']:.3g}")
+        print(f"{name:24s}" + "".join(f"{cell:>{width}s}" for cell in cells))
+    print(f"{'decision':24s}" + "".join(f"{report['decision'][arm]:>{width}s}" for arm in gated))
+
+
+def aggregate_reports(paths: list[Path], args: argparse.Namespace) -> dict:
+    """Pool reports of the same design (same data, model, arms and outcome-relevant settings; for
+    example one per seed from a shell sweep) and redo every statistic on the pooled per-prompt
+    outcomes. A deterministic arm (evaluated once) is taken from the report of the lowest seed."""
+    reports = []
+    for path in paths:
+        try:
+            reports.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InputError(f"{path}: cannot read a report ({err})") from None
+        if "arms" not in reports[-1] or "data" not in reports[-1]:
+            raise InputError(f"{path}: not an MMIE report (no arms or data)")
+    first = reports[0]
+    design = {"data": lambda r: {k: v["sha256"] for k, v in r["data"].items() if isinstance(v, dict) and "sha256" in v},
+              "arms": lambda r: sorted(r["arms"]), "prompts": lambda r: r.get("prompts"),
+              **{key: (lambda r, key=key: r["config"].get(key)) for key in DESIGN_KEYS}}
+    for path, other in zip(paths[1:], reports[1:]):
+        for what, read in design.items():
+            if read(other) != read(first):
+                raise InputError(f"{path}: not the same design as {paths[0]}: {what} differs; pool only reports of "
+                                 "one design")
+    pooled = {key: first[key] for key in ("config", "env", "data", "prompts", "layers") if key in first}
+    pooled["aggregated_from"] = [str(p) for p in paths]
+    pooled["arms"] = {}
+    for name in first["arms"]:
+        seeds: dict = {}
+        for path, report in sorted(zip(paths, reports), key=lambda pr: min(map(int, pr[1]["arms"][name]["seeds"]))):
+            for seed, outcome in report["arms"][name]["seeds"].items():
+                if seed in seeds:
+                    raise InputError(f"{path}: arm {name} seed {seed} is also in an earlier report; pool distinct seeds")
+                if first["arms"][name]["deterministic"] and seeds:
+                    continue  # evaluated once: the lowest seed's evaluation stands, as in a multi-seed run
+                seeds[seed] = outcome
+        pooled["arms"][name] = {"deterministic": first["arms"][name]["deterministic"], "seeds": seeds}
+    compute_statistics(pooled, args)
+    return pooled
 
 
 # =============================================================================================
-# 7. main()
+# 9. main()
 # =============================================================================================
 def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     args = build_parser().parse_args(argv)
     check_args(args)
-    torch.manual_seed(args.seeds[0])
+    if args.aggregate:
+        out_path = args.out if args.out and args.out.suffix == ".json" else (args.out or Path(".")) / "pooled.json"
+        pooled = aggregate_reports(args.aggregate, args)
+        write_json_atomic(out_path, pooled)
+        print_table(pooled)
+        print(f"\nmmie: pooled {len(args.aggregate)} reports into {out_path}")
+        return pooled
 
     device = resolve_device(args.device)  # flags first: a bad flag fails before any slow work
     model_name, model_reason = resolve_model_name(args.model, device)
@@ -644,28 +2449,62 @@ def main(argv: list[str] | None = None) -> dict:
 
     data = {name: {"path": s.path, "sha256": s.sha256, "n": len(s.texts), "n_train": len(s.train),
                    "n_eval": len(s.eval), "check": checks[name]} for name, s in sets.items()}
-    data["forget_retain_overlap"] = checks["forget_retain_overlap"]
+    overlaps = {key: checks[key] for key in ("forget_retain_overlap", "forget_relearn_overlap")}
     out_path = report_path(args.out, model_name)
+    run_dir = args.ckpt_dir / outcome_key(model_name, data, args)
     report = {
         "config": {**vars(args), "model_resolved": model_name, "model_reason": model_reason, "device_resolved": device,
                    "dtype_resolved": str(dtype).removeprefix("torch."), "attn_resolved": attn,
-                   "chat_template": uses_chat_template(tokenizer, args), "eval_fraction": EVAL_FRACTION},
+                   "chat_template": uses_chat_template(tokenizer, args), "eval_fraction": EVAL_FRACTION,
+                   "ckpt_run_dir": run_dir},
         "env": environment(device, dtype),
-        "data": data,
+        "data": {**data, "overlaps": overlaps},
         "prompts": {name: {"n": len(p), "prompts": p} for name, p in eval_sets["generation"].items()},
-        "arms": {},
     }
 
-    # The base arm is greedy and deterministic: it is evaluated once and recorded under the first seed.
-    cache = args.ckpt_dir / outcome_key(model_name, {k: v for k, v in data.items() if k in sets}, args) / "base.json"
-    if cache.is_file() and not args.fresh:
-        outcome = json.loads(cache.read_text(encoding="utf-8"))
-        print(f"mmie: base arm read back from {cache} (--fresh redoes it)")
+    layers_file = run_dir / "layers.json"
+    if layers_file.is_file() and not args.fresh:
+        layers = json.loads(layers_file.read_text(encoding="utf-8"))
+        layers["directions"] = {int(i): torch.tensor(v) for i, v in layers["directions"].items()}
+        print(f"mmie: layer scores read back from {layers_file}")
     else:
-        outcome = {"status": "ok", "error": None, **evaluate_model(model, tokenizer, lid, eval_sets, args)}
-        write_json_atomic(cache, outcome)
-    report["arms"]["base"] = {"deterministic": True, "seeds": {str(args.seeds[0]): outcome}}
-    report["summary"] = {"base": summarise(outcome["per_prompt"], args)}
+        layers = select_layers(model, tokenizer, lid, sets, eval_sets, args)
+        write_json_atomic(layers_file, {**layers, "directions": {i: d.tolist() for i, d in layers["directions"].items()}})
+    report["layers"] = {key: layers[key] for key in ("chosen", "rule", "scores", "es_base_sample")}
+    print(f"mmie: layers {layers['chosen']} ({layers['rule']})")
+
+    ctx = Experiment(args, model, tokenizer, lid, sets, eval_sets, layers)
+    hooks_before = active_hooks(model)
+    report["arms"] = {}
+    for name in ["base", *args.arms]:
+        deterministic = name in DETERMINISTIC_ARMS
+        report["arms"][name] = {"deterministic": deterministic, "seeds": {}}
+        for seed in args.seeds[:1] if deterministic else args.seeds:
+            ckpt = run_dir / name / f"seed{seed}"
+            done = ckpt / "outcome.json"
+            if done.is_file() and not args.fresh:
+                outcome = json.loads(done.read_text(encoding="utf-8"))
+                print(f"mmie: {name} seed {seed} read back from {done} (--fresh redoes it)")
+            else:
+                arm_started = time.time()
+                try:
+                    outcome = run_arm(ctx, name, seed, ckpt)
+                except InputError:
+                    raise
+                except Exception as err:  # recorded in the report and the log; the other arms still run
+                    outcome = {"status": "failed", "error": f"{type(err).__name__}: {err}",
+                               "traceback": traceback.format_exc()}
+                    warn(f"arm {name} seed {seed} failed: {outcome['error']}")
+                outcome["seconds"] = round(time.time() - arm_started, 1)
+                if outcome["status"] == "ok":
+                    write_json_atomic(done, outcome)
+                print(f"mmie: {name} seed {seed}: {outcome['status']} ({outcome['seconds']:.0f}s)")
+            if active_hooks(model) != hooks_before:
+                raise RuntimeError(f"arm {name} left hooks on the model; later arms would be contaminated")
+            report["arms"][name]["seeds"][str(seed)] = outcome
+            write_json_atomic(out_path, report)  # progress is on disk after every arm and seed
+
+    compute_statistics(report, args)
     report["run_seconds"] = round(time.time() - started, 1)
     write_json_atomic(out_path, report)
     print_table(report)

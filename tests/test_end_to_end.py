@@ -17,9 +17,12 @@ def reject_constant(name):
     raise ValueError(f"report contains {name}")
 
 
-def run_main(tmp_path, *extra):
-    return mmie.main(["--sample_cap", "12", "--n_boot", "200", "--out", str(tmp_path / "run"),
-                      "--ckpt_dir", str(tmp_path / "ckpt"), *extra])
+SMALL = ["--sample_cap", "12", "--n_boot", "200", "--layer_sample", "12", "--lora_steps", "4", "--reft_steps", "4",
+         "--train_sae_steps", "20", "--sae_batch_size", "256", "--relearn_steps", "2"]
+
+
+def run_main(tmp_path, *extra, out="run", ckpt="ckpt"):
+    return mmie.main([*SMALL, "--out", str(tmp_path / out), "--ckpt_dir", str(tmp_path / ckpt), *extra])
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +62,65 @@ def test_report_shape_and_per_prompt_outcomes(first_run):
     # The tiny model was trained on the forget train split, so its members are easier than non-members.
     assert seed["metrics"]["mia_auc"] > 0.5
     assert seed["metrics"]["es_forget_eval"] > 0.5
+    # Every arm ran, was evaluated on the full metric set and met every gate with a decision.
+    assert set(on_disk["arms"]) == {"base", *mmie.ALL_ARMS}
+    for arm in mmie.ALL_ARMS:
+        outcome = on_disk["arms"][arm]["seeds"]["0"]
+        assert outcome["status"] == "ok", (arm, outcome.get("error"))
+        assert {"token_kl_retain", "es_relearn", "es_forget_eval", "fidelity_pa"} <= set(outcome["per_prompt"])
+        assert len(outcome["probe_auc_by_layer"]) == 4
+        assert set(on_disk["gates"][arm]) >= {"G1", "G1S", "G2", "G3", "G4_ur", "G4_pa", "G4_bn", "G5", "G6"}
+        assert on_disk["decision"][arm] in ("PROCEED", "STOP")
+    assert on_disk["layers"]["chosen"] and len(on_disk["layers"]["scores"]) == 4
+    assert on_disk["arms"]["reft"]["seeds"]["0"]["info"]["orthonormality_error"] < 1e-5
+    assert set(on_disk["arms"]["sae_gate"]["seeds"]["0"]["info"]["sae"]) == {str(i) for i in on_disk["layers"]["chosen"]}
 
 
 def test_rerun_resumes_and_fresh_run_reproduces(first_run, capsys):
     tmp_path, report = first_run
     again = run_main(tmp_path)
-    assert "read back" in capsys.readouterr().out
-    assert again["arms"]["base"]["seeds"]["0"]["metrics"] == report["arms"]["base"]["seeds"]["0"]["metrics"]
+    printed = capsys.readouterr().out
+    assert all(f"{arm} seed 0 read back" in printed for arm in ["base", *mmie.ALL_ARMS])
+    assert again["summary"] == report["summary"] and again["gates"] == report["gates"]
     fresh = run_main(tmp_path, "--fresh")
-    assert fresh["arms"]["base"]["seeds"]["0"]["per_prompt"] == report["arms"]["base"]["seeds"]["0"]["per_prompt"]
+    for arm in report["arms"]:
+        assert fresh["arms"][arm]["seeds"]["0"]["per_prompt"] == report["arms"][arm]["seeds"]["0"]["per_prompt"], arm
     assert fresh["summary"] == report["summary"]
+
+
+def test_a_failing_arm_is_recorded_and_the_others_run(tmp_path, monkeypatch):
+    class Broken(mmie.LoReFT):
+        def forward(self, hidden):
+            raise RuntimeError("broken intervention")
+
+    monkeypatch.setattr(mmie, "LoReFT", Broken)
+    report = run_main(tmp_path, "--arms", "reft", "dim")
+    failed = report["arms"]["reft"]["seeds"]["0"]
+    assert failed["status"] == "failed" and "broken intervention" in failed["error"]
+    assert report["arms"]["dim"]["seeds"]["0"]["status"] == "ok"
+    assert report["decision"]["reft"] == "STOP"
+    assert all(gate["p"] is None and gate["pass"] is False for gate in report["gates"]["reft"].values())
+
+
+def test_aggregate_of_single_seed_reports_equals_a_two_seed_run(tmp_path):
+    arms = ["--arms", "lora", "dim"]
+    run_main(tmp_path, *arms, "--seeds", "0", out="seed0.json")
+    run_main(tmp_path, *arms, "--seeds", "1", out="seed1.json")
+    both = run_main(tmp_path, *arms, "--seeds", "0", "1", out="both.json", ckpt="ckpt_both")  # computed afresh
+    pooled = mmie.main(["--aggregate", str(tmp_path / "seed0.json"), str(tmp_path / "seed1.json"),
+                        "--n_boot", "200", "--out", str(tmp_path / "pooled.json")])
+    assert sorted(pooled["arms"]["lora"]["seeds"]) == ["0", "1"]
+    assert list(pooled["arms"]["dim"]["seeds"]) == ["0"]  # deterministic: evaluated once
+    assert pooled["summary"] == both["summary"]
+    assert pooled["gates"] == both["gates"] and pooled["decision"] == both["decision"]
+    assert json.loads((tmp_path / "pooled.json").read_text(encoding="utf-8"))["decision"] == both["decision"]
+
+
+def test_aggregate_refuses_reports_of_different_designs(tmp_path):
+    run_main(tmp_path, "--arms", "dim", "--seeds", "0", out="a.json")
+    run_main(tmp_path, "--arms", "dim", "--seeds", "1", "--prompt_words", "6", out="b.json")
+    with pytest.raises(mmie.InputError, match="prompt"):
+        mmie.main(["--aggregate", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "p.json")])
 
 
 def test_training_script_smoke_rebuild(tmp_path):
@@ -80,5 +132,5 @@ def test_training_script_smoke_rebuild(tmp_path):
     assert [row["step"] for row in log["log"]] == [0, 1]
     assert set(log["data"]) == {"forget_hi", "forget_hi_roman", "retain_en", "mixed", "urdu", "punjabi", "bengali",
                                 "adversarial"}
-    model, tokenizer = mmie.load_model(str(out), "cpu", mmie.torch.float32, "sdpa", False)
+    model, _ = mmie.load_model(str(out), "cpu", mmie.torch.float32, "sdpa", False)
     assert len(mmie.decoder_layers(model)) == 4
