@@ -9,8 +9,8 @@ import pytest
 from lid_ensemble import DATA_DIR
 
 MIN_SIZES = {"forget_hi": 600, "forget_hi_roman": 200, "retain_en": 600, "mixed": 200, "urdu": 200,
-             "punjabi": 200, "bengali": 200, "adversarial": 200}
-NATIVE_LANG = {"forget_hi": "hi", "retain_en": "en", "urdu": "ur", "punjabi": "pa", "bengali": "bn"}
+             "punjabi": 200, "bengali": 200, "adversarial": 200, "relearn_hi": 100}
+NATIVE_LANG = {"forget_hi": "hi", "retain_en": "en", "urdu": "ur", "punjabi": "pa", "bengali": "bn", "relearn_hi": "hi"}
 
 
 def records(name):
@@ -51,3 +51,12 @@ def test_romanized_set_is_latin_hindi(lid):
     texts = [row["text"] for row in records("forget_hi_roman")]
     guesses = lid.identify(texts)
     assert sum(g.lang == "hi" and g.script == "Latn" for g in guesses) / len(texts) >= 0.95
+
+
+def test_relearn_set_shares_no_five_word_run_with_the_forget_set():
+    def runs(text):
+        words = text.split()
+        return {tuple(words[i : i + 5]) for i in range(len(words) - 4)}
+
+    forget_runs = set().union(*(runs(row["text"]) for row in records("forget_hi")))
+    assert not [row["text"] for row in records("relearn_hi") if runs(row["text"]) & forget_runs]
