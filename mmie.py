@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="causal score = ES drop - this * retain NLL increase when a layer's direction is ablated")
 
     arms = parser.add_argument_group("arms and unlearning")
-    arms.add_argument("--arms", nargs="+", default=ALL_ARMS, choices=ALL_ARMS, help="arms besides base (always run)")
+    arms.add_argument("--arms", nargs="*", default=ALL_ARMS, choices=ALL_ARMS,
+                      help="arms besides base, which always runs; `--arms` with none is the base evaluation alone")
     arms.add_argument("--forget_obj", default="npo", choices=["ga", "npo", "simnpo", "bounded_ga"])
     arms.add_argument("--retain_obj", default="kl", choices=["nll", "kl"])
     arms.add_argument("--lr", type=float, default=1e-2, help="learning rate of LoRA and ReFT unlearning")
@@ -1398,17 +1399,17 @@ def activation_probabilities(model, tokenizer, texts: list[str], *, batch_size: 
 
 def lape_hindi_neurons(probabilities: dict[str, torch.Tensor], *, bottom_share: float, prob_quantile: float) -> dict:
     """Language activation probability entropy (Tang et al. 2024): normalise each neuron's
-    activation probabilities over languages, keep the `bottom_share` lowest-entropy neurons whose
-    highest probability exceeds the `prob_quantile` quantile of all probabilities, and return
-    those whose probability for Hindi passes that same bar: {layer: [neuron, ...]}."""
+    activation probabilities over languages, take the `bottom_share` of all neurons with the
+    lowest entropy, drop those whose highest probability is below the `prob_quantile` quantile
+    of all probabilities, and return the rest whose probability for Hindi passes that bar:
+    {layer: [neuron, ...]}."""
     langs = list(probabilities)
     stacked = torch.stack([probabilities[lang] for lang in langs], -1)  # [layers, neurons, langs]
     normalised = stacked / stacked.sum(-1, keepdim=True).clamp(min=1e-12)
     entropy = -(normalised * normalised.clamp(min=1e-12).log()).sum(-1)
-    bar = torch.quantile(stacked.flatten().float(), prob_quantile)
-    candidates = stacked.max(-1).values > bar
-    cutoff = torch.quantile(entropy[candidates].float(), bottom_share) if candidates.any() else torch.tensor(-1.0)
-    specific = candidates & (entropy <= cutoff) & (stacked[..., langs.index("hi")] > bar)
+    low_entropy = entropy <= torch.quantile(entropy.flatten(), bottom_share)
+    bar = torch.quantile(stacked.flatten(), prob_quantile)
+    specific = low_entropy & (stacked.max(-1).values > bar) & (stacked[..., langs.index("hi")] > bar)
     return {int(layer): torch.nonzero(specific[layer]).flatten().tolist() for layer in range(specific.shape[0])
             if specific[layer].any()}
 
@@ -1487,6 +1488,9 @@ def build_arm(name: str, ctx: "Experiment", seed: int, ckpt: Path):
                          for lang, texts in ctx.language_train_texts().items()}
         neurons = lape_hindi_neurons(probabilities, bottom_share=args.lape_bottom_share,
                                      prob_quantile=args.lape_prob_quantile)
+        if not neurons:
+            warn(f"lape: no Hindi-specific neurons at --lape_bottom_share {args.lape_bottom_share} and "
+                 f"--lape_prob_quantile {args.lape_prob_quantile}; the lape arm leaves the model unchanged")
         switch = HookSwitch()
         with zero_mlp_neurons(model, neurons, switch):
             yield ArmEdit(reference=switch.off, edited_layers=sorted(neurons),

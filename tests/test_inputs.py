@@ -83,3 +83,8 @@ def test_forget_retain_overlap_is_reported(tmp_path, lid, capsys):
     checks = mmie.check_sets(mmie.load_sets(args), lid)
     assert checks["forget_retain_overlap"] == 5
     assert "5 texts are in both the forget set" in capsys.readouterr().err
+
+
+def test_arms_flag_with_no_names_is_the_base_evaluation_alone():
+    assert mmie.build_parser().parse_args(["--arms"]).arms == []
+    assert mmie.build_parser().parse_args([]).arms == mmie.ALL_ARMS

@@ -85,8 +85,8 @@ def test_metric_helpers():
     assert mmie.is_empty_output(" ... ।। 42 ")
     assert not mmie.is_empty_output("ok")
     assert mmie.ppl_from_nll([1.0, 2.0], [1, 3]) == pytest.approx(np.exp(1.75))
-    assert mmie.mia_auc([0.1, 0.2], [0.3, 0.4]) == 1.0  # members have lower loss
-    assert mmie.mia_auc([0.3, 0.4], [0.1, 0.2]) == 0.0
+    assert mmie.auc_from_nll([0.1, 0.2], [0.3, 0.4]) == 1.0  # members have lower loss
+    assert mmie.auc_from_nll([0.3, 0.4], [0.1, 0.2]) == 0.0
     assert mmie.continuation_prompt("a b c d e f g h i j k l m n o p q r", 8) == "a b c d e f g h"
     assert mmie.continuation_prompt("a b c d e", 8) == "a b"
 
