@@ -470,6 +470,12 @@ def active_hooks(model) -> int:
     return sum(len(module._forward_hooks) + len(module._forward_pre_hooks) for module in model.modules())
 
 
+def pad_batch(tokenizer, texts: list[str], max_len: int, device) -> dict:
+    """Right-padded (scoring and training; generation pads left), truncated, on the model's device."""
+    return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_len,
+                     padding_side="right").to(device)
+
+
 @contextmanager
 def record_layer_outputs(model, layer_indices: list[int]):
     """Within the block, the dict it yields holds the latest output of each listed decoder layer
@@ -494,8 +500,7 @@ def collect_token_activations(model, tokenizer, texts: list[str], layer_indices:
     device = next(model.parameters()).device
     collected: dict[int, list[torch.Tensor]] = {i: [] for i in layer_indices}
     for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_len, padding_side="right").to(device)
+        encoded = pad_batch(tokenizer, texts[start : start + batch_size], max_len, device)
         mask = encoded["attention_mask"].bool()
         with record_layer_outputs(model, layer_indices) as outputs:
             model(**encoded)
@@ -556,8 +561,7 @@ def text_nll(model, tokenizer, texts: list[str], *, batch_size: int, max_len: in
     nll, count = np.zeros(len(texts)), np.zeros(len(texts), dtype=np.int64)
     device = next(model.parameters()).device
     for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_len, padding_side="right").to(device)
+        encoded = pad_batch(tokenizer, texts[start : start + batch_size], max_len, device)
         logits = model(**encoded).logits[:, :-1].float()
         targets = encoded["input_ids"][:, 1:]
         mask = encoded["attention_mask"][:, 1:].bool()
@@ -685,8 +689,7 @@ def mean_pooled_activations(model, tokenizer, texts: list[str], layer_indices: l
     device = next(model.parameters()).device
     pooled: dict[int, list[np.ndarray]] = {i: [] for i in layer_indices}
     for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_len, padding_side="right").to(device)
+        encoded = pad_batch(tokenizer, texts[start : start + batch_size], max_len, device)
         mask = encoded["attention_mask"].unsqueeze(-1).float()
         with record_layer_outputs(model, layer_indices) as outputs:
             model(**encoded)
@@ -829,11 +832,6 @@ def retain_loss(objective: str, model, batch: dict, reference: Callable) -> torc
     kl = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1),
                                     log_target=True, reduction="none").sum(-1)
     return (kl * mask).sum() / mask.sum()
-
-
-def pad_batch(tokenizer, texts: list[str], max_len: int, device) -> dict:
-    return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_len,
-                     padding_side="right").to(device)
 
 
 @torch.no_grad()
