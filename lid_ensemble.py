@@ -281,8 +281,9 @@ class LIDEnsemble:
                     self._cache[text] = LangGuess(lang, "Latn", share * (1.0 - float(p)) * prob)
         return [self._cache[text] for text in texts]
 
-    def hindi_word_masks(self, texts: list[str]) -> list[list[bool]]:
-        """Per text, one bool per whitespace-separated word: Devanagari words are Hindi; a Latin
+    def hindi_word_masks(self, texts: list[str], devanagari: bool = True) -> list[list[bool]]:
+        """Per text, one bool per whitespace-separated word: Devanagari words are Hindi (unless
+        `devanagari` is False, which counts romanized Hindi only); a Latin
         word is Hindi when logit P(word) + CONTEXT_WEIGHT * logit P(window of CONTEXT_WORDS words
         either side) > 0, so the word's own spelling decides and context settles ambiguous
         words ("main", "to"). All Latin words of all texts are scored in one batch."""
@@ -294,7 +295,7 @@ class LIDEnsemble:
             for col, word in enumerate(words):
                 script, _ = dominant_script(word)
                 if script == "Deva":
-                    mask[col] = True
+                    mask[col] = devanagari
                 elif script == "Latn":
                     words_flat.append(word)
                     windows.append(windows_of_text[col])
@@ -311,9 +312,7 @@ class LIDEnsemble:
 
     def roman_hindi_word_masks(self, texts: list[str]) -> list[list[bool]]:
         """Like hindi_word_masks but counting only Latin-script (romanized) Hindi words."""
-        deva = [[dominant_script(word)[0] == "Deva" for word in text.split()] for text in texts]
-        return [[hindi and not is_deva for hindi, is_deva in zip(mask, deva_mask)]
-                for mask, deva_mask in zip(self.hindi_word_masks(texts), deva)]
+        return self.hindi_word_masks(texts, devanagari=False)
 
 
 def share_true(mask: list[bool]) -> float:

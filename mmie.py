@@ -555,21 +555,26 @@ def generate(model, tokenizer, prompts: list[str], **kwargs) -> list[str]:
     return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
+def batch_token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-token log-prob of each next token [B, T-1], token mask [B, T-1], logits [B, T-1, V])."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    targets = batch["input_ids"][:, 1:]
+    mask = batch["attention_mask"][:, 1:].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logp * mask, mask, logits
+
+
 @torch.no_grad()
 def text_nll(model, tokenizer, texts: list[str], *, batch_size: int, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Per text: mean next-token NLL (pad positions masked) and the number of scored tokens."""
     nll, count = np.zeros(len(texts)), np.zeros(len(texts), dtype=np.int64)
     device = next(model.parameters()).device
     for start in range(0, len(texts), batch_size):
-        encoded = pad_batch(tokenizer, texts[start : start + batch_size], max_len, device)
-        logits = model(**encoded).logits[:, :-1].float()
-        targets = encoded["input_ids"][:, 1:]
-        mask = encoded["attention_mask"][:, 1:].bool()
-        token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        token_nll = token_nll.masked_fill(~mask, 0.0)
+        logp, mask, _ = batch_token_logprobs(model, pad_batch(tokenizer, texts[start : start + batch_size], max_len,
+                                                              device))
         n_tokens = mask.sum(1)
-        nll[start : start + len(targets)] = (token_nll.sum(1) / n_tokens.clamp(min=1)).cpu().numpy()
-        count[start : start + len(targets)] = n_tokens.cpu().numpy()
+        nll[start : start + len(mask)] = (-logp.sum(1) / n_tokens.clamp(min=1)).cpu().numpy()
+        count[start : start + len(mask)] = n_tokens.long().cpu().numpy()
     return nll, count
 
 
@@ -735,10 +740,19 @@ def project_out(direction: torch.Tensor) -> Callable[[torch.Tensor], torch.Tenso
     return edit
 
 
-def mean_es(model, tokenizer, lid: LIDEnsemble, prompts: list[str], args: argparse.Namespace) -> float:
+def forget_es(model, tokenizer, lid: LIDEnsemble, prompts: list[str], args: argparse.Namespace) -> list[float]:
+    """ES (Hindi share of the output's words) of each prompt's greedy continuation."""
     outputs = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                        max_len=args.max_len, chat=uses_chat_template(tokenizer, args))
-    return float(np.mean([share_true(mask) for mask in lid.hindi_word_masks(outputs)]))
+    return [share_true(mask) for mask in lid.hindi_word_masks(outputs)]
+
+
+def language_train_texts(sets: dict[str, TextSet], eval_sets: dict, cap: int) -> dict[str, list[str]]:
+    """Up to `cap` train texts per language: Hindi, English and each related language."""
+    texts = {"hi": sets["forget"].train[:cap], "en": sets["retain"].train[:cap]}
+    for key, lang in eval_sets["related"].items():
+        texts[lang] = sets[eval_sets["related_source"][key]].train[:cap]
+    return texts
 
 
 def select_layers(model, tokenizer, lid: LIDEnsemble, sets: dict[str, TextSet], eval_sets: dict,
@@ -749,15 +763,13 @@ def select_layers(model, tokenizer, lid: LIDEnsemble, sets: dict[str, TextSet], 
     times the retain NLL increase), then choose the top layers by the causal score."""
     n_layers = len(decoder_layers(model))
     layer_indices = list(range(n_layers))
-    n = args.layer_sample
-    texts = {"hi": sets["forget"].train[:n], "en": sets["retain"].train[:n]}
-    texts.update({lang: sets[eval_sets["related_source"][key]].train[:n] for key, lang in eval_sets["related"].items()})
+    texts = language_train_texts(sets, eval_sets, args.layer_sample)
     pooled = {lang: mean_pooled_activations(model, tokenizer, t, layer_indices, batch_size=args.batch_size,
                                             max_len=args.max_len) for lang, t in texts.items()}
     related_langs = [lang for lang in texts if lang not in ("hi", "en")]
     forget_prompts = [continuation_prompt(t, args.prompt_words) for t in texts["hi"]]
     retain_texts = texts["en"]
-    es_base = mean_es(model, tokenizer, lid, forget_prompts, args)
+    es_base = float(np.mean(forget_es(model, tokenizer, lid, forget_prompts, args)))
     nll_base = text_nll(model, tokenizer, retain_texts, batch_size=args.batch_size, max_len=args.max_len)[0].mean()
     scores, directions = {}, {}
     for i in tqdm(layer_indices, desc="layer scores", leave=False):
@@ -765,7 +777,7 @@ def select_layers(model, tokenizer, lid: LIDEnsemble, sets: dict[str, TextSet], 
         auc_hi = probe_auc(pooled["hi"][i], pooled["en"][i], args.seeds[0])
         auc_related = [probe_auc(pooled[lang][i], pooled["en"][i], args.seeds[0]) for lang in related_langs]
         with edit_layer_outputs(model, {i: project_out(directions[i])}):
-            es_ablated = mean_es(model, tokenizer, lid, forget_prompts, args)
+            es_ablated = float(np.mean(forget_es(model, tokenizer, lid, forget_prompts, args)))
             nll_ablated = text_nll(model, tokenizer, retain_texts, batch_size=args.batch_size,
                                    max_len=args.max_len)[0].mean()
         es_drop, nll_increase = es_base - es_ablated, float(nll_ablated - nll_base)
@@ -791,15 +803,6 @@ def select_layers(model, tokenizer, lid: LIDEnsemble, sets: dict[str, TextSet], 
 # 6. Interventions (LoRA, ReFT, SAE, baselines)
 # =============================================================================================
 # --- unlearning objectives ---------------------------------------------------------------------
-def batch_token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-token log-prob of each next token [B, T-1], token mask [B, T-1], logits [B, T-1, V])."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    targets = batch["input_ids"][:, 1:]
-    mask = batch["attention_mask"][:, 1:].float()
-    logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return logp * mask, mask, logits
-
-
 def forget_loss(objective: str, model, batch: dict, ref_seq_logp: torch.Tensor | None, args) -> torch.Tensor:
     """Loss to minimise on forget text. ga: -NLL. bounded_ga: -B*tanh(NLL/B), so the ascent
     saturates instead of diverging. npo (Zhang et al. 2024): (2/beta) log(1 + (pi/pi_ref)^beta)
@@ -1263,16 +1266,8 @@ def sequence_fire_fractions(model, tokenizer, saes: dict[int, TopKSAE], features
     edits (the texts are tokenized as given: apply the chat template first if prompts will use it)."""
     device = next(model.parameters()).device
     chosen = feature_directions(model, saes, features)
-    hidden: dict[int, torch.Tensor] = {}
     fractions: dict[int, list[np.ndarray]] = {layer: [] for layer in chosen}
-
-    def record(layer: int) -> Callable:
-        def keep(h: torch.Tensor) -> torch.Tensor:
-            hidden[layer] = h
-            return h
-        return keep
-
-    with edit_layer_outputs(model, {layer: record(layer) for layer in chosen}):
+    with record_layer_outputs(model, list(chosen)) as hidden:
         for start in range(0, len(texts), batch_size):
             encoded = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
                                 truncation=True, max_length=max_len).to(device)
@@ -1483,7 +1478,7 @@ def build_arm(name: str, ctx: "Experiment", seed: int, ckpt: Path):
     elif name == "lape":
         probabilities = {lang: activation_probabilities(model, tokenizer, texts, batch_size=args.batch_size,
                                                         max_len=args.max_len)
-                         for lang, texts in ctx.language_train_texts().items()}
+                         for lang, texts in language_train_texts(ctx.sets, ctx.eval_sets, args.layer_sample).items()}
         neurons = lape_hindi_neurons(probabilities, bottom_share=args.lape_bottom_share,
                                      prob_quantile=args.lape_prob_quantile)
         if not neurons:
@@ -1655,9 +1650,7 @@ def relearn_attack(ctx: "Experiment", arm: ArmEdit, prompts: list[str], seed: in
                 optimizer.step()
         finally:
             model.eval()
-        outputs = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                           max_len=args.max_len, chat=uses_chat_template(tokenizer, args))
-        return [share_true(mask) for mask in ctx.lid.hindi_word_masks(outputs)]
+        return forget_es(model, tokenizer, ctx.lid, prompts, args)
 
     with frozen(model):
         if arm.peft_model is not None:  # the LoRA arm: stack a second adapter over the frozen unlearning one
@@ -1692,12 +1685,6 @@ class Experiment:
     layers: dict
     sae_cache: dict = field(default_factory=dict)  # seed -> (SAEs, features, info), shared by the SAE arms
 
-    def language_train_texts(self) -> dict[str, list[str]]:
-        cap = self.args.layer_sample
-        texts = {"hi": self.sets["forget"].train[:cap], "en": self.sets["retain"].train[:cap]}
-        for key, lang in self.eval_sets["related"].items():
-            texts[lang] = self.sets[self.eval_sets["related_source"][key]].train[:cap]
-        return texts
 
 
 def run_arm(ctx: Experiment, name: str, seed: int, ckpt: Path) -> dict:
