@@ -1317,7 +1317,10 @@ def dsg_gate(model, saes: dict[int, TopKSAE], features: dict[int, list[int]], th
         # The attention mask says which tokens are pads; an empty (or no) cache says this forward
         # holds the prompt, where the gating decision is taken.
         bound = forward_args.bind_partial(*args, **kwargs).arguments
-        mask, cache = bound.get("attention_mask"), bound.get("past_key_values")
+        mask = bound.get("attention_mask")
+        # transformers 5.24 renamed past_key_values to cache (the old name still passes through kwargs)
+        passed = {**bound.get("kwargs", {}), **bound}
+        cache = passed.get("cache", passed.get("past_key_values"))
         if mask is not None and mask.dim() != 2:
             raise ValueError(f"dsg_gate needs a 2-D attention mask [batch, seq], got shape {tuple(mask.shape)}")
         batch["mask"] = mask
