@@ -45,7 +45,7 @@ from typing import Literal
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
-from scipy import stats
+from scipy import optimize, stats
 from statsmodels.stats.multitest import multipletests
 from tqdm.auto import tqdm
 
@@ -1761,20 +1761,21 @@ def _prompt_index_chunks(n_prompts: int, width: int, n_boot: int, rng: np.random
 
 
 def _gather(rows_list: Sequence[np.ndarray], idx: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
-    """Values at the resampled prompts idx (b, n), with the seeds of each resampled prompt resampled too
-    (second level). Arrays in rows_list share their seed draws (e.g. NLL and token counts of one text).
-    Returns arrays (b, n, k): k seed draws per prompt copy (k = 1 with a single seed)."""
+    """Values at the resampled prompts idx (b, n) under resampled seeds, seeds and prompts crossed: each
+    resample draws its seeds once (whole trained models, with replacement) and uses them for every prompt,
+    because a seed's model is shared by all prompts. Arrays in rows_list share their seed draws (e.g. NLL
+    and token counts of one text). Returns arrays (b, n, k): k seeds per resample (k = 1 with one seed)."""
     n_seeds = rows_list[0].shape[0]
     if n_seeds == 1:
         return [rows[0, idx][..., None] for rows in rows_list]
-    seeds = rng.integers(0, n_seeds, size=idx.shape + (n_seeds,))
+    seeds = rng.integers(0, n_seeds, size=(idx.shape[0], 1, n_seeds))
     return [rows[seeds, idx[..., None]] for rows in rows_list]
 
 
-def _bootstrap_nested_means(arm: np.ndarray, base: np.ndarray | None, n_boot: int,
-                            rng: np.random.Generator) -> np.ndarray:
+def _bootstrap_crossed_means(arm: np.ndarray, base: np.ndarray | None, n_boot: int,
+                             rng: np.random.Generator) -> np.ndarray:
     """mean over prompts of arm - base per resample: prompts resampled once with the same indices for arm
-    and base (paired), then seeds within each resampled prompt, independently for arm and base."""
+    and base (paired), seeds resampled as a crossed factor (see _gather), independently for arm and base."""
     width = max(arm.shape[0], 1 if base is None else base.shape[0])
     means = []
     for idx in _prompt_index_chunks(arm.shape[1], width, n_boot, rng):
@@ -1785,13 +1786,78 @@ def _bootstrap_nested_means(arm: np.ndarray, base: np.ndarray | None, n_boot: in
     return np.concatenate(means)
 
 
-def _bootstrap_t_stars(d: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """Studentized resampled means (mean(d*) - mean(d)) / se(d*) of per-prompt values d, prompts resampled."""
-    n, t_star = len(d), []
+def resolution_floor(d: np.ndarray) -> float:
+    """The smallest standard error a gate test trusts: that of n per-prompt values of which one differs
+    from the others by the observed range, range(d) / n. Per-prompt outcomes are lumpy (mostly exact 0s and
+    1s), so a resample that misses the few prompts that differ shows no spread at all; its t would be
+    infinite and count as more extreme than any observed t, making p grow as the evidence for passing grows
+    (p ~ e^-k with k differing prompts). With the floor no sample is more certain than one prompt's worth
+    of disagreement. It binds only on such degenerate samples: k >= 1 differing prompts give se >= range/n."""
+    return float(np.ptp(d)) / len(d) if len(d) else 0.0
+
+
+def null_tilt_weights(d: np.ndarray) -> np.ndarray | None:
+    """Exponential tilting (Efron 1981; Davison & Hinkley 1997, section 4.4): resampling weights
+    w_i proportional to exp(lambda * d_i), the distribution on the observed values closest to the empirical
+    one (Kullback-Leibler) whose mean is 0, i.e. the sample moved onto the null boundary E[d] = 0. None when
+    no weighting of the observed values has mean 0 (every d_i < 0, or every d_i > 0)."""
+    low, high, mean = float(d.min()), float(d.max()), float(d.mean())
+    if low > 0 or high < 0:
+        return None
+    if mean == 0:
+        return np.full(len(d), 1.0 / len(d))
+    if (mean < 0 and high == 0) or (mean > 0 and low == 0):  # only the prompts exactly on the boundary remain
+        weights = (d == 0).astype(float)
+        return weights / weights.sum()
+    anchor = high if mean < 0 else low  # exp(lambda * (d - anchor)) <= 1: no overflow however large lambda
+
+    def tilted_mean(lam: float) -> float:
+        weights = np.exp(lam * (d - anchor))
+        return float((weights * d).sum() / weights.sum())
+
+    bound = 1.0 if mean < 0 else -1.0  # tilted_mean increases with lambda: widen until the sign flips
+    while np.sign(tilted_mean(bound)) == np.sign(mean):
+        bound *= 2.0
+    lam = optimize.brentq(tilted_mean, *sorted((0.0, bound)), xtol=1e-12)
+    weights = np.exp(lam * (d - anchor))
+    return weights / weights.sum()
+
+
+def null_restricted_bootstrap_t_p(d: np.ndarray, n_boot: int, rng: np.random.Generator,
+                                  upper: float = math.inf) -> tuple[float, float, float, str]:
+    """One-sided p-value of H0: E[d] >= 0 against E[d] < 0 for per-prompt values d: (p, t, se, method).
+
+    t = mean(d) / max(se(d), resolution_floor(d)); its null distribution is that of the same statistic on
+    resamples drawn from the sample tilted onto the null boundary (null_tilt_weights), so resamples come
+    from a distribution where H0 holds, as a test needs. Studentizing keeps the bootstrap-t's second-order
+    accuracy on skewed data; tilting keeps rare events honest: with 0/1 outcomes the tilted resamples are
+    binomial at the boundary rate, so one lost prompt of 83 at a 0.10 margin gets p ~ 0.0015 (exact binomial
+    0.0016) and one of 30 gets p ~ 0.18 (exact 0.18), where resampling the observed sample says p = 0.0005.
+    When every d_i < 0 no tilt of the observed values reaches the boundary; the sample then gains one
+    pseudo-prompt at `upper`, the largest value d can take (the worst prompt the sample may have missed),
+    before tilting, which for 0/1 outcomes is again the exact binomial answer (no lost prompt of 83 at a
+    0.10 margin: 0.9^83). An unbounded d (upper = inf) has no such prompt; every d_i < 0 then gets
+    1/(B+1), the smallest p the resamples can show. The observed sample counts as one resample."""
+    n, mean = len(d), float(d.mean())
+    floor = resolution_floor(d)
+    se = max(float(d.std(ddof=1)) / math.sqrt(n), floor)
+    t_obs = float(_t_values(mean, se))
+    support, weights = d, null_tilt_weights(d)
+    method = "null-restricted (exponentially tilted) bootstrap-t over prompts"
+    if weights is None and mean > 0:
+        return 1.0, t_obs, se, "every prompt fails the gate"
+    if weights is None and not math.isfinite(upper):
+        return 1.0 / (n_boot + 1), t_obs, se, "every prompt passes the gate (unbounded metric)"
+    if weights is None:
+        support = np.append(d, upper)
+        weights = null_tilt_weights(support)
+        method += ", with a pseudo-prompt at the largest possible value (every prompt passes)"
+    hits = 0
     for idx in _prompt_index_chunks(n, 1, n_boot, rng):
-        resampled = d[idx]
-        t_star.append(_t_values(resampled.mean(axis=1) - d.mean(), resampled.std(axis=1, ddof=1) / math.sqrt(n)))
-    return np.concatenate(t_star)
+        resampled = support[rng.choice(len(support), size=idx.shape, p=weights)]
+        se_star = np.maximum(resampled.std(axis=1, ddof=1) / math.sqrt(n), floor)
+        hits += int(np.sum(_t_values(resampled.mean(axis=1), se_star) <= t_obs))
+    return (1 + hits) / (n_boot + 1), t_obs, se, method
 
 
 def _percentile_ci(distribution: np.ndarray, ci_level: float) -> list[float]:
@@ -1836,19 +1902,17 @@ def _mean_last(x: np.ndarray, axis: int = -1):
 
 
 def hierarchical_bootstrap_ci(values: ArrayLike, *, base: ArrayLike | None = None, n_boot: int = 2000,
-                              ci_level: float = 0.95, seed: int = 0, statistic: str = "mean") -> dict:
+                              ci_level: float = 0.95, seed: int = 0) -> dict:
     """CI of a per-arm mean, or of the paired difference arm - base when base is given.
 
     values, base: (n_seeds, n_prompts) or one list (one seed), prompts aligned. Point estimate: mean over
     prompts of the per-prompt seed means. One seed in both: scipy BCa over prompts (of the per-prompt
-    differences when paired). Several seeds: two-level bootstrap, prompts (same indices for arm and base)
-    then seeds within each resampled prompt, percentile interval. BCa is not used there: its acceleration
-    comes from a jackknife over single observations, which has no counterpart for a nested resampling
-    scheme (scipy resamples one level only), and a bias correction estimated from it would be wrong. Resampling
-    both levels slightly over-counts the seed-to-seed spread, so that interval errs on the wide side.
-    Seed means alone are never bootstrapped."""
-    if statistic != "mean":
-        raise ValueError(f"unsupported statistic {statistic!r}: only 'mean'")
+    differences when paired). Several seeds: prompts and seeds resampled as crossed factors (each resample
+    draws n prompts, the same for arm and base, and S whole seeds), percentile interval, so the interval
+    covers the seed-to-seed variation of training and is not conditional on the seeds that were trained
+    (with few seeds it is wide, honestly so; resampling both factors errs slightly on the wide side).
+    BCa is not used there: its acceleration comes from a jackknife over single observations, which has no
+    counterpart for a two-factor resampling scheme. Seed means alone are never bootstrapped."""
     arm = as_seed_rows(values)
     base_rows = None if base is None else as_seed_rows(base)
     n_seeds = arm.shape[0]
@@ -1862,8 +1926,8 @@ def hierarchical_bootstrap_ci(values: ArrayLike, *, base: ArrayLike | None = Non
     if n_seeds == 1 and (base_rows is None or base_rows.shape[0] == 1):
         ci, method = _scipy_bca_ci((d,), _mean_last, paired=False, n_boot=n_boot, ci_level=ci_level, seed=seed)
     else:
-        means = _bootstrap_nested_means(arm, base_rows, n_boot, np.random.default_rng(seed))
-        ci, method = _percentile_ci(means, ci_level), "percentile (two-level: prompts, seeds within prompts)"
+        means = _bootstrap_crossed_means(arm, base_rows, n_boot, np.random.default_rng(seed))
+        ci, method = _percentile_ci(means, ci_level), "percentile (prompts and seeds crossed)"
     return {"mean": estimate, "ci": ci, "n": int(arm.shape[1]), "n_seeds": n_seeds, "method": method}
 
 
@@ -1872,7 +1936,7 @@ def ppl_ci(nll: ArrayLike, ntok: ArrayLike, *, base_nll: ArrayLike | None = None
            seed: int = 0) -> dict:
     """CI of ppl = exp(token-weighted mean NLL) from per-text NLL and token counts (resampled together).
     With base_nll/base_ntok: CI of the ratio ppl_arm / ppl_base, texts resampled paired. Several seeds
-    (rows of nll; ntok one row or one per seed): two-level percentile bootstrap as in
+    (rows of nll; ntok one row or one per seed): prompts and seeds crossed, percentile bootstrap as in
     hierarchical_bootstrap_ci, the point estimate pooling all seeds' tokens."""
     nll_rows, ntok_rows = as_seed_rows(nll), as_seed_rows(ntok)
     ntok_rows = np.broadcast_to(ntok_rows, nll_rows.shape) if ntok_rows.shape[0] == 1 else ntok_rows
@@ -1913,7 +1977,7 @@ def ppl_ci(nll: ArrayLike, ntok: ArrayLike, *, base_nll: ArrayLike | None = None
                 bx, bw = _gather([b_nll, b_ntok], idx, rng)
                 value = value / ppl_from_nll(bx.reshape(len(idx), -1), bw.reshape(len(idx), -1))
             dist.append(value)
-        ci, method = _percentile_ci(np.concatenate(dist), ci_level), "percentile (two-level)"
+        ci, method = _percentile_ci(np.concatenate(dist), ci_level), "percentile (prompts and seeds crossed)"
     return {"mean": estimate, "ci": ci, "n": int(nll_rows.shape[1]), "n_seeds": int(nll_rows.shape[0]),
             "method": method}
 
@@ -2031,38 +2095,31 @@ def _bootstrap_t_p(t_obs: float, t_star: np.ndarray, reject_small: bool) -> floa
 
 
 def paired_mean_test(arm: ArrayLike, base: ArrayLike, *, arm_coef: float, base_coef: float, shift: float,
-                     n_boot: int = 2000, seed: int = 0) -> dict:
-    """Test H0: E[d] >= 0 against E[d] < 0, d_i = arm_coef*arm_i + base_coef*base_i + shift per prompt.
+                     n_boot: int = 2000, seed: int = 0, upper: float = math.inf) -> dict:
+    """Test H0: E[d] >= 0 against E[d] < 0, d_i = arm_coef*arm_i + base_coef*base_i + shift per prompt,
+    by null_restricted_bootstrap_t_p; `upper` is the largest value d can take (inf when unbounded).
 
-    arm (n_seeds, n_prompts), base (n_base_seeds, n_prompts), prompts aligned. Studentized bootstrap
-    (bootstrap-t) over prompts: t = mean(d)/se(d), its null distribution that of (mean(d*) - mean(d))/se(d*);
-    second-order accurate for skewed, lumpy data such as ES with many exact 0s and 1s.
-    Several seeds: d_i uses the arm's per-prompt seed mean, and prompts (the unit of replication, as in
-    hierarchical_bootstrap_ci) are resampled; seeds are not resampled again inside prompts. The observed
-    statistic is computed from the full seed mean, so resampling prompts replicates its sampling exactly,
-    each d_i's spread already carrying its seed-to-seed noise; resampling seeds inside prompts on top adds
-    noise the observed statistic does not have and, simulated at the null boundary (76 prompts, 3 seeds),
-    rejected more often (0.058 vs 0.054 at alpha 0.05). The CIs keep that second level, where erring wide
-    is harmless. A whole-seed shift shared by every prompt is not identifiable from a few seeds either way.
-    Constant d (e.g. perfect forgetting on every prompt) has se = 0: t = -inf, p = 1/(B+1) if mean(d) < 0."""
+    arm (n_seeds, n_prompts), base (n_base_seeds, n_prompts), prompts aligned. Several seeds: d_i uses the
+    arm's per-prompt seed mean, and prompts (the unit of replication) are resampled; seeds are not. The test
+    is therefore conditional on the trained seeds: it asks whether these models pass, not whether the
+    training method would pass for any seed (a few seeds cannot estimate the seed-level variance a
+    method-level test needs; the confidence intervals do resample seeds, crossed with prompts)."""
     arm_rows, base_rows = as_seed_rows(arm), as_seed_rows(base)
     reason = _check_rows(("arm", arm_rows), ("base", base_rows))
     if reason is not None:
         return not_evaluated(reason)
     n = arm_rows.shape[1]
     d = arm_coef * arm_rows.mean(axis=0) + base_coef * base_rows.mean(axis=0) + shift
-    mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(n))
-    t_obs = float(_t_values(mean, se))
-    t_star = _bootstrap_t_stars(d, n_boot, np.random.default_rng(seed))
-    return {"p": _bootstrap_t_p(t_obs, t_star, reject_small=True), "statistic": t_obs, "n": int(n),
-            "evaluated": True, "estimate": mean, "se": se, "n_seeds": int(arm_rows.shape[0]),
-            "n_boot": int(n_boot), "method": "bootstrap-t over prompts (arm averaged over seeds per prompt)",
+    p, t_obs, se, method = null_restricted_bootstrap_t_p(d, n_boot, np.random.default_rng(seed), upper)
+    return {"p": p, "statistic": t_obs, "n": int(n), "evaluated": True, "estimate": float(d.mean()), "se": se,
+            "n_seeds": int(arm_rows.shape[0]), "n_boot": int(n_boot), "method": method,
             "arm_mean": float(arm_rows.mean()), "base_mean": float(base_rows.mean())}
 
 
 def ratio_gate(arm_es: ArrayLike, base_es: ArrayLike, *, rho: float, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Pass: mean ES_arm < rho * mean ES_base. d_i = ES_arm_i - rho*ES_base_i, H0: mean(d) >= 0."""
-    result = paired_mean_test(arm_es, base_es, arm_coef=1.0, base_coef=-rho, shift=0.0, n_boot=n_boot, seed=seed)
+    """Pass: mean ES_arm < rho * mean ES_base. d_i = ES_arm_i - rho*ES_base_i (at most 1), H0: mean(d) >= 0."""
+    result = paired_mean_test(arm_es, base_es, arm_coef=1.0, base_coef=-rho, shift=0.0, n_boot=n_boot, seed=seed,
+                              upper=1.0)
     if result["evaluated"]:
         result["threshold"] = rho
         result["ratio"] = result["arm_mean"] / result["base_mean"] if result["base_mean"] > 0 else None
@@ -2082,9 +2139,10 @@ def utility_gate(arm_nll: ArrayLike, base_nll: ArrayLike, *, ppl_ratio: float = 
 
 def fidelity_gate(arm_fid: ArrayLike, base_fid: ArrayLike, *, max_drop: float = 0.10, n_boot: int = 2000,
                   seed: int = 0) -> dict:
-    """Non-inferiority, pass: fidelity drop < max_drop. d_i = fid_base_i - fid_arm_i - max_drop."""
+    """Non-inferiority, pass: fidelity drop < max_drop. d_i = fid_base_i - fid_arm_i - max_drop (at most
+    1 - max_drop)."""
     result = paired_mean_test(arm_fid, base_fid, arm_coef=-1.0, base_coef=1.0, shift=-max_drop, n_boot=n_boot,
-                              seed=seed)
+                              seed=seed, upper=1.0 - max_drop)
     if result["evaluated"]:
         result["threshold"] = max_drop
         result["drop"] = result["base_mean"] - result["arm_mean"]
