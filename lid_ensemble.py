@@ -7,6 +7,8 @@ Three voters, combined per text and per word (see DESIGN.md section 3):
   3. a romanized-Hindi detector for Latin-script text: a function-word lexicon plus a
      character n-gram logistic regression trained on the train splits of the shipped
      romanized-Hindi and English sets (never on their eval splits, where it is measured).
+Before any voter, junk (punctuation, markup, quote and emoji runs, lone or repeated letters) is
+recognised by a letter-share rule and answered "und"; the voters see only a text's words.
 
     from lid_ensemble import LIDEnsemble
     lid = LIDEnsemble()
@@ -16,9 +18,11 @@ Three voters, combined per text and per word (see DESIGN.md section 3):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +99,82 @@ def dominant_script(text: str) -> tuple[str, float]:
     if counts["other"] > counts[script]:
         return OTHER_SCRIPT, counts["other"] / total
     return script, counts[script] / total
+
+
+# ---------------------------------------------------------------------------------------------
+# Junk: text that is no language
+# ---------------------------------------------------------------------------------------------
+# A collapsing model emits quote, markup, punctuation and emoji runs, lone letters and one letter
+# repeated. Every voter answers something for those (the romanized-Hindi detector gives
+# punctuation runs 0.51-0.57, fastText always names a language), so junk would count as Hindi in
+# the ES metrics or as a real continuation in the fidelity ones. It is recognised first, on the
+# whitespace tokens of the text:
+#   - a letter is a Unicode letter or combining mark (vowel signs, viramas) of any script;
+#     digits, whitespace, format characters (ZWNJ inside Persian and Indic words) and URLs are
+#     neutral, since real text carries numbers and links; everything else (punctuation, symbols,
+#     emoji, markup tags `<...>` including the letters inside them) is a non-letter;
+#   - a token is a word when letters are at least MIN_LETTER_SHARE of its letters and non-letters
+#     (`"yes",` is a word, `The"""""` and `<b><b>` are not), and its letters are not one letter
+#     repeated REPEATED_LETTER_RUN or more times (`ssssssss`, `aaaa`; Hindi "aa" stays a word);
+#   - a text carries language when letters are at least MIN_LETTER_SHARE of the whole text's
+#     letters and non-letters (`""" The """` is junk), and one of its words has at least
+#     MIN_DISTINCT_LETTERS distinct letters (`a a a a`, `K"` or a lone "I" name no language).
+# A text without language is "und" with confidence 0 and no Hindi words; its script is the
+# dominant script of its letters ("Zyyy" when it has none), so `ssssssss` is und in Latn: the
+# model still writes Latin letters, just no language. Only words are shown to the voters.
+# Repeated real words ("the the the") are language; repetition has its own metric.
+MIN_LETTER_SHARE = 0.5
+REPEATED_LETTER_RUN = 3
+MIN_DISTINCT_LETTERS = 2
+MARKUP_TAG_RE = re.compile(r"<[^<>]{0,80}>")  # the letters of `<div class="x">` are no language
+URL_RE = re.compile(r"(?:\b[A-Za-z][A-Za-z0-9+.-]*://|\bwww\.)\S*")
+_MARKUP_CHAR = "<"  # a non-letter standing in for each visible character of a tag
+_NEUTRAL_CHAR = "\u2060"  # WORD JOINER, a format character: stands in for the characters of a URL
+_VARIATION_SELECTORS = frozenset(map(chr, range(0xFE00, 0xFE10)))  # category Mn, but part of emoji
+
+
+def _mask_markup_and_urls(text: str) -> str:
+    """The text with each visible character of a markup tag made a non-letter and each of a URL
+    made neutral. Whitespace is kept, so its tokens are the original text's tokens, one for one."""
+    if "<" in text:
+        text = MARKUP_TAG_RE.sub(lambda tag: re.sub(r"\S", _MARKUP_CHAR, tag.group()), text)
+    if "://" in text or "www." in text:
+        text = URL_RE.sub(lambda url: _NEUTRAL_CHAR * len(url.group()), text)
+    return text
+
+
+@functools.lru_cache(maxsize=2**20)
+def _token_profile(token: str) -> tuple[int, int, bool, bool]:
+    """(letters, non-letters, is a word, is a word with MIN_DISTINCT_LETTERS distinct letters) of
+    one masked whitespace token. Cached: model outputs repeat their tokens a lot."""
+    letters, non_letters = [], 0
+    for char in token:
+        category = unicodedata.category(char)
+        if category[0] in "LM" and char not in _VARIATION_SELECTORS:
+            letters.append(char)
+        elif category[0] not in "NZ" and category != "Cf":
+            non_letters += 1
+    distinct = len(set("".join(letters).casefold()))
+    is_word = (len(letters) > 0 and len(letters) >= MIN_LETTER_SHARE * (len(letters) + non_letters)
+               and not (distinct == 1 and len(letters) >= REPEATED_LETTER_RUN))
+    return len(letters), non_letters, is_word, is_word and distinct >= MIN_DISTINCT_LETTERS
+
+
+def word_flags(text: str) -> tuple[list[str], list[bool], bool]:
+    """(whitespace tokens, is each a word, does the text carry language), by the junk rule above."""
+    tokens = text.split()
+    if not tokens:
+        return tokens, [], False
+    masked = _mask_markup_and_urls(text)
+    letters, non_letters, is_word, rich_word = zip(*map(_token_profile, tokens if masked is text else masked.split()))
+    carries_language = sum(letters) >= MIN_LETTER_SHARE * (sum(letters) + sum(non_letters)) and any(rich_word)
+    return tokens, list(is_word), carries_language
+
+
+def language_words(text: str) -> list[str] | None:
+    """The text's words, or None when it carries no language (junk: see the rule above)."""
+    tokens, is_word, carries_language = word_flags(text)
+    return [token for token, word in zip(tokens, is_word) if word] if carries_language else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,49 +338,56 @@ class LIDEnsemble:
         return best_lang, best_p / total if total > 0 else 0.5
 
     def identify(self, texts: list[str]) -> list[LangGuess]:
-        """One guess per text, same order. Latin-script text goes to the romanized-Hindi
-        detector first (lid.176 cannot see romanized Hindi), then to fastText."""
+        """One guess per text, same order. Junk (no language by the rule above) is "und"; the
+        voters see only a text's words. Latin-script text goes to the romanized-Hindi detector
+        first (lid.176 cannot see romanized Hindi), then to fastText."""
         todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        latin: list[tuple[str, float]] = []
+        latin: list[tuple[str, str, float]] = []
         for text in todo:
-            script, share = dominant_script(text)
-            if script == OTHER_SCRIPT and share == 0.0:  # no letters at all
-                self._cache[text] = UNKNOWN
+            words = language_words(text)
+            shown = " ".join(words) if words is not None else ""
+            script, share = dominant_script(shown)
+            if words is None or share == 0.0:  # junk, or words of no letter dominant_script counts
+                self._cache[text] = LangGuess("und", dominant_script(text)[0], 0.0)
             elif script == "Latn":
-                latin.append((text, share))
+                latin.append((text, shown, share))
             else:  # a native script, or letters of a script we do not track
-                lang, prob = self._fasttext_lang(text, script)
+                lang, prob = self._fasttext_lang(shown, script)
                 self._cache[text] = LangGuess(lang, script, share * prob)
         if latin:
-            p_hindi = self.roman.prob_hindi([text for text, _ in latin])
-            for (text, share), p in zip(latin, p_hindi):
+            p_hindi = self.roman.prob_hindi([shown for _, shown, _ in latin])
+            for (text, shown, share), p in zip(latin, p_hindi):
                 if p >= 0.5:
                     self._cache[text] = LangGuess("hi", "Latn", share * float(p))
                 else:
-                    lang, prob = self._fasttext_lang(text, "Latn")
+                    lang, prob = self._fasttext_lang(shown, "Latn")
                     self._cache[text] = LangGuess(lang, "Latn", share * (1.0 - float(p)) * prob)
         return [self._cache[text] for text in texts]
 
     def hindi_word_masks(self, texts: list[str], devanagari: bool = True) -> list[list[bool]]:
-        """Per text, one bool per whitespace-separated word: Devanagari words are Hindi (unless
-        `devanagari` is False, which counts romanized Hindi only); a Latin
+        """Per text, one bool per whitespace-separated token. A token that is no word, and every
+        token of a text without language, is never Hindi (the junk rule above). Devanagari words
+        are Hindi (unless `devanagari` is False, which counts romanized Hindi only); a Latin
         word is Hindi when logit P(word) + CONTEXT_WEIGHT * logit P(window of CONTEXT_WORDS words
         either side) > 0, so the word's own spelling decides and context settles ambiguous
-        words ("main", "to"). All Latin words of all texts are scored in one batch."""
+        words ("main", "to"). Windows are cut from the words alone, so junk is no context. All
+        Latin words of all texts are scored in one batch."""
         masks, words_flat, windows, where = [], [], [], []
         for row, text in enumerate(texts):
-            words = text.split()
-            mask = [False] * len(words)
-            windows_of_text = _word_windows(words, CONTEXT_WORDS)
-            for col, word in enumerate(words):
-                script, _ = dominant_script(word)
+            tokens, is_word, carries_language = word_flags(text)
+            masks.append([False] * len(tokens))
+            if not carries_language:
+                continue
+            word_cols = [col for col, word in enumerate(is_word) if word]
+            word_windows = _word_windows([tokens[col] for col in word_cols], CONTEXT_WORDS)
+            for col, window in zip(word_cols, word_windows):
+                script, _ = dominant_script(tokens[col])
                 if script == "Deva":
-                    mask[col] = devanagari
+                    masks[row][col] = devanagari
                 elif script == "Latn":
-                    words_flat.append(word)
-                    windows.append(windows_of_text[col])
+                    words_flat.append(tokens[col])
+                    windows.append(window)
                     where.append((row, col))
-            masks.append(mask)
         if where:
             scores = _logit(self.roman.prob_hindi(words_flat)) + CONTEXT_WEIGHT * _logit(self.roman.prob_hindi(windows))
             for (row, col), score in zip(where, scores):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lid_ensemble import DATA_DIR, dominant_script, is_eval_text, script_letter_counts
+from lid_ensemble import DATA_DIR, dominant_script, is_eval_text, script_letter_counts, word_flags
 
 NATIVE = {"forget_hi": "hi", "retain_en": "en", "urdu": "ur", "punjabi": "pa", "bengali": "bn"}
 
@@ -73,3 +73,77 @@ def test_cached_word_ngrams_equal_direct_hashing(lid):
     direct = HashingVectorizer(analyzer="char_wb", ngram_range=(1, 4), n_features=2**18, alternate_sign=False,
                                norm=None).transform(texts)
     assert abs(direct - lid.roman._ngram_counts([t.split() for t in texts])).max() == 0
+
+
+def junk_corpus():
+    """What a collapsing model emits: none of it is language, none of it may count as Hindi."""
+    punctuation = [char * n for char in '.,!?;:-=_*#~|/\\()[]{}<>…।۔' for n in (1, 3, 12)]
+    punctuation += ["...!!!...", "<<<<>>>>", ")))))", "-- -- --", "\\n\\n\\n", "=====", "?! ?! ?!"]
+    tags = ["<b>", "</s>", "<br/>", "<div>", "</div>", "<p>", "<s>", "<pad>", "<|endoftext|>", '<a href="x">']
+    markup = [tag * n for tag in tags for n in (1, 3, 6)] + [" ".join([tag] * 4) for tag in tags]
+    markup += ["<b>hai</b><b>hai</b><b>hai</b>", "<div><span>the</span></div>"]
+    quoted = [template.format(q=quote * n, w=word)
+              for word in ("The", "the", "hai", "kal", "है", "ہے", "and")
+              for quote in ('"', "'", "`", "”")
+              for n in (4, 8)
+              for template in ("{w}{q}", "{q}{w}{q}", "{q} {w} {q}", "{q}{w}")]
+    digits = ["1 2 3 4 5", "123456", "2024 2025", "3.14159", "1,000,000", "१ २ ३", "۱۲۳ ۴۵۶", "৩৪৫"]
+    single_letters = ['K"', "a.", "x!", "I...", "a a a a", "k, k, k", "ह।", "b) c) d)", "ک ک ک", "a b c d e"]
+    repeated = [char * n for char in "sahkHह्ہاকਸ" for n in (3, 8, 20)] + ["kkk kkk kkk", "Aaaa", "ssss ssss", "ــــــ"]
+    emoji = ["😀😀😀", "❤️❤️❤️", "👍🏽👍🏽", "🙏 🙏 🙏", "🔥" * 10, "😂😂 😂😂"]
+    urls = ["http://www.", "https://", "www.example.com", "https://t.co/abc123 https://t.co/xyz", "http://a.b/c?d=e&f=g"]
+    return punctuation + markup + quoted + digits + single_letters + repeated + emoji + urls
+
+
+def test_junk_is_undetermined_and_never_hindi(lid):
+    junk = junk_corpus()
+    assert len(junk) > 250
+    guesses = lid.identify(junk)
+    assert [(text, g.lang) for text, g in zip(junk, guesses) if g.lang != "und"] == []
+    assert all(g.confidence == 0.0 for g in guesses)
+    for masks in (lid.hindi_word_masks(junk), lid.roman_hindi_word_masks(junk)):
+        assert [text for text, mask in zip(junk, masks) if any(mask)] == []
+        assert [len(mask) for mask in masks] == [len(text.split()) for text in junk]
+
+
+def test_undetermined_text_keeps_the_script_of_its_letters(lid):
+    guesses = lid.identify(["ssssssss", "ہہہہہہہہ", '""""""""', "", "..."])
+    assert [(g.lang, g.script) for g in guesses] == [("und", "Latn"), ("und", "Arab"), ("und", "Zyyy"),
+                                                     ("und", "Zyyy"), ("und", "Zyyy")]
+
+
+def test_real_short_outputs_are_still_identified(lid):
+    expected = {
+        "Hello there.": ("en", "Latn"),
+        "ok": ("en", "Latn"),
+        "मैं ठीक हूँ।": ("hi", "Deva"),
+        "ٹھیک ہے": ("ur", "Arab"),
+        "ਮੈਂ ਠੀਕ ਹਾਂ।": ("pa", "Guru"),
+        "আমি ভালো আছি।": ("bn", "Beng"),
+        "kal milte hain": ("hi", "Latn"),
+        'He said "yes" and left.': ("en", "Latn"),
+        '"Achha," usne kaha, "kal milte hain."': ("hi", "Latn"),
+        "See https://example.com/docs for the details.": ("en", "Latn"),
+        "<b>Note:</b> the meeting is at five.": ("en", "Latn"),
+        "The weather is lovely today, we should go for a walk \"\"\"\"": ("en", "Latn"),
+        "मैं घर जा रहा हूँ 😀😀": ("hi", "Deva"),
+    }
+    guesses = lid.identify(list(expected))
+    assert {text: (g.lang, g.script) for text, g in zip(expected, guesses)} == expected
+
+
+def test_word_rule_per_token():
+    tokens, is_word, carries_language = word_flags('"yes", The""""" <b><b> aa aaa 42 http://x.org/a नहीं।')
+    assert len(tokens) == 8
+    assert is_word == [True, False, False, True, False, False, False, True]
+    assert carries_language
+    assert word_flags("a a a a")[2] is False  # single letters name no language
+    assert word_flags('""" The """')[2] is False  # letters are fewer than the other characters
+    assert word_flags("") == ([], [], False)
+
+
+def test_junk_tokens_are_never_hindi_words(lid):
+    assert lid.hindi_word_mask('kal milte hain """""""') == [True, True, True, False]
+    assert lid.hindi_word_mask("मैं घर जा रहा हूँ <b><b>") == [True, True, True, True, True, False]
+    assert lid.hindi_word_mask("मैं घर जा रहा हूँ हहहहह") == [True, True, True, True, True, False]
+    assert lid.hindi_word_mask('""""" hai """""') == [False, False, False]  # a text without language has no Hindi
