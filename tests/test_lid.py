@@ -2,10 +2,15 @@
 romanized-Hindi detector never trains on), plus its script rules and interface."""
 
 import json
+import random
+from pathlib import Path
 
 import pytest
 
-from lid_ensemble import DATA_DIR, dominant_script, is_eval_text, script_letter_counts, word_flags
+from lid_ensemble import (DATA_DIR, LIDEnsemble, apply_language_prior, dominant_script, is_eval_text,
+                          preferred_by_script, script_letter_counts, word_flags)
+
+HELDOUT_DIR = Path(__file__).resolve().parent / "data"
 
 NATIVE = {"forget_hi": "hi", "retain_en": "en", "urdu": "ur", "punjabi": "pa", "bengali": "bn"}
 
@@ -147,3 +152,78 @@ def test_junk_tokens_are_never_hindi_words(lid):
     assert lid.hindi_word_mask("मैं घर जा रहा हूँ <b><b>") == [True, True, True, True, True, False]
     assert lid.hindi_word_mask("मैं घर जा रहा हूँ हहहहह") == [True, True, True, True, True, False]
     assert lid.hindi_word_mask('""""" hai """""') == [False, False, False]  # a text without language has no Hindi
+
+
+def test_urdu_written_for_the_test_is_urdu(lid):
+    """Short Urdu sentences (3-15 words) written for this test, in no shipped set. Without the
+    language prior lid.176 read 2 of 71 as Western Punjabi (pnb)."""
+    lines = (HELDOUT_DIR / "urdu_heldout.jsonl").read_text(encoding="utf-8").splitlines()
+    texts = [json.loads(line)["text"] for line in lines]
+    shipped = "\n".join(path.read_text(encoding="utf-8") for path in DATA_DIR.glob("*.jsonl"))
+    assert len(texts) >= 60 and not [text for text in texts if text.rstrip("۔؟") in shipped]
+    guesses = lid.identify(texts)
+    wrong = [(g.lang, text) for text, g in zip(texts, guesses) if g.lang != "ur"]
+    assert len(wrong) <= 1, wrong
+
+
+@pytest.mark.parametrize("name,lang,script,minimum", [("urdu", "ur", "Arab", 0.95), ("forget_hi", "hi", "Deva", 0.97),
+                                                      ("punjabi", "pa", "Guru", 0.97), ("bengali", "bn", "Beng", 0.97)])
+def test_short_fragments_of_heldout_text(lid, name, lang, script, minimum):
+    """3-8-word fragments of the eval splits, where lid.176 alone errs most (before the prior:
+    ur 0.87, hi 0.95, pa 1.00, bn 0.99 on 1,000 fragments each)."""
+    rng, texts = random.Random(0), [text.split() for text in eval_texts(name)]
+    fragments = []
+    for _ in range(300):
+        words, length = rng.choice(texts), rng.randint(3, 8)
+        start = rng.randint(0, max(0, len(words) - length))
+        fragments.append(" ".join(words[start : start + length]))
+    accuracy = sum(g.lang == lang and g.script == script for g in lid.identify(fragments)) / len(fragments)
+    assert accuracy >= minimum, f"{lang}: {accuracy:.3f}"
+
+
+def test_clearly_persian_and_arabic_are_not_read_as_urdu(lid):
+    """Persian grammar (می‌خواهم, است, را, هستم) and Arabic: fastText gives these 79 to 10^6 times
+    the probability of Urdu, far past PRIOR_ODDS."""
+    persian = ["من می‌خواهم فردا به کتابخانه بروم.", "این کتاب خیلی جالب است.", "من دانشجو هستم.",
+               "ما باید این کار را تا فردا تمام کنیم.", "سلام، حال شما چطور است؟", "برادرم در تهران زندگی می‌کند."]
+    arabic = ["أين تذهب اليوم؟", "هذا الكتاب جميل جدا.", "ذهبت إلى السوق أمس."]
+    guesses = lid.identify(persian + arabic)
+    assert [g.lang for g in guesses] == ["fa"] * len(persian) + ["ar"] * len(arabic)
+
+
+def test_apply_language_prior():
+    urdu = frozenset({"ur"})
+    assert apply_language_prior([("pnb", 0.5), ("ur", 0.3), ("fa", 0.1)], urdu) == ("ur", pytest.approx(3.0 / 3.6))
+    assert apply_language_prior([("fa", 0.95), ("ur", 0.05)], urdu)[0] == "fa"  # 19 times as likely
+    assert apply_language_prior([("fa", 0.5), ("ur", 0.05)], urdu)[0] == "fa"  # exactly PRIOR_ODDS: fastText's order
+    assert apply_language_prior([("fa", 0.49), ("ur", 0.05)], urdu)[0] == "ur"
+    assert apply_language_prior([("pnb", 0.5), ("ur", 0.3)], frozenset()) == ("pnb", pytest.approx(0.5 / 0.8))
+
+
+def test_preferred_languages_per_script():
+    preferred = preferred_by_script(("hi", "en", "ur"))
+    assert preferred["Arab"] == {"ur"} and preferred["Deva"] == {"hi"} and preferred["Guru"] == set()
+    assert "en" in preferred["Latn"] and "hi" in preferred["Latn"] and "fr" not in preferred["Latn"]
+    assert all(langs == set() for langs in preferred_by_script(()).values())  # no languages, no prior
+
+
+def test_prior_follows_the_languages_argument(lid):
+    text = "اس سال گرمی بہت زیادہ پڑی۔"  # lid.176 alone: pnb 0.45
+    assert lid.identify([text])[0].lang == "ur"
+    without_urdu = LIDEnsemble(languages=("hi", "en", "pa", "bn"))
+    assert without_urdu.identify([text])[0].lang == "pnb"
+    assert without_urdu.identify(["मैं कल दिल्ली जा रहा हूँ।"])[0].lang == "hi"
+
+
+def test_prior_ranks_languages_within_a_script_not_scripts(lid):
+    """Latin-dominant text quoting Hindi: fastText names hi (0.57) against en (0.23) for its
+    Devanagari part; weighting en up against it would call it English."""
+    text = "Finish this sentence the way a Hindi speaker would, keeping the same language: माँ के हाथ का खाना"
+    assert dominant_script(text)[0] == "Latn"
+    assert lid.identify([text])[0].lang == "hi"
+
+
+@pytest.mark.parametrize("languages", ["ur", ("Urdu",), ("ur_PK",), ("hi", None)])
+def test_languages_argument_is_validated(languages):
+    with pytest.raises(ValueError, match="lid.176 codes"):
+        LIDEnsemble(languages=languages)
