@@ -384,8 +384,9 @@ class LIDEnsemble:
     def _fasttext_lang(self, text: str, script: str) -> tuple[str, float]:
         """fastText's labels restricted to the languages of `script`, then the experiment-language
         prior of that script (apply_language_prior); the script's main language when fastText
-        offers none of its languages. Untracked scripts: fastText's first label, unweighted."""
-        labels, probs = self.fasttext.predict(" ".join(text.split()), k=self.fasttext_top_k, threshold=0.0)
+        offers none of its languages. Untracked scripts: fastText's first label, unweighted.
+        `text` is words joined by single spaces (identify's `shown`): one line, as fastText needs."""
+        labels, probs = self.fasttext.predict(text, k=self.fasttext_top_k, threshold=0.0)
         candidates = [(label.removeprefix("__label__"), float(p)) for label, p in zip(labels, probs)]
         allowed = SCRIPT_LANGS.get(script)
         if allowed is not None:
