@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import re
 import unicodedata
@@ -163,18 +164,39 @@ def _mask_markup_and_urls(text: str) -> str:
     return text
 
 
+def _char_kind(char: str) -> str:
+    category = unicodedata.category(char)
+    if category[0] in "LM" and char not in _VARIATION_SELECTORS:
+        return "letter"
+    if category[0] in "NZ" or category == "Cf":
+        return "neutral"
+    return "non-letter"
+
+
+class _KeepOnly(dict):
+    """A str.translate table that keeps the characters of one kind and deletes the rest, filled
+    one new character at a time, so classifying a token's characters runs in C."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def __missing__(self, code: int) -> str | None:
+        char = chr(code)
+        self[code] = char if _char_kind(char) == self.kind else None
+        return self[code]
+
+
+_KEEP_LETTERS, _KEEP_NON_LETTERS = _KeepOnly("letter"), _KeepOnly("non-letter")
+
+
 @functools.lru_cache(maxsize=2**20)
 def _token_profile(token: str) -> tuple[int, int, bool, bool]:
     """(letters, non-letters, is a word, is a word with MIN_DISTINCT_LETTERS distinct letters) of
     one masked whitespace token. Cached: model outputs repeat their tokens a lot."""
-    letters, non_letters = [], 0
-    for char in token:
-        category = unicodedata.category(char)
-        if category[0] in "LM" and char not in _VARIATION_SELECTORS:
-            letters.append(char)
-        elif category[0] not in "NZ" and category != "Cf":
-            non_letters += 1
-    distinct = len(set("".join(letters).casefold()))
+    letters = token.translate(_KEEP_LETTERS)
+    non_letters = len(token.translate(_KEEP_NON_LETTERS))
+    distinct = len(set(letters.casefold()))
     is_word = (len(letters) > 0 and len(letters) >= MIN_LETTER_SHARE * (len(letters) + non_letters)
                and not (distinct == 1 and len(letters) >= REPEATED_LETTER_RUN))
     return len(letters), non_letters, is_word, is_word and distinct >= MIN_DISTINCT_LETTERS
@@ -187,6 +209,7 @@ def word_flags(text: str) -> tuple[list[str], list[bool], bool]:
         return tokens, [], False
     masked = _mask_markup_and_urls(text)
     letters, non_letters, is_word, rich_word = zip(*map(_token_profile, tokens if masked is text else masked.split()))
+    # Every word passes the letter share on its own, so a text of words always passes it.
     carries_language = sum(letters) >= MIN_LETTER_SHARE * (sum(letters) + sum(non_letters)) and any(rich_word)
     return tokens, list(is_word), carries_language
 
@@ -194,7 +217,12 @@ def word_flags(text: str) -> tuple[list[str], list[bool], bool]:
 def language_words(text: str) -> list[str] | None:
     """The text's words, or None when it carries no language (junk: see the rule above)."""
     tokens, is_word, carries_language = word_flags(text)
-    return [token for token, word in zip(tokens, is_word) if word] if carries_language else None
+    return list(itertools.compress(tokens, is_word)) if carries_language else None
+
+
+@functools.lru_cache(maxsize=2**20)
+def _word_script(word: str) -> str:
+    return dominant_script(word)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,10 +468,10 @@ class LIDEnsemble:
             masks.append([False] * len(tokens))
             if not carries_language:
                 continue
-            word_cols = [col for col, word in enumerate(is_word) if word]
+            word_cols = list(itertools.compress(range(len(tokens)), is_word))
             word_windows = _word_windows([tokens[col] for col in word_cols], CONTEXT_WORDS)
             for col, window in zip(word_cols, word_windows):
-                script, _ = dominant_script(tokens[col])
+                script = _word_script(tokens[col])
                 if script == "Deva":
                     masks[row][col] = devanagari
                 elif script == "Latn":
