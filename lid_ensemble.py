@@ -209,7 +209,7 @@ def word_flags(text: str) -> tuple[list[str], list[bool], bool]:
         return tokens, [], False
     masked = _mask_markup_and_urls(text)
     letters, non_letters, is_word, rich_word = zip(*map(_token_profile, tokens if masked is text else masked.split()))
-    # Every word passes the letter share on its own, so a text of words always passes it.
+    # Each word passes the letter share on its own, so the text's share bites only through non-words.
     carries_language = sum(letters) >= MIN_LETTER_SHARE * (sum(letters) + sum(non_letters)) and any(rich_word)
     return tokens, list(is_word), carries_language
 
