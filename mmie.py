@@ -1853,10 +1853,11 @@ def null_restricted_bootstrap_t_p(d: np.ndarray, n_boot: int, rng: np.random.Gen
         weights = null_tilt_weights(support)
         method += ", with a pseudo-prompt at the largest possible value (every prompt passes)"
     hits = 0
+    tie = 1e-9 * max(1.0, abs(t_obs))  # 0/1 data make exact ties; rounding must not decide them
     for idx in _prompt_index_chunks(n, 1, n_boot, rng):
         resampled = support[rng.choice(len(support), size=idx.shape, p=weights)]
         se_star = np.maximum(resampled.std(axis=1, ddof=1) / math.sqrt(n), floor)
-        hits += int(np.sum(_t_values(resampled.mean(axis=1), se_star) <= t_obs))
+        hits += int(np.sum(_t_values(resampled.mean(axis=1), se_star) <= t_obs + tie))
     return (1 + hits) / (n_boot + 1), t_obs, se, method
 
 

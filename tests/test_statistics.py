@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 from statsmodels.stats.multitest import multipletests
 
 from mmie import (apply_fdr, auc_from_nll, decide, evaluate_gates, fidelity_gate, hierarchical_bootstrap_ci,
-                          mia_auc_ci, mia_gate, ppl_ci, ppl_from_nll, ratio_gate, utility_gate)
+                  mia_auc_ci, mia_gate, paired_mean_test, ppl_ci, ppl_from_nll, ratio_gate, utility_gate)
 
 ALPHA = 0.05
 # Shipped sizes: forget eval, romanized, mixed, adversarial, retain, one related language, MIA members/non-members.
@@ -137,6 +137,98 @@ def test_mia_power_at_shipped_sizes_is_near_the_best_possible():
     print(f"mia_power: {power:.4f} (normal-theory TOST ceiling {ceiling:.3f})")
     assert ceiling < 0.8
     assert power >= ceiling - 3 * math.sqrt(ceiling * (1 - ceiling) / SCENARIOS["mia_power"][2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Data shaped like ours: most per-prompt values exactly 0 or 1, near-constant columns (real models have
+# base ES and fidelity near 1). At least 1,000 replications; the bound is nominal + 2 Monte Carlo SDs.
+# ---------------------------------------------------------------------------------------------
+OURS_REPS, OURS_BOOT = 1000, 999
+
+
+def lumpy_es(rng, reps, n, rho, base_one, base_zero):
+    """Base ES exactly 1 on `base_one` of the prompts, exactly 0 on `base_zero`, Beta(2, 2) elsewhere; the
+    arm keeps a prompt's ES with probability rho and drops it to exactly 0 otherwise: E[arm] = rho E[base]."""
+    u = rng.random((reps, n))
+    base = np.where(u < base_zero, 0.0, np.where(u < base_zero + base_one, 1.0, rng.beta(2, 2, (reps, n))))
+    return np.where(rng.random((reps, n)) < rho, base, 0.0), base
+
+
+def lumpy_rate(rng, reps, n, p_base, increase):
+    """0/1 outcomes (fidelity lost, empty output): the base has the event with probability p_base, the arm
+    adds events on the base's non-events so that the mean increase is exactly `increase`."""
+    base = (rng.random((reps, n)) < p_base).astype(float)
+    added = rng.random((reps, n)) < increase / (1 - p_base)
+    return np.maximum(base, added), base
+
+
+OURS_SCENARIOS = {  # name -> (generator, test); every one sits exactly on its gate's null boundary
+    "G1 262 base near-constant 1": (lambda rng: lumpy_es(rng, OURS_REPS, N_FORGET, 0.5, 0.92, 0.05),
+                                    lambda a, b, r: ratio_gate(a, b, rho=0.5, n_boot=OURS_BOOT, seed=r)),
+    "G1 262 base all 1": (lambda rng: lumpy_es(rng, OURS_REPS, N_FORGET, 0.5, 1.0, 0.0),
+                          lambda a, b, r: ratio_gate(a, b, rho=0.5, n_boot=OURS_BOOT, seed=r)),
+    "G3 76 base near-constant 1": (lambda rng: lumpy_es(rng, OURS_REPS, N_MIXED, 0.7, 0.90, 0.05),
+                                   lambda a, b, r: ratio_gate(a, b, rho=0.7, n_boot=OURS_BOOT, seed=r)),
+    # fidelity: "event" = prompt not in its language; base fidelity 0.97 or 1, drop exactly 0.10
+    "G4 83 base fidelity 0.97": (lambda rng: tuple(1 - x for x in lumpy_rate(rng, OURS_REPS, N_RELATED, 0.03, 0.10)),
+                                 lambda a, b, r: fidelity_gate(a, b, max_drop=0.10, n_boot=OURS_BOOT, seed=r)),
+    "G4 83 base fidelity all 1": (lambda rng: tuple(1 - x for x in lumpy_rate(rng, OURS_REPS, N_RELATED, 0.0, 0.10)),
+                                  lambda a, b, r: fidelity_gate(a, b, max_drop=0.10, n_boot=OURS_BOOT, seed=r)),
+    "G4 30 base fidelity all 1": (lambda rng: tuple(1 - x for x in lumpy_rate(rng, OURS_REPS, 30, 0.0, 0.10)),
+                                  lambda a, b, r: fidelity_gate(a, b, max_drop=0.10, n_boot=OURS_BOOT, seed=r)),
+    "health 262 base never empty": (lambda rng: lumpy_rate(rng, OURS_REPS, N_FORGET, 0.0, 0.05),
+                                    lambda a, b, r: paired_mean_test(a, b, arm_coef=1.0, base_coef=-1.0, shift=-0.05,
+                                                                     n_boot=OURS_BOOT, seed=r, upper=0.95)),
+}
+
+
+@pytest.mark.parametrize("scenario", list(OURS_SCENARIOS))
+def test_gate_is_calibrated_on_lumpy_near_constant_data(scenario):
+    generate, test = OURS_SCENARIOS[scenario]
+    arm, base = generate(np.random.default_rng(zlib.crc32(scenario.encode())))
+    p = np.array([test(arm[r], base[r], r)["p"] for r in range(OURS_REPS)])
+    rate = float(np.mean(p <= ALPHA))
+    print(f"{scenario}: rejection rate {rate:.4f} over {OURS_REPS} replications")
+    assert rate <= ALPHA + 2 * math.sqrt(ALPHA * (1 - ALPHA) / OURS_REPS), (scenario, rate)
+
+
+def test_near_perfect_arms_get_the_smallest_p_values():
+    """The old bootstrap-t counted resamples that missed the few differing prompts as t = -inf, so these
+    failed their gates with p ~ e^-k (0.37 with one differing prompt, 0.14 with two)."""
+    smallest = 1 / 2000
+    for k in (1, 2, 3):
+        base = np.ones(N_FORGET)
+        base[:k] = 0.0  # the base produced no Hindi on k prompts; the arm produces none anywhere
+        assert ratio_gate(np.zeros(N_FORGET), base, rho=0.5, n_boot=1999)["p"] == pytest.approx(smallest)
+    lost_one = np.ones(N_RELATED)
+    lost_one[0] = 0.0  # base fidelity 1 everywhere; the arm loses one prompt (drop 0.012 < 0.10)
+    p = fidelity_gate(lost_one, np.ones(N_RELATED), max_drop=0.10, n_boot=1999)["p"]
+    assert p < 0.005  # exact binomial: P(X <= 1 | n = 83, p = 0.10) = 0.0016
+
+
+@pytest.mark.parametrize("n,lost", [(83, 1), (83, 2), (83, 3), (83, 5), (30, 1), (30, 0)])
+def test_rare_events_track_the_exact_binomial(n, lost):
+    """0/1 fidelity with base 1 everywhere is a binomial problem: p must be near P(X <= lost | n, 0.10)."""
+    arm = np.ones(n)
+    arm[:lost] = 0.0
+    p = fidelity_gate(arm, np.ones(n), max_drop=0.10, n_boot=3999, seed=1)["p"]
+    exact = float(sum(math.comb(n, j) * 0.1**j * 0.9 ** (n - j) for j in range(lost + 1)))
+    assert max(exact, 1 / 4000) / 3 <= p <= 3 * exact + 0.01, (p, exact)
+
+
+def test_p_value_never_grows_as_the_evidence_for_passing_grows():
+    base = np.ones(N_FORGET)
+    base[:2] = 0.0
+    ps = []
+    for still_hindi in range(N_FORGET, -1, -8):  # the arm forgets more and more prompts
+        arm = np.zeros(N_FORGET)
+        arm[N_FORGET - still_hindi:] = 1.0
+        ps.append(ratio_gate(arm, base, rho=0.5, n_boot=999, seed=0)["p"])
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(ps, ps[1:])), ps
+    assert ps[0] == 1.0 and ps[-1] == pytest.approx(1 / 1000)
+    fidelity = [fidelity_gate(np.r_[np.zeros(lost), np.ones(N_RELATED - lost)], np.ones(N_RELATED),
+                              max_drop=0.10, n_boot=999, seed=0)["p"] for lost in range(20, -1, -1)]
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(fidelity, fidelity[1:])), fidelity
 
 
 # ---------------------------------------------------------------------------------------------
