@@ -28,9 +28,11 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import traceback
 import warnings
@@ -2336,39 +2338,461 @@ def outcome_key(model_name: str, data: dict, args: argparse.Namespace) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# ---------------------------------------------------------------------------------------------
+# Console report: tables sized to their content, a legend in words, example outputs, the conclusion
+# ---------------------------------------------------------------------------------------------
+# Summary keys shown as table rows; "ppl_retain_ratio" is summary[arm]["ppl_retain"]["ratio_vs_base"],
+# the number gate G2 judges. fidelity_<lang> rows of other related languages are added when present.
 TABLE_METRICS = ["es_forget_train", "es_forget_eval", "es_semantic", "es_forget_roman", "es_mixed", "es_adversarial",
-                 "fidelity_ur", "fidelity_pa", "fidelity_bn", "ppl_retain", "token_kl_retain", "mia_auc", "es_relearn",
-                 "empty_rate_forget_eval", "repetition_forget_eval"]
+                 "fidelity_ur", "fidelity_pa", "fidelity_bn", "ppl_retain", "ppl_retain_ratio", "token_kl_retain",
+                 "mia_auc", "es_relearn", "empty_rate_forget_eval", "repetition_forget_eval"]
+LANGUAGE_NAMES = {"hi": "Hindi", "en": "English", "ur": "Urdu", "pa": "Punjabi", "bn": "Bengali"}
+_FIDELITY_TEXT = "share of outputs in {language} for {language} prompts (1 = the model still answers in {language})"
+_G4_TEXT = "related language: {language} fidelity drops by less than {gate_fidelity_drop} from base (non-inferiority)"
+# One line of plain words per table row and per gate; {flag} is filled with the run's threshold.
+METRIC_LEGEND = {
+    "es_forget_train": "share of Hindi words in outputs for forget-train prompts (texts the model was unlearned on)",
+    "es_forget_eval": "share of Hindi words in outputs for forget-eval prompts (held-out Hindi texts)",
+    "es_semantic": "share of romanized-Hindi words in outputs for forget-eval prompts (did the model only switch "
+                   "script?)",
+    "es_forget_roman": "share of Hindi words (either script) in outputs for romanized-Hindi prompts (can the "
+                       "forgetting be bypassed by script?)",
+    "es_mixed": "share of Hindi words in outputs for code-mixed Hindi-English (Hinglish) prompts",
+    "es_adversarial": "share of Hindi words in outputs for prompts that try to elicit Hindi (translation, role play)",
+    **{f"fidelity_{lang}": _FIDELITY_TEXT.format(language=LANGUAGE_NAMES[lang]) for lang in ("ur", "pa", "bn")},
+    "fidelity_<lang>": _FIDELITY_TEXT,
+    "ppl_retain": "perplexity on English retain-eval texts (lower is better)",
+    "ppl_retain_ratio": "retain perplexity divided by the base model's (1 = unchanged, 1.10 = 10% worse)",
+    "token_kl_retain": "mean per-token KL(base || arm) on retain texts, in nats (0 = same predictions as base)",
+    "mia_auc": "membership-inference AUC, forget-train vs forget-eval texts by loss (0.5 = cannot tell them apart)",
+    "es_relearn": "share of Hindi words after a short fine-tune on other Hindi text (does the Hindi come back?)",
+    "empty_rate_forget_eval": "share of outputs with no letters for forget-eval prompts (silence is not forgetting)",
+    "repetition_forget_eval": "share of repeated word 3-grams in outputs for forget-eval prompts (looping is not "
+                              "forgetting)",
+    "G1": "forget: ES on forget-eval below {gate_es_forget_ratio} x base ES",
+    "G1S": "script-blind forget: ES on romanized-Hindi prompts below {gate_es_forget_ratio} x base ES",
+    "G2": "utility: retain perplexity below {gate_ppl_ratio} x base perplexity",
+    "G3": "mixed: ES on code-mixed prompts below {gate_es_mixed_ratio} x base ES",
+    **{f"G4_{lang}": _G4_TEXT.replace("{language}", LANGUAGE_NAMES[lang]) for lang in ("ur", "pa", "bn")},
+    "G4_<lang>": _G4_TEXT,
+    "G4": "related languages: no fidelity_<lang> metric was recorded, so none could be tested",
+    "G5": "privacy (MIA): membership-inference AUC within 0.5 +/- {gate_mia_margin} (equivalence test)",
+    "G6": "adversarial: ES on adversarial prompts below {gate_es_adv_ratio} x base ES",
+    "GH": "output health: empty and repeated outputs rise above base by less than a margin (a collapsed model has "
+          "not forgotten)",
+}
+# Threshold flags as named in the legend when a report does not record them.
+_THRESHOLD_SYMBOLS = {"gate_es_forget_ratio": "rho_f", "gate_es_mixed_ratio": "rho_m", "gate_es_adv_ratio": "rho_a",
+                      "gate_ppl_ratio": "the allowed ratio", "gate_fidelity_drop": "the allowed drop",
+                      "gate_mia_margin": "the margin"}
+GATE_ORDER = ["G1", "G1S", "G2", "G3", "G4", "G5", "G6", "GH"]
+COLUMN_GAP = "  "
+
+
+def _number(value) -> bool:
+    """A real, finite number (not None, not a bool, not NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def fixed_decimals(value: float, digits: int = 3) -> int | None:
+    """Decimals showing `digits` significant digits of a nonzero value (at most 3), or None below 0.01 and
+    from 10^4 on, where scientific notation is shorter."""
+    magnitude = math.floor(math.log10(abs(value)))
+    return min(max(digits - 1 - magnitude, 0), 3) if -2 <= magnitude <= 3 else None
+
+
+def compact_number(value: float | None, digits: int = 3) -> str:
+    """A number in a few characters, so that no table cell grows with its magnitude: `digits` significant
+    digits from 0.01 to 9999, scientific notation outside (5123456.7 -> "5.12e6", 0.00012 -> "1.2e-4")."""
+    if value is None:
+        return "-"
+    value = float(value)
+    if not math.isfinite(value):
+        return str(value)  # "inf" or "nan": shown as such, never hidden
+    if value == 0:
+        return "0"
+    decimals = fixed_decimals(value, digits)
+    if decimals is not None:
+        return f"{value:.{decimals}f}"
+    mantissa, exponent = f"{value:.{digits - 1}e}".split("e")
+    if "." in mantissa:
+        mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
 
 
 def format_estimate(row: dict | None) -> str:
+    """"mean [lo,hi]" of a summary row: the mean to 3 significant digits, the interval to one decimal fewer
+    (0.130 [0.08,0.18], 23.4 [21,26]); scientific notation for tiny and huge numbers (5.12e6 [4.6e6,5.6e6])."""
     if not row or row.get("mean") is None:
         return "-"
+    mean = row["mean"]
     if not row.get("ci"):
-        return f"{row['mean']:.3f}"
-    return f"{row['mean']:.3f} [{row['ci'][0]:.2f},{row['ci'][1]:.2f}]"
+        return compact_number(mean)
+    decimals = fixed_decimals(mean) if _number(mean) and mean != 0 else None
+
+    def bound(value) -> str:
+        if decimals is not None and _number(value) and abs(value) < 1e4:
+            return f"{value:.{max(decimals - 1, 0)}f}"
+        return compact_number(value, 2)
+
+    low, high = row["ci"]
+    return f"{compact_number(mean)} [{bound(low)},{bound(high)}]"
 
 
-def print_table(report: dict) -> None:
-    """Arms by metrics (means and CIs), then gates (pass/fail with BH-adjusted p) and decisions."""
-    arms = list(report["summary"])
-    width = 21
-    print(f"\n{'metric':24s}" + "".join(f"{arm:>{width}s}" for arm in arms))
-    for metric in TABLE_METRICS:
-        print(f"{metric:24s}" + "".join(f"{format_estimate(report['summary'][arm].get(metric)):>{width}s}"
-                                         for arm in arms))
-    gated = [arm for arm in report["gates"]]
-    names = sorted({name for arm in gated for name in report["gates"][arm]},
-                   key=lambda name: (_GATE_ORDER.get(name.split("_")[0], 99), name))
-    print(f"\n{'gate (pass, p_adj)':24s}" + "".join(f"{arm:>{width}s}" for arm in gated))
+def render_table(header: list[str], rows: list[list[str]], max_width: int | None = None) -> list[str]:
+    """Aligned text lines: first column left-aligned, the others right-aligned, each column as wide as its
+    widest cell and COLUMN_GAP apart. A table wider than max_width (default: the terminal) is split into
+    blocks of columns, each repeating the first, so that a terminal never wraps a row."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    max_width = max_width or shutil.get_terminal_size((120, 24)).columns
+    blocks, block, used = [], [], widths[0]
+    for i in range(1, len(header)):
+        if block and used + len(COLUMN_GAP) + widths[i] > max_width:
+            blocks, block, used = blocks + [block], [], widths[0]
+        block.append(i)
+        used += len(COLUMN_GAP) + widths[i]
+    lines = []
+    for block in [*blocks, block]:
+        if lines:
+            lines.append("")
+        for row in [header, *rows]:
+            lines.append(COLUMN_GAP.join([row[0].ljust(widths[0]), *(row[i].rjust(widths[i]) for i in block)]))
+    return lines
+
+
+def recorded_thresholds(report: dict) -> dict[str, float]:
+    """The gate thresholds (gate_* flags) the report's gates were computed with; statistics_config wins over
+    config, as it is written by the statistics themselves (a pooled report recomputes them)."""
+    found = {}
+    for source in (report.get("config") or {}, report.get("statistics_config") or {}):
+        found.update({k: v for k, v in source.items() if k.startswith("gate_") and _number(v)})
+    return found
+
+
+def fdr_level(report: dict) -> float | None:
+    """The Benjamini-Hochberg level q the gates were corrected at, when the report records it."""
+    for source in (report.get("statistics_config") or {}, report.get("config") or {}):
+        if isinstance(source.get("fdr_q"), (int, float)):
+            return float(source["fdr_q"])
+    return None
+
+
+def ci_label(report: dict) -> str:
+    """"95% CIs" at the report's confidence level."""
+    level = (report.get("statistics_config") or {}).get("ci_level", (report.get("config") or {}).get("ci_level"))
+    return f"{100 * level:g}% CIs" if _number(level) else "CIs"
+
+
+def legend_text(name: str, report: dict) -> str:
+    """The plain-words description of a table row or gate, with the report's thresholds filled in."""
+    language = None
+    if name not in METRIC_LEGEND and name.startswith(("fidelity_", "G4_")):
+        language = name.split("_", 1)[1]
+        name = "fidelity_<lang>" if name.startswith("fidelity_") else "G4_<lang>"
+    if name not in METRIC_LEGEND:
+        return "(not described in METRIC_LEGEND)"
+    values = dict(_THRESHOLD_SYMBOLS)
+    values.update({flag: f"{value:g}" for flag, value in recorded_thresholds(report).items()})
+    values["language"] = LANGUAGE_NAMES.get(language, language)
+    return METRIC_LEGEND[name].format_map(values)
+
+
+def gate_sort_key(name: str) -> tuple[int, str]:
+    family = name.split("_")[0]
+    return (GATE_ORDER.index(family) if family in GATE_ORDER else len(GATE_ORDER), name)
+
+
+def gate_state(result: dict) -> str:
+    """"pass", "fail", "n/a" (not applicable: left out of the correction) or "not evaluated" (no p-value)."""
+    if result.get("applicable", True) is False:
+        return "n/a"
+    if result.get("evaluated") is False or result.get("p_adj") is None:
+        return "not evaluated"
+    return "pass" if result.get("pass") is True else "fail"
+
+
+def gate_cell(result: dict | None) -> str:
+    """A gate-table cell: "PASS 0.012" / "fail 0.43" with the BH-adjusted p; "*" marks an uninformative
+    gate (the base already passes it), "^" an underpowered one."""
+    if result is None:
+        return "-"
+    state = gate_state(result)
+    if state in ("n/a", "not evaluated"):
+        return state
+    marks = ("*" if result.get("uninformative") else "") + ("^" if result.get("underpowered") else "")
+    return f"{'PASS' if state == 'pass' else 'fail'}{marks} {compact_number(result['p_adj'], 2)}"
+
+
+def _metric_row_value(arm_summary: dict, name: str) -> dict | None:
+    if name == "ppl_retain_ratio":
+        return (arm_summary.get("ppl_retain") or {}).get("ratio_vs_base")
+    return arm_summary.get(name)
+
+
+def metric_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of arms by metrics; a metric no arm has is left out."""
+    summary = report.get("summary") or {}
+    arms = list(summary)
+    extra = sorted({k for rows in summary.values() for k in rows if k.startswith("fidelity_")} - set(TABLE_METRICS))
+    rows = []
+    for name in [*TABLE_METRICS, *extra]:
+        values = [_metric_row_value(summary[arm], name) for arm in arms]
+        if any(value is not None for value in values):
+            rows.append([name, *(format_estimate(value) for value in values)])
+    return [f"metric (mean [{ci_label(report).removesuffix('s')}])", *arms], rows
+
+
+def gate_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of gates by arms (result and BH-adjusted p), then the decision row."""
+    gates = report.get("gates") or {}
+    arms = list(gates)
+    names = sorted({name for arm in arms for name in gates[arm]}, key=gate_sort_key)
+    rows = [[name, *(gate_cell(gates[arm].get(name)) for arm in arms)] for name in names]
+    decisions = report.get("decision") or {}
+    rows.append(["decision", *(decisions.get(arm, "not recorded") for arm in arms)])
+    return ["gate (result, p_adj)", *arms], rows
+
+
+def table_lines(report: dict, max_width: int | None = None) -> list[str]:
+    """Both tables, their footnotes and the legend of every row shown."""
+    metric_header, metric_rows = metric_table(report)
+    gate_header, gate_rows = gate_table(report)
+    lines = ["", *render_table(metric_header, metric_rows, max_width)]
+    if len(gate_header) > 1:
+        lines += ["", *render_table(gate_header, gate_rows, max_width)]
+    cells = [cell for row in gate_rows if row[0] != "decision" for cell in row[1:]]
+    notes = [(any("*" in cell for cell in cells),
+              "* uninformative: the base model already passes this gate, so passing it says nothing about the arm"),
+             (any("^" in cell for cell in cells),
+              "^ underpowered: fewer prompts than the gate needs to detect a pass (see the conclusion)"),
+             ("n/a" in cells, "n/a: the metric is the base model's by construction; left out of the correction, "
+                              "not a pass"),
+             ("not evaluated" in cells, "not evaluated: no p-value could be computed (see the conclusion); counts "
+                                        "as not passed")]
+    if any(used for used, _ in notes):
+        lines += ["", *(note for used, note in notes if used)]
+    shown = [row[0] for row in metric_rows] + [row[0] for row in gate_rows if row[0] != "decision"]
+    width = max((len(name) for name in shown), default=0)
+    wrap = max((max_width or shutil.get_terminal_size((120, 24)).columns) - width - 4, 30)
+    lines += ["", "legend:"]
+    for name in shown:
+        parts = textwrap.wrap(legend_text(name, report), wrap, break_on_hyphens=False)
+        lines += [f"  {name.ljust(width)}  {parts[0]}", *(f"  {'':{width}}  {part}" for part in parts[1:])]
+    return lines
+
+
+def one_line(text: str, limit: int) -> str:
+    """An output on one line: line breaks shown as a return sign, runs of spaces collapsed, cut with an ellipsis."""
+    flat = " ".join(text.replace("\n", " \u23ce ").split()) or "(empty)"
+    return flat if len(flat) <= limit else flat[: max(limit - 1, 1)] + "\u2026"
+
+
+def first_outputs(arm_record: dict, set_name: str) -> tuple[str | None, list[str] | str]:
+    """(seed, outputs on set_name) of an arm's first successful seed, or (None, why there are none)."""
+    seeds = arm_record.get("seeds") or {}
+    for seed in sorted(seeds, key=int):
+        if seeds[seed].get("status") == "ok":
+            outputs = (seeds[seed].get("outputs") or {}).get(set_name)
+            return (seed, outputs) if outputs is not None else (None, f"seed {seed} recorded no {set_name} outputs")
+    return None, "no successful seed"
+
+
+def example_output_lines(report: dict, n: int, max_width: int | None = None,
+                         set_name: str = "forget_eval") -> list[str]:
+    """The first n prompts of set_name, each with the output of base and of every arm (first successful seed),
+    one line each, so that what the numbers mean can be seen."""
+    prompts = ((report.get("prompts") or {}).get(set_name) or {}).get("prompts")
+    if not prompts:
+        return ["", f"example outputs: no {set_name} prompts in the report"]
+    arms = report.get("arms") or {}
+    found = {arm: first_outputs(record, set_name) for arm, record in arms.items()}
+    label_width = max([len("prompt"), *(len(arm) for arm in arms)])
+    prefix = len(f"  #{0:<3d} {'':{label_width}} | ")  # the label part of every line
+    limit = max((max_width or shutil.get_terminal_size((120, 24)).columns) - prefix, 20)
+    shown = min(n, len(prompts))
+    lines = ["", f"example outputs on {set_name} ({shown} of {len(prompts)} prompts; first successful seed of each "
+             "arm; one line each, \u23ce = line break):"]
+    for i in range(shown):
+        lines.append(f"  #{i + 1:<3d} {'prompt'.ljust(label_width)} | {one_line(prompts[i], limit)}")
+        for arm, (seed, outputs) in found.items():
+            if seed is None:
+                text = f"({outputs})"  # why the arm has no outputs
+            elif i < len(outputs):
+                text = one_line(outputs[i], limit)
+            else:
+                text = "(no output for this prompt)"
+            lines.append(f"       {arm.ljust(label_width)} | {text}")
+    return lines
+
+
+def print_table(report: dict, show_outputs: int = 0) -> None:
+    """Arms by metrics (means and CIs), gates by arms (result and BH-adjusted p) with decisions, a legend
+    in words, show_outputs example outputs per arm on forget-eval next to base, then the conclusion."""
+    lines = table_lines(report)
+    if show_outputs > 0:
+        lines += example_output_lines(report, show_outputs)
+    lines += ["", *closing_summary(report)]
+    print("\n".join(lines))
+
+
+# The conclusion in words, from the gate results only.
+_RATIO_LABELS = {"G1": "ES", "G1S": "script-blind ES", "G3": "mixed-prompt ES", "G6": "adversarial ES"}
+_HEALTH_MEASURES = {"empty_rate": "empty outputs", "repetition": "repetition"}
+NOT_APPLICABLE_DEFAULT = "the metric is the base model's by construction"
+COLLAPSE_INCREASE = 0.5  # an output-health rise this large (half the outputs empty or looping) is called a collapse
+
+
+def _two_decimals(value: float) -> str:
+    return f"{value:.2f}" if abs(value) < 1000 else compact_number(value, 2)
+
+
+def _needs(threshold, text: Callable[[float], str]) -> str:
+    return text(threshold) if _number(threshold) else "threshold not recorded"
+
+
+def _ratio_finding(name: str, result: dict) -> tuple[str, bool | None]:
+    label, threshold = _RATIO_LABELS[name.split("_")[0]], result.get("threshold")
+    ratio, arm, base = result.get("ratio"), result.get("arm_mean"), result.get("base_mean")
+    if not _number(ratio) and _number(arm) and _number(base) and base > 0:
+        ratio = arm / base
+    needs = _needs(threshold, lambda t: f"needs < {t:.2f}")
+    if not _number(ratio):
+        base_text = f"base ES {_two_decimals(base)}" if _number(base) else "base ES not recorded"
+        return f"{name}: {label} ratio to base not available ({base_text}), {needs}", None
+    return f"{name}: {label} {_two_decimals(ratio)} of base, {needs}", ratio < threshold if _number(threshold) else None
+
+
+def _utility_finding(name: str, result: dict) -> tuple[str, bool | None]:
+    increase, threshold = result.get("nll_increase"), result.get("threshold")
+    if not _number(increase) and _number(result.get("arm_mean")) and _number(result.get("base_mean")):
+        increase = result["arm_mean"] - result["base_mean"]
+    needs = _needs(threshold, lambda t: f"needs < x{t:.2f}")
+    if not _number(increase):
+        return f"{name}: retain perplexity ratio not recorded, {needs}", None
+    ratio = math.exp(increase) if increase < 700 else math.inf  # the NLL increase is the log perplexity ratio
+    meets = ratio < threshold if _number(threshold) else None
+    return f"{name}: retain perplexity x{_two_decimals(ratio)}, {needs}", meets
+
+
+def _fidelity_finding(name: str, result: dict) -> tuple[str, bool | None]:
+    lang = name.split("_", 1)[1] if "_" in name else "?"
+    language, threshold = LANGUAGE_NAMES.get(lang, lang), result.get("threshold")
+    drop = result.get("drop")
+    if not _number(drop) and _number(result.get("arm_mean")) and _number(result.get("base_mean")):
+        drop = result["base_mean"] - result["arm_mean"]
+    needs = _needs(threshold, lambda t: f"needs < {t:.2f}")
+    if not _number(drop):
+        return f"{name}: {language} fidelity drop not recorded, {needs}", None
+    return f"{name}: {language} fidelity drop {drop:.2f}, {needs}", drop < threshold if _number(threshold) else None
+
+
+def _mia_finding(name: str, result: dict) -> tuple[str, bool | None]:
+    auc, margin = result.get("estimate"), result.get("threshold")
+    needs = _needs(margin, lambda m: f"needs {0.5 - m:.2f}-{0.5 + m:.2f}")
+    if not _number(auc):
+        return f"{name}: MIA AUC not recorded, {needs}", None
+    return f"{name}: MIA AUC {auc:.2f}, {needs}", abs(auc - 0.5) < margin if _number(margin) else None
+
+
+def _health_finding(name: str, result: dict) -> tuple[str, bool | None]:
+    """The binding component ("worst"; else the one with the largest p), plus any other over its margin."""
+    components = {key: c for key, c in (result.get("components") or {}).items() if isinstance(c, dict)}
+    worst = result.get("worst")
+    if worst not in components:
+        if not components:
+            return f"{name}: output health components not recorded", None
+        worst = max(components, key=lambda key: components[key].get("p") if _number(components[key].get("p")) else 0)
+
+    def describe(key: str) -> str:
+        set_name, _, measure = key.partition("/")
+        increase = components[key].get("increase")
+        amount = f"{increase:+.2f}" if _number(increase) else "(rise not recorded)"
+        return f"{_HEALTH_MEASURES.get(measure, measure)} {amount} on {set_name}"
+
+    increase, margin = components[worst].get("increase"), components[worst].get("margin")
+    severity = "output collapsed" if _number(increase) and increase >= COLLAPSE_INCREASE else "output degraded"
+    text = f"{name}: {severity}: {describe(worst)} ({_needs(margin, lambda m: f'needs < {m:+.2f}')})"
+    others = [describe(key) for key, c in components.items() if key != worst and _number(c.get("increase"))
+              and _number(c.get("margin")) and c["increase"] >= c["margin"]]
+    if others:
+        text += "; also " + ", ".join(others)
+    return text, increase < margin if _number(increase) and _number(margin) else None
+
+
+def gate_finding(name: str, result: dict) -> tuple[str, bool | None]:
+    """One gate's estimate against its threshold in words, and whether the estimate itself meets the
+    threshold (None when that is unknown): a gate can fail with a good estimate that is not significant."""
+    family = name.split("_")[0]
+    if family in _RATIO_LABELS:
+        return _ratio_finding(name, result)
+    finders = {"G2": _utility_finding, "G4": _fidelity_finding, "G5": _mia_finding, "GH": _health_finding}
+    if family in finders:
+        return finders[family](name, result)
+    estimate, threshold = result.get("estimate"), result.get("threshold")
+    return (f"{name}: estimate {compact_number(estimate) if _number(estimate) else 'not recorded'}, threshold "
+            f"{compact_number(threshold) if _number(threshold) else 'not recorded'}"), None
+
+
+def arm_conclusion(arm: str, gates: dict, decision: str | None, q: float | None) -> list[str]:
+    """Lines for one arm: its decision, then each failed gate with its numbers, then every gate that is
+    not applicable, uninformative, not evaluated or underpowered, with why."""
+    names = sorted(gates, key=gate_sort_key)
+    states = {name: gate_state(gates[name]) for name in names}
+    failed = [name for name in names if states[name] == "fail"]
+    passed = [name for name in names if states[name] == "pass"]
+    count = "no gates" if not names else f"all {len(names)} gates passed" if len(passed) == len(names) else \
+        f"{len(passed)} of {len(names)} gates passed"
+    lines = [f"  {arm}: {decision or 'decision not recorded'} ({count})"]
+
+    def add(kind: str, text: str) -> None:
+        lines.append(f"    {kind.ljust(15)} {text}")
+
+    for name in failed:
+        text, meets = gate_finding(name, gates[name])
+        p_adj = compact_number(gates[name]["p_adj"], 2)
+        if meets:
+            q_text = f" > q {compact_number(q, 2)}" if q is not None else ""
+            text += f" (the estimate meets it, but not significantly: p_adj {p_adj}{q_text})"
+        elif text.endswith(")"):  # "(needs < +0.05)" -> "(needs < +0.05; p_adj 0.90)"
+            text = f"{text[:-1]}; p_adj {p_adj})"
+        else:
+            text += f" (p_adj {p_adj})"
+        add("failed", text + (" [uninformative]" if gates[name].get("uninformative") else ""))
     for name in names:
-        cells = []
-        for arm in gated:
-            result = report["gates"][arm].get(name)
-            cells.append("-" if result is None else "not evaluated" if result.get("p_adj") is None else
-                         f"{'PASS' if result['pass'] else 'fail'} {result['p_adj']:.3g}")
-        print(f"{name:24s}" + "".join(f"{cell:>{width}s}" for cell in cells))
-    print(f"{'decision':24s}" + "".join(f"{report['decision'][arm]:>{width}s}" for arm in gated))
+        result, reason = gates[name], gates[name].get("reason")
+        if states[name] == "n/a":
+            add("not applicable", f"{name}: {reason or NOT_APPLICABLE_DEFAULT}")
+        elif states[name] == "not evaluated":
+            add("not evaluated", f"{name}: {reason or 'no reason recorded'}")
+        if result.get("uninformative") and states[name] in ("pass", "fail"):
+            add("uninformative", f"{name}: {reason or 'the base model already passes it'} "
+                f"({gate_finding(name, result)[0].split(': ', 1)[1]})")
+        power = result.get("underpowered")
+        if isinstance(power, dict):
+            add("underpowered", f"{name}: {power.get('n', '?')} prompts, about {power.get('n_needed', '?')} needed")
+    return lines
+
+
+def failed_seed_lines(report: dict, arm: str) -> list[str]:
+    seeds = ((report.get("arms") or {}).get(arm) or {}).get("seeds") or {}
+    return [f"    {'seed failed'.ljust(15)} seed {seed}: {outcome.get('error') or 'no error recorded'}"
+            for seed, outcome in sorted(seeds.items(), key=lambda item: int(item[0]))
+            if outcome.get("status") == "failed"]
+
+
+def closing_summary(report: dict) -> list[str]:
+    """The conclusion in words, one block per arm: PROCEED or STOP; for STOP, each failed gate with its
+    estimate and the threshold it needed; every gate that was not applicable, uninformative, not evaluated
+    or underpowered, with why; and seeds that failed. Built from report["gates"] and report["decision"]."""
+    gates, decisions, q = report.get("gates") or {}, report.get("decision") or {}, fdr_level(report)
+    correction = f"Benjamini-Hochberg q = {compact_number(q, 2)}" if q is not None else "Benjamini-Hochberg"
+    lines = [f"conclusion (a gate passes when its BH-adjusted p is at most q; {correction} over all gates of all "
+             "arms):"]
+    if not gates:
+        return lines + ["  no gates in the report (base evaluation only)"]
+    for arm, arm_gates in gates.items():
+        lines += arm_conclusion(arm, arm_gates, decisions.get(arm), q) + failed_seed_lines(report, arm)
+    return lines
 
 
 def aggregate_reports(paths: list[Path], args: argparse.Namespace) -> dict:
