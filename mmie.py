@@ -2795,6 +2795,372 @@ def closing_summary(report: dict) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------------------------------------
+# Figures (PNG beside the report), for a paper draft
+# ---------------------------------------------------------------------------------------------
+# Arms: Paul Tol's "muted" scheme, nine colours distinguishable under the common colour-vision deficiencies
+# (one per arm of ALL_ARMS, base is black); each arm also gets its own marker. Lines and gate cells use
+# Okabe-Ito colours (also colour-blind safe).
+PALETTE = ["#332288", "#CC6677", "#117733", "#88CCEE", "#999933", "#AA4499", "#44AA99", "#882255", "#DDCC77"]
+MARKERS = ["o", "s", "D", "^", "v", "P", "X", "p", "h"]
+OKABE_ITO = {"blue": "#0072B2", "vermillion": "#D55E00", "green": "#009E73", "sky": "#56B4E9", "orange": "#E69F00",
+             "pink": "#CC79A7"}
+GATE_COLOURS = {"pass": OKABE_ITO["green"], "fail": OKABE_ITO["vermillion"], "n/a": "#8C8C8C",
+                "not evaluated": "#DDDDDD", "absent": "#FFFFFF"}
+STAGE_FILLS = ["#E8E8E8", "#CFE3F1", "#F6E3C4", "#D9EFE6"]
+FIGURE_DPI = 180
+FIGURE_STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9,
+                "ytick.labelsize": 9, "legend.fontsize": 8.5, "axes.spines.top": False, "axes.spines.right": False,
+                "hatch.linewidth": 0.8, "savefig.facecolor": "white"}
+LOG_SCALE_RATIO = 3.0  # a perplexity ratio above this (collapsed arms reach 1e6) puts the axis on a log scale
+
+
+def arm_styles(report: dict) -> dict[str, tuple[str, str]]:
+    """(colour, marker) per arm, the same in every figure; base is black with a star."""
+    arms = [arm for arm in [*(report.get("arms") or {}), *(report.get("summary") or {})] if arm != "base"]
+    arms = list(dict.fromkeys(arms))
+    styles = {arm: (PALETTE[i % len(PALETTE)], MARKERS[i % len(MARKERS)]) for i, arm in enumerate(arms)}
+    return {"base": ("#000000", "*"), **styles}
+
+
+def summary_estimate(row) -> tuple[float, float | None, float | None] | None:
+    """(mean, CI low, CI high) of a summary row; None when the row or its mean is missing."""
+    if not isinstance(row, dict) or not _number(row.get("mean")):
+        return None
+    ci = row.get("ci")
+    low, high = (ci[0], ci[1]) if isinstance(ci, (list, tuple)) and len(ci) == 2 else (None, None)
+    return float(row["mean"]), low, high
+
+
+def error_bar(estimate: tuple[float, float | None, float | None]) -> list[list[float]]:
+    """matplotlib's [[below], [above]] from a CI; a missing bound, or one on the wrong side of the mean
+    (a degenerate interval), draws no bar on that side."""
+    mean, low, high = estimate
+    return [[max(mean - low, 0.0) if _number(low) else 0.0], [max(high - mean, 0.0) if _number(high) else 0.0]]
+
+
+def forget_utility_points(report: dict) -> dict[str, tuple[tuple, tuple]]:
+    """arm -> ((ES mean, lo, hi), (perplexity ratio mean, lo, hi)); base sits at ratio 1 by definition."""
+    points = {}
+    for arm, rows in (report.get("summary") or {}).items():
+        es = summary_estimate(rows.get("es_forget_eval"))
+        ppl = rows.get("ppl_retain") or {}
+        ratio = (1.0, None, None) if arm == "base" else summary_estimate(ppl.get("ratio_vs_base"))
+        if es is not None and ratio is not None:  # an arm without either number cannot be placed
+            points[arm] = (es, ratio)
+    return points
+
+
+def place_labels(ax, labels: list[tuple[str, float, float]], fontsize: float = 9) -> None:
+    """Each (text, x, y) beside its point, at the first of four offsets where it overlaps no label
+    placed before (sizes estimated from the font size), so that nearby arms stay readable. Call it once
+    the axis limits are final."""
+    offsets = [(6, 4, "left", "bottom"), (6, -4, "left", "top"), (-6, 4, "right", "bottom"), (-6, -4, "right", "top")]
+    placed = []
+    for text, x, y in labels:
+        px, py = ax.transData.transform((x, y)) * 72 / ax.figure.dpi  # in points, like the offsets
+        width, height = 0.62 * fontsize * len(text), 1.3 * fontsize
+        for dx, dy, ha, va in offsets:
+            left, bottom = px + dx - (width if ha == "right" else 0), py + dy - (height if va == "top" else 0)
+            box = (left, bottom, left + width, bottom + height)
+            if not any(box[0] < o[2] and o[0] < box[2] and box[1] < o[3] and o[1] < box[3] for o in placed):
+                break
+        placed.append(box)
+        ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va, fontsize=fontsize,
+                    color="#222222", zorder=4)  # dark text: the lighter palette colours are hard to read as text
+
+
+def draw_forget_utility_gates(ax, report: dict, base_es: float | None) -> None:
+    """G1 (vertical) and G2 (horizontal) thresholds, and the region passing both shaded; a line whose
+    threshold or base ES is not recorded is left out."""
+    from matplotlib.patches import Rectangle
+
+    thresholds = recorded_thresholds(report)
+    rho, ppl_line = thresholds.get("gate_es_forget_ratio"), thresholds.get("gate_ppl_ratio")
+    es_line = rho * base_es if _number(rho) and base_es is not None else None
+    if es_line is not None:
+        ax.axvline(es_line, color="#444444", linestyle="--", linewidth=1,
+                   label=f"G1: ES < {rho:g} \u00d7 base ES = {es_line:.2f}")
+        ax.set_xlim(right=max(ax.get_xlim()[1], es_line * 1.15))
+    if _number(ppl_line):
+        ax.axhline(ppl_line, color="#444444", linestyle=":", linewidth=1.2,
+                   label=f"G2: perplexity < {ppl_line:g} \u00d7 base")
+    (x0, _), (y0, _) = ax.get_xlim(), ax.get_ylim()
+    if es_line is not None and _number(ppl_line):
+        ax.add_patch(Rectangle((x0, y0), es_line - x0, ppl_line - y0, facecolor=OKABE_ITO["green"], alpha=0.12,
+                               edgecolor="none", zorder=0, label="passes G1 and G2 (point estimates)"))
+        ax.set_ylim(bottom=y0)
+
+
+def figure_forget_vs_utility(report: dict):
+    """Each arm at (ES on forget-eval, retain perplexity / base), both CIs as bars, with the G1 and G2
+    thresholds as lines and the region passing both shaded. None when no arm has both numbers."""
+    from matplotlib.figure import Figure
+
+    points = forget_utility_points(report)
+    if not any(arm != "base" for arm in points):
+        return None
+    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    if max(v for _, ratio in points.values() for v in ratio if _number(v)) > LOG_SCALE_RATIO:
+        ax.set_yscale("log")
+    styles, labels = arm_styles(report), []
+    for arm, (es, ratio) in points.items():
+        colour, marker = styles.get(arm, ("#000000", "o"))
+        ax.errorbar(es[0], ratio[0], xerr=error_bar(es), yerr=error_bar(ratio), fmt=marker, color=colour,
+                    markersize=11 if arm == "base" else 7, capsize=3, elinewidth=1.2, zorder=3)
+        labels.append((arm if arm == "base" else f"{arm} (\u00d7{compact_number(ratio[0])})", es[0], ratio[0]))
+    highest_es = max(v for es, _ in points.values() for v in es if _number(v))
+    ax.set_xlim(0, min(1.02, max(highest_es * 1.15, 0.05)))  # ES is a share: the axis starts at 0
+    draw_forget_utility_gates(ax, report, points["base"][0][0] if "base" in points else None)
+    ax.set_xlabel("ES on forget-eval (share of Hindi words in outputs)")
+    ax.set_ylabel("retain perplexity / base perplexity (\u00d7)" + (", log scale" if ax.get_yscale() == "log" else ""))
+    ax.set_title(f"Forgetting vs utility ({ci_label(report)})")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", framealpha=0.9)
+    ax.grid(alpha=0.3, linewidth=0.6)
+    place_labels(ax, labels)
+    return fig
+
+
+def figure_gates(report: dict):
+    """Arms (rows) by gates (columns): pass, fail, not applicable, not evaluated; hatched with "u" when
+    uninformative; each cell shows its BH-adjusted p. None when the report has no gates."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    gates = report.get("gates") or {}
+    arms = [arm for arm in gates if gates[arm]]
+    if not arms:
+        return None
+    names = sorted({name for arm in arms for name in gates[arm]}, key=gate_sort_key)
+    fig = Figure(figsize=(max(6.0, 1.8 + 0.85 * len(names)), 1.9 + 0.55 * len(arms)), layout="constrained")
+    ax = fig.add_subplot()
+    for i, arm in enumerate(arms):
+        for j, name in enumerate(names):
+            result = gates[arm].get(name)
+            state = "absent" if result is None else gate_state(result)
+            uninformative = state in ("pass", "fail") and bool(result.get("uninformative"))
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=GATE_COLOURS[state], edgecolor="white",
+                                   linewidth=2, hatch="///" if uninformative else None))
+            if state in ("pass", "fail"):
+                text = f"{'PASS' if state == 'pass' else 'fail'}{' u' if uninformative else ''}\n" \
+                       f"p={compact_number(result['p_adj'], 2)}"
+            else:
+                text = {"n/a": "n/a", "not evaluated": "not\nevaluated", "absent": "-"}[state]
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, linespacing=1.3,
+                    color="white" if state in ("pass", "fail", "n/a") else "black",
+                    bbox={"boxstyle": "round,pad=0.15", "facecolor": GATE_COLOURS[state], "edgecolor": "none"}
+                    if uninformative else None)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.set_ylim(len(arms) - 0.5, -0.5)
+    decisions = report.get("decision") or {}
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(arms)), [f"{arm} ({decisions.get(arm, 'no decision')})" for arm in arms])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_xlabel("gate (cell: result and BH-adjusted p-value)")
+    ax.set_title("Gates per arm")
+    handles = [Patch(facecolor=GATE_COLOURS["pass"], label="pass"), Patch(facecolor=GATE_COLOURS["fail"], label="fail"),
+               Patch(facecolor=GATE_COLOURS["n/a"], label="not applicable"),
+               Patch(facecolor=GATE_COLOURS["not evaluated"], label="not evaluated"),
+               Patch(facecolor="white", edgecolor="#444444", hatch="///", label="u: uninformative (base passes too)")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=5, frameon=False, fontsize=8)
+    return fig
+
+
+def figure_related_languages(report: dict):
+    """Fidelity per related language (groups) and arm (bars) with CIs; per language, base fidelity minus
+    the allowed drop (gate G4) as a dashed line. None when no arm has a fidelity_<lang> metric."""
+    from matplotlib.figure import Figure
+
+    summary = report.get("summary") or {}
+    langs = sorted({key.removeprefix("fidelity_") for rows in summary.values() for key in rows
+                    if key.startswith("fidelity_")})
+    arms = [arm for arm in summary if any(summary_estimate(summary[arm].get(f"fidelity_{l}")) for l in langs)]
+    if not arms:
+        return None
+    width = 0.8 / len(arms)
+    fig = Figure(figsize=(min(12.0, max(6.0, 1.5 + len(langs) * (0.32 * len(arms) + 0.7))), 4.4),
+                 layout="constrained")
+    ax = fig.add_subplot()
+    styles = arm_styles(report)
+    for k, arm in enumerate(arms):
+        xs, heights, errors = [], [], [[], []]
+        for i, lang in enumerate(langs):
+            estimate = summary_estimate(summary[arm].get(f"fidelity_{lang}"))
+            if estimate is None:  # this arm lacks this language: its bar is left out
+                continue
+            below, above = error_bar(estimate)
+            xs.append(i + (k - (len(arms) - 1) / 2) * width)
+            heights.append(estimate[0])
+            errors[0] += below
+            errors[1] += above
+        colour = "#555555" if arm == "base" else styles.get(arm, ("#000000", "o"))[0]
+        ax.bar(xs, heights, width * 0.92, yerr=errors, capsize=2, color=colour, label=arm,
+               error_kw={"elinewidth": 1, "ecolor": "#222222"})
+    drop = recorded_thresholds(report).get("gate_fidelity_drop")
+    base = summary.get("base") or {}
+    labelled = False
+    for i, lang in enumerate(langs):
+        estimate = summary_estimate(base.get(f"fidelity_{lang}"))
+        if estimate is None or not _number(drop):  # no base fidelity or no threshold: no line to draw
+            continue
+        ax.hlines(estimate[0] - drop, i - 0.45, i + 0.45, colors="#000000", linestyles="--", linewidth=1.3,
+                  label=None if labelled else f"G4 limit: base fidelity \u2212 {drop:g}", zorder=3)
+        labelled = True
+    ax.set_xticks(range(len(langs)), [f"{LANGUAGE_NAMES.get(l, l)} ({l})" for l in langs])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("fidelity (share of outputs in\nthe prompt's language)")
+    ax.set_xlabel("related-language prompts")
+    ax.set_title(f"Related-language fidelity ({ci_label(report)})")
+    ax.grid(axis="y", alpha=0.3, linewidth=0.6)
+    fig.legend(loc="outside right upper", frameon=False)
+    return fig
+
+
+def training_runs(report: dict) -> list[tuple[str, list[tuple[str, list[dict], list[dict]]]]]:
+    """(arm, [(seed, train_log, adaptive stages)]) for every arm with a train_log in some seed."""
+    panels = []
+    for arm, record in (report.get("arms") or {}).items():
+        seeds = record.get("seeds") or {}
+        runs = []
+        for seed in sorted(seeds, key=int):
+            info = seeds[seed].get("info") or {}
+            if info.get("train_log"):  # untrained arms (base, prompt, dim, ...) have none
+                runs.append((seed, info["train_log"], (info.get("adaptive") or {}).get("stages") or []))
+        if runs:
+            panels.append((arm, runs))
+    return panels
+
+
+def lr_range_tests(report: dict) -> list[tuple[str, dict]]:
+    """auto-config decisions named lr* that carry a range-test curve (a user-given LR has none)."""
+    return [(name, entry) for name, entry in (report.get("auto_config") or {}).items()
+            if name.startswith("lr") and isinstance(entry, dict) and isinstance(entry.get("inputs"), dict)
+            and entry["inputs"].get("curve")]
+
+
+def draw_stages(ax, stages: list[dict]) -> None:
+    """Adaptive-unlearning stages as shaded spans, named at the top of the panel."""
+    for k, stage in enumerate(stages):
+        start, end = stage["start_step"], stage["end_step"]
+        ax.axvspan(start, end, color=STAGE_FILLS[k % len(STAGE_FILLS)], alpha=0.7, zorder=0, linewidth=0)
+        trigger = f"\n({stage['trigger']})" if stage.get("trigger") else ""
+        ax.text((start + end) / 2, 0.98, f"{stage['stage']}{trigger}", transform=ax.get_xaxis_transform(),
+                ha="center", va="top", fontsize=7, color="#333333", zorder=1)
+
+
+def draw_training(ax, arm: str, runs: list, config: dict) -> None:
+    """Loss per step: forget steps on the left axis, retain steps on a right axis (their scales differ by
+    orders of magnitude under gradient ascent); seeds as light lines, their mean per step bold."""
+    kinds = list(dict.fromkeys(row["kind"] for _, log, _ in runs for row in log))
+    kinds.sort(key=lambda kind: {"forget": 0, "retain": 1}.get(kind, 2))
+    retain_ax = ax.twinx() if "retain" in kinds and len(kinds) > 1 else None
+    line_colours = [OKABE_ITO[name] for name in ("blue", "vermillion", "green", "pink", "orange")]
+    colours = {kind: line_colours[i % len(line_colours)] for i, kind in enumerate(kinds)}
+    for kind in kinds:
+        target = retain_ax if kind == "retain" and retain_ax is not None else ax
+        by_step: dict[int, list[float]] = {}
+        for _, log, _ in runs:
+            rows = sorted((row["step"], row["loss"]) for row in log if row["kind"] == kind)
+            for step, loss in rows:
+                by_step.setdefault(step, []).append(loss)
+            if len(runs) > 1 and rows:
+                target.plot(*zip(*rows), color=colours[kind], alpha=0.3, linewidth=0.8)
+        steps = sorted(by_step)
+        label = f"{kind} (mean of {len(runs)} seeds)" if len(runs) > 1 else kind
+        target.plot(steps, [np.mean(by_step[s]) for s in steps], color=colours[kind], linewidth=1.6, label=label)
+    draw_stages(ax, runs[0][2])
+    ax.set_xlabel("optimizer step")
+    forget_obj, retain_obj = config.get("forget_obj"), config.get("retain_obj")
+    left = [kind for kind in kinds if not (kind == "retain" and retain_ax is not None)]
+    objective = f" ({forget_obj})" if forget_obj and "forget" in left else ""
+    ax.set_ylabel(f"{' / '.join(left)} loss{objective}", color=colours[left[0]] if len(left) == 1 else "black")
+    handles, labels = ax.get_legend_handles_labels()
+    if retain_ax is not None:
+        retain_ax.set_ylabel(f"retain loss{f' ({retain_obj}, nats/token)' if retain_obj else ''}",
+                             color=colours["retain"])
+        retain_ax.spines["right"].set_visible(True)
+        more = retain_ax.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    if runs[0][2]:  # headroom for the stage names at the top
+        for axis in [ax] + ([retain_ax] if retain_ax is not None else []):
+            low, high = axis.get_ylim()
+            axis.set_ylim(low, high + 0.2 * (high - low))
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    stage_note = f"; stages of seed {runs[0][0]}" if runs[0][2] and len(runs) > 1 else ""
+    ax.set_title(f"{arm}: training loss ({len(runs)} seed{'s' if len(runs) > 1 else ''}{stage_note})")
+
+
+def draw_lr_range_test(ax, name: str, entry: dict) -> None:
+    """Loss against learning rate (log x), smoothed curve bold, the chosen LR as a vertical line."""
+    curve = entry["inputs"]["curve"]
+    ax.plot(curve["lr"], curve["loss"], color=OKABE_ITO["sky"], linewidth=0.9, label="loss")
+    if curve.get("smoothed"):
+        ax.plot(curve["lr"], curve["smoothed"], color=OKABE_ITO["blue"], linewidth=1.8, label="smoothed")
+    ax.set_xscale("log")
+    if _number(entry.get("value")):
+        ax.axvline(entry["value"], color=OKABE_ITO["vermillion"], linestyle="--", linewidth=1.3,
+                   label=f"chosen {name} = {compact_number(entry['value'], 2)}")
+    losses = [v for v in curve["loss"] if _number(v)]
+    if losses and max(losses) > 3 * losses[0] > 0:  # the test ends in divergence; keep the useful part readable
+        ax.set_ylim(min(losses) * 0.95, 3 * losses[0])
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("retain loss (nats/token)")
+    ax.set_title(f"auto-config: LR range test ({name})")
+    ax.legend(loc="upper left", framealpha=0.9)
+    ax.grid(alpha=0.3, linewidth=0.6)
+
+
+def figure_training(report: dict):
+    """One panel per trained arm (loss per step, adaptive stages shaded) and one per auto-config LR range
+    test. None when the report has neither."""
+    from matplotlib.figure import Figure
+
+    runs, curves = training_runs(report), lr_range_tests(report)
+    n = len(runs) + len(curves)
+    if n == 0:
+        return None
+    ncols = min(n, 2)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(6.0 * ncols, 3.8 * nrows), layout="constrained")
+    for k, (arm, arm_runs) in enumerate(runs):
+        draw_training(fig.add_subplot(nrows, ncols, k + 1), arm, arm_runs, report.get("config") or {})
+    for k, (name, entry) in enumerate(curves, start=len(runs)):
+        draw_lr_range_test(fig.add_subplot(nrows, ncols, k + 1), name, entry)
+    return fig
+
+
+FIGURES = {"forget_vs_utility.png": figure_forget_vs_utility, "gates.png": figure_gates,
+           "related_languages.png": figure_related_languages, "training.png": figure_training}
+
+
+def write_figures(report: dict, out_dir: Path) -> list[Path]:
+    """The report's figures as PNGs in out_dir (beside the report; a run and an --aggregate pooled report
+    alike); returns the paths written. Every figure is optional, drawn only when its data is there:
+      forget_vs_utility.png  summary es_forget_eval and ppl_retain ratio_vs_base of at least one arm (an arm
+                             lacking either is left out; the threshold lines need the base ES and gate flags)
+      gates.png              report["gates"]
+      related_languages.png  a summary fidelity_<lang> metric (the G4 line needs the base's and the flag)
+      training.png           an arm's info["train_log"] (stages: info["adaptive"]["stages"]) or an
+                             auto_config lr* decision with inputs["curve"]
+    Data that is present but malformed raises; nothing is caught."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    with matplotlib.rc_context(FIGURE_STYLE):
+        for file_name, draw in FIGURES.items():
+            fig = draw(report)
+            if fig is not None:
+                fig.savefig(out_dir / file_name, dpi=FIGURE_DPI)
+                written.append(out_dir / file_name)
+    return written
+
+
 def aggregate_reports(paths: list[Path], args: argparse.Namespace) -> dict:
     """Pool reports of the same design (same data, model, arms and outcome-relevant settings; for
     example one per seed from a shell sweep) and redo every statistic on the pooled per-prompt

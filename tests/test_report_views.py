@@ -1,4 +1,4 @@
-"""Report views (mmie.py section 8): the console table with its legend, example outputs and the
+"""Report views (mmie.py section 8): figures, the console table with its legend, example outputs and the
 closing summary, all from a small synthetic report built here (the pipeline is not run)."""
 
 import re
@@ -6,7 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from mmie import METRIC_LEGEND, TABLE_METRICS, closing_summary, compact_number, print_table, render_table, table_lines
+from mmie import (METRIC_LEGEND, TABLE_METRICS, closing_summary, compact_number, figure_forget_vs_utility,
+                  print_table, render_table, table_lines, write_figures)
 
 THRESHOLDS = {"gate_es_forget_ratio": 0.5, "gate_es_mixed_ratio": 0.7, "gate_ppl_ratio": 1.10,
               "gate_fidelity_drop": 0.10, "gate_mia_margin": 0.05, "gate_es_adv_ratio": 0.7}
@@ -123,6 +124,44 @@ def make_report():
 @pytest.fixture
 def report():
     return make_report()
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------
+def test_write_figures_writes_four_readable_pngs(report, tmp_path):
+    from matplotlib.image import imread
+
+    paths = write_figures(report, tmp_path / "run")
+    assert sorted(p.name for p in paths) == ["forget_vs_utility.png", "gates.png", "related_languages.png",
+                                             "training.png"]
+    for path in paths:
+        assert path.parent == tmp_path / "run" and path.stat().st_size > 20_000
+        image = imread(path)
+        height, width = image.shape[:2]
+        assert 600 <= height <= 3000 and 900 <= width <= 3000, (path.name, image.shape)
+        assert image.std() > 0.05  # something is drawn, not a blank canvas
+
+
+def test_write_figures_skips_only_the_figures_whose_data_is_missing(report, tmp_path):
+    for arm in report["arms"].values():
+        for seed in arm["seeds"].values():
+            seed.get("info", {}).pop("train_log", None)
+    del report["auto_config"], report["gates"]
+    assert [p.name for p in write_figures(report, tmp_path)] == ["forget_vs_utility.png", "related_languages.png"]
+    assert write_figures({"arms": {}, "summary": {}}, tmp_path / "empty") == []
+
+
+def test_forget_vs_utility_switches_to_log_scale_for_a_collapsed_arm(report):
+    assert figure_forget_vs_utility(report).axes[0].get_yscale() == "log"
+    del report["summary"]["reft"]
+    assert figure_forget_vs_utility(report).axes[0].get_yscale() == "linear"
+
+
+def test_write_figures_raises_on_malformed_data(report, tmp_path):
+    report["arms"]["lora"]["seeds"]["0"]["info"]["adaptive"]["stages"][0].pop("start_step")
+    with pytest.raises(KeyError, match="start_step"):
+        write_figures(report, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
