@@ -3161,6 +3161,17 @@ def write_figures(report: dict, out_dir: Path) -> list[Path]:
     return written
 
 
+def read_report(path: Path) -> dict:
+    """A report written by a run or by --aggregate, read back (for --plot); bad input is one line."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: cannot read a report ({err})") from None
+    if not isinstance(report, dict) or "arms" not in report:
+        raise InputError(f"{path}: not an MMIE report (no arms)")
+    return report
+
+
 def aggregate_reports(paths: list[Path], args: argparse.Namespace) -> dict:
     """Pool reports of the same design (same data, model, arms and outcome-relevant settings; for
     example one per seed from a shell sweep) and redo every statistic on the pooled per-prompt

@@ -307,3 +307,15 @@ def test_closing_summary_proceed_and_missing_fields(report):
     assert "GH: output health components not recorded" in text
     assert "G9: estimate not recorded, threshold not recorded" in text
     assert lines[0].startswith("conclusion (") and "q =" not in lines[0]
+
+
+def test_read_report_rejects_what_is_not_a_report(report, tmp_path):
+    from mmie import InputError, json_safe, read_report, write_json_atomic
+
+    write_json_atomic(tmp_path / "report.json", report)
+    assert read_report(tmp_path / "report.json") == json_safe(report)
+    (tmp_path / "other.json").write_text('{"summary": {}}', encoding="utf-8")
+    with pytest.raises(InputError, match="not an MMIE report"):
+        read_report(tmp_path / "other.json")
+    with pytest.raises(InputError, match="cannot read a report"):
+        read_report(tmp_path / "missing.json")
