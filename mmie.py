@@ -2420,9 +2420,16 @@ def compact_number(value: float | None, digits: int = 3) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
+def format_p(p: float | None) -> str:
+    """A p-value: 2 decimals from 0.1 ("0.97", "1.00"), 3 below ("0.018"), scientific below 0.001."""
+    if not _number(p):
+        return "-"
+    return f"{p:.2f}" if p >= 0.1 else f"{p:.3f}" if p >= 0.001 else compact_number(p, 2)
+
+
 def format_estimate(row: dict | None) -> str:
-    """"mean [lo,hi]" of a summary row: the mean to 3 significant digits, the interval to one decimal fewer
-    (0.130 [0.08,0.18], 23.4 [21,26]); scientific notation for tiny and huge numbers (5.12e6 [4.6e6,5.6e6])."""
+    """"mean [lo,hi]" of a summary row: the mean to 3 significant digits, the interval to as many decimals
+    (0.130 [0.080,0.180], 23.4 [21.0,26.0]); scientific notation for tiny and huge numbers (5.12e6 [4.6e6,5.6e6])."""
     if not row or row.get("mean") is None:
         return "-"
     mean = row["mean"]
@@ -2432,7 +2439,7 @@ def format_estimate(row: dict | None) -> str:
 
     def bound(value) -> str:
         if decimals is not None and _number(value) and abs(value) < 1e4:
-            return f"{value:.{max(decimals - 1, 0)}f}"
+            return f"{value:.{decimals}f}"
         return compact_number(value, 2)
 
     low, high = row["ci"]
@@ -2520,7 +2527,7 @@ def gate_cell(result: dict | None) -> str:
     if state in ("n/a", "not evaluated"):
         return state
     marks = ("*" if result.get("uninformative") else "") + ("^" if result.get("underpowered") else "")
-    return f"{'PASS' if state == 'pass' else 'fail'}{marks} {compact_number(result['p_adj'], 2)}"
+    return f"{'PASS' if state == 'pass' else 'fail'}{marks} {format_p(result['p_adj'])}"
 
 
 def _metric_row_value(arm_summary: dict, name: str) -> dict | None:
@@ -2631,7 +2638,11 @@ def print_table(report: dict, show_outputs: int = 0) -> None:
     lines = table_lines(report)
     if show_outputs > 0:
         lines += example_output_lines(report, show_outputs)
-    lines += ["", *closing_summary(report)]
+    width = shutil.get_terminal_size((120, 24)).columns
+    for line in ["", *closing_summary(report)]:  # a gate's line wraps under its text, past the kind column
+        indent = len(line) - len(line.lstrip())
+        lines += textwrap.wrap(line, width, subsequent_indent=" " * (indent + (16 if indent == 4 else 2)),
+                               break_on_hyphens=False) or [""]
     print("\n".join(lines))
 
 
@@ -2749,10 +2760,10 @@ def arm_conclusion(arm: str, gates: dict, decision: str | None, q: float | None)
 
     for name in failed:
         text, meets = gate_finding(name, gates[name])
-        p_adj = compact_number(gates[name]["p_adj"], 2)
+        p_adj = format_p(gates[name]["p_adj"])
         if meets:
-            q_text = f" > q {compact_number(q, 2)}" if q is not None else ""
-            text += f" (the estimate meets it, but not significantly: p_adj {p_adj}{q_text})"
+            q_text = f" > q {q:g}" if q is not None else ""
+            text += f" (the estimate is within it but not significant: p_adj {p_adj}{q_text})"
         elif text.endswith(")"):  # "(needs < +0.05)" -> "(needs < +0.05; p_adj 0.90)"
             text = f"{text[:-1]}; p_adj {p_adj})"
         else:
@@ -2785,7 +2796,7 @@ def closing_summary(report: dict) -> list[str]:
     estimate and the threshold it needed; every gate that was not applicable, uninformative, not evaluated
     or underpowered, with why; and seeds that failed. Built from report["gates"] and report["decision"]."""
     gates, decisions, q = report.get("gates") or {}, report.get("decision") or {}, fdr_level(report)
-    correction = f"Benjamini-Hochberg q = {compact_number(q, 2)}" if q is not None else "Benjamini-Hochberg"
+    correction = f"Benjamini-Hochberg q = {q:g}" if q is not None else "Benjamini-Hochberg"
     lines = [f"conclusion (a gate passes when its BH-adjusted p is at most q; {correction} over all gates of all "
              "arms):"]
     if not gates:
@@ -2852,19 +2863,23 @@ def forget_utility_points(report: dict) -> dict[str, tuple[tuple, tuple]]:
 
 
 def place_labels(ax, labels: list[tuple[str, float, float]], fontsize: float = 9) -> None:
-    """Each (text, x, y) beside its point, at the first of four offsets where it overlaps no label
-    placed before (sizes estimated from the font size), so that nearby arms stay readable. Call it once
-    the axis limits are final."""
+    """Each (text, x, y) beside its point, at the first of four offsets where it stays inside the axes and
+    overlaps no label placed before (sizes estimated from the font size), so that nearby arms stay
+    readable. Call it once the axis limits are final."""
     offsets = [(6, 4, "left", "bottom"), (6, -4, "left", "top"), (-6, 4, "right", "bottom"), (-6, -4, "right", "top")]
+    to_points = 72 / ax.figure.dpi  # display pixels to points, the unit of the offsets
+    (x0, y0), (x1, y1) = ax.bbox.get_points() * to_points
     placed = []
     for text, x, y in labels:
-        px, py = ax.transData.transform((x, y)) * 72 / ax.figure.dpi  # in points, like the offsets
+        px, py = ax.transData.transform((x, y)) * to_points
         width, height = 0.62 * fontsize * len(text), 1.3 * fontsize
         for dx, dy, ha, va in offsets:
             left, bottom = px + dx - (width if ha == "right" else 0), py + dy - (height if va == "top" else 0)
             box = (left, bottom, left + width, bottom + height)
-            if not any(box[0] < o[2] and o[0] < box[2] and box[1] < o[3] and o[1] < box[3] for o in placed):
-                break
+            inside = x0 <= box[0] and box[2] <= x1 and y0 <= box[1] and box[3] <= y1
+            if inside and not any(box[0] < o[2] and o[0] < box[2] and box[1] < o[3] and o[1] < box[3]
+                                  for o in placed):
+                break  # otherwise the last offset is used
         placed.append(box)
         ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va, fontsize=fontsize,
                     color="#222222", zorder=4)  # dark text: the lighter palette colours are hard to read as text
@@ -2945,7 +2960,7 @@ def figure_gates(report: dict):
                                    linewidth=2, hatch="///" if uninformative else None))
             if state in ("pass", "fail"):
                 text = f"{'PASS' if state == 'pass' else 'fail'}{' u' if uninformative else ''}\n" \
-                       f"p={compact_number(result['p_adj'], 2)}"
+                       f"p={format_p(result['p_adj'])}"
             else:
                 text = {"n/a": "n/a", "not evaluated": "not\nevaluated", "absent": "-"}[state]
             ax.text(j, i, text, ha="center", va="center", fontsize=8, linespacing=1.3,
@@ -3000,6 +3015,9 @@ def figure_related_languages(report: dict):
         colour = "#555555" if arm == "base" else styles.get(arm, ("#000000", "o"))[0]
         ax.bar(xs, heights, width * 0.92, yerr=errors, capsize=2, color=colour, label=arm,
                error_kw={"elinewidth": 1, "ecolor": "#222222"})
+        for x, height in zip(xs, heights):
+            if height < 0.02:  # a bar this low is invisible: say that it is there, and near zero
+                ax.text(x, height + 0.01, f"{height:.2f}", ha="center", va="bottom", fontsize=7, rotation=90)
     drop = recorded_thresholds(report).get("gate_fidelity_drop")
     base = summary.get("base") or {}
     labelled = False

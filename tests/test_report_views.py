@@ -289,7 +289,7 @@ def test_closing_summary_names_failed_gates_with_their_numbers(report):
 def test_closing_summary_says_when_a_good_estimate_is_not_significant(report):
     report["gates"]["lora"]["G1"].update(ratio=0.45, p_adj=0.21, **{"pass": False})
     text = "\n".join(closing_summary(report))
-    assert "G1: ES 0.45 of base, needs < 0.50 (the estimate meets it, but not significantly: p_adj 0.21 > q 0.10)" \
+    assert "G1: ES 0.45 of base, needs < 0.50 (the estimate is within it but not significant: p_adj 0.21 > q 0.1)" \
         in text
 
 
