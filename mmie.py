@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ckpt_dir", type=Path, default=REPO / "runs" / "ckpt",
                      help="finished arm outcomes are kept here and read back on a rerun")
     run.add_argument("--fresh", action="store_true", help="ignore finished outcomes in --ckpt_dir and redo them")
+    run.add_argument("--plot", type=Path, default=None, metavar="REPORT",
+                     help="draw an existing report's figures beside it, print its table and conclusion, and exit")
+    run.add_argument("--show_outputs", type=int, default=0, metavar="N",
+                     help="after the table, print N forget-eval outputs per arm next to the base model's")
     return parser
 
 
@@ -186,6 +190,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise InputError(f"--{flag} must be at least 1 (got {value})")
     if not 0 < args.ci_level < 1:
         raise InputError(f"--ci_level must be between 0 and 1 (got {args.ci_level})")
+    if args.show_outputs < 0:
+        raise InputError(f"--show_outputs must be at least 0 (got {args.show_outputs})")
     if len(set(args.seeds)) != len(args.seeds):
         raise InputError(f"--seeds has repeated values: {args.seeds}")
 
@@ -3235,12 +3241,19 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     args = build_parser().parse_args(argv)
     check_args(args)
+    if args.plot:
+        report = read_report(args.plot)
+        figures = write_figures(report, args.plot.parent)
+        print_table(report, args.show_outputs)
+        print(f"\nmmie: {len(figures)} figures written beside {args.plot}")
+        return report
     if args.aggregate:
         out_path = args.out if args.out and args.out.suffix == ".json" else (args.out or Path(".")) / "pooled.json"
         pooled = aggregate_reports(args.aggregate, args)
         write_json_atomic(out_path, pooled)
-        print_table(pooled)
-        print(f"\nmmie: pooled {len(args.aggregate)} reports into {out_path}")
+        figures = write_figures(pooled, out_path.parent)
+        print_table(pooled, args.show_outputs)
+        print(f"\nmmie: pooled {len(args.aggregate)} reports into {out_path} ({len(figures)} figures beside it)")
         return pooled
 
     device = resolve_device(args.device)  # flags first: a bad flag fails before any slow work
@@ -3318,8 +3331,9 @@ def main(argv: list[str] | None = None) -> dict:
     compute_statistics(report, args)
     report["run_seconds"] = round(time.time() - started, 1)
     write_json_atomic(out_path, report)
-    print_table(report)
-    print(f"\nmmie: report written to {out_path} ({report['run_seconds']:.0f}s)")
+    figures = write_figures(report, out_path.parent)
+    print_table(report, args.show_outputs)
+    print(f"\nmmie: report written to {out_path} ({report['run_seconds']:.0f}s), {len(figures)} figures beside it")
     return report
 
 

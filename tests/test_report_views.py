@@ -319,3 +319,15 @@ def test_read_report_rejects_what_is_not_a_report(report, tmp_path):
         read_report(tmp_path / "other.json")
     with pytest.raises(InputError, match="cannot read a report"):
         read_report(tmp_path / "missing.json")
+
+
+def test_plot_flag_draws_the_figures_of_a_report_and_prints_its_table(report, tmp_path, capsys):
+    import mmie
+
+    mmie.write_json_atomic(tmp_path / "report.json", report)
+    mmie.main(["--plot", str(tmp_path / "report.json"), "--show_outputs", "1"])
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["forget_vs_utility.png", "gates.png",
+                                                               "related_languages.png", "training.png"]
+    assert "legend:" in out and "example outputs on forget_eval (1 of 6" in out and "conclusion" in out
+    assert "mmie: 4 figures written beside" in out
