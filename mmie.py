@@ -28,9 +28,11 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import traceback
 import warnings
@@ -173,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ckpt_dir", type=Path, default=REPO / "runs" / "ckpt",
                      help="finished arm outcomes are kept here and read back on a rerun")
     run.add_argument("--fresh", action="store_true", help="ignore finished outcomes in --ckpt_dir and redo them")
+    run.add_argument("--plot", type=Path, default=None, metavar="REPORT",
+                     help="draw an existing report's figures beside it, print its table and conclusion, and exit")
+    run.add_argument("--show_outputs", type=int, default=0, metavar="N",
+                     help="after the table, print N forget-eval outputs per arm next to the base model's")
     return parser
 
 
@@ -184,6 +190,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise InputError(f"--{flag} must be at least 1 (got {value})")
     if not 0 < args.ci_level < 1:
         raise InputError(f"--ci_level must be between 0 and 1 (got {args.ci_level})")
+    if args.show_outputs < 0:
+        raise InputError(f"--show_outputs must be at least 0 (got {args.show_outputs})")
     if len(set(args.seeds)) != len(args.seeds):
         raise InputError(f"--seeds has repeated values: {args.seeds}")
 
@@ -2395,39 +2403,856 @@ def outcome_key(model_name: str, data: dict, args: argparse.Namespace) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# ---------------------------------------------------------------------------------------------
+# Console report: tables sized to their content, a legend in words, example outputs, the conclusion
+# ---------------------------------------------------------------------------------------------
+# Summary keys shown as table rows; "ppl_retain_ratio" is summary[arm]["ppl_retain"]["ratio_vs_base"],
+# the number gate G2 judges. fidelity_<lang> rows of other related languages are added when present.
 TABLE_METRICS = ["es_forget_train", "es_forget_eval", "es_semantic", "es_forget_roman", "es_mixed", "es_adversarial",
-                 "fidelity_ur", "fidelity_pa", "fidelity_bn", "ppl_retain", "token_kl_retain", "mia_auc", "es_relearn",
-                 "empty_rate_forget_eval", "repetition_forget_eval"]
+                 "fidelity_ur", "fidelity_pa", "fidelity_bn", "ppl_retain", "ppl_retain_ratio", "token_kl_retain",
+                 "mia_auc", "es_relearn", "empty_rate_forget_eval", "repetition_forget_eval"]
+LANGUAGE_NAMES = {"hi": "Hindi", "en": "English", "ur": "Urdu", "pa": "Punjabi", "bn": "Bengali"}
+_FIDELITY_TEXT = "share of outputs in {language} for {language} prompts (1 = the model still answers in {language})"
+_G4_TEXT = "related language: {language} fidelity drops by less than {gate_fidelity_drop} from base (non-inferiority)"
+# One line of plain words per table row and per gate; {flag} is filled with the run's threshold.
+METRIC_LEGEND = {
+    "es_forget_train": "share of Hindi words in outputs for forget-train prompts (texts the model was unlearned on)",
+    "es_forget_eval": "share of Hindi words in outputs for forget-eval prompts (held-out Hindi texts)",
+    "es_semantic": "share of romanized-Hindi words in outputs for forget-eval prompts (did the model only switch "
+                   "script?)",
+    "es_forget_roman": "share of Hindi words (either script) in outputs for romanized-Hindi prompts (can the "
+                       "forgetting be bypassed by script?)",
+    "es_mixed": "share of Hindi words in outputs for code-mixed Hindi-English (Hinglish) prompts",
+    "es_adversarial": "share of Hindi words in outputs for prompts that try to elicit Hindi (translation, role play)",
+    **{f"fidelity_{lang}": _FIDELITY_TEXT.format(language=LANGUAGE_NAMES[lang]) for lang in ("ur", "pa", "bn")},
+    "fidelity_<lang>": _FIDELITY_TEXT,
+    "ppl_retain": "perplexity on English retain-eval texts (lower is better)",
+    "ppl_retain_ratio": "retain perplexity divided by the base model's (1 = unchanged, 1.10 = 10% worse)",
+    "token_kl_retain": "mean per-token KL(base || arm) on retain texts, in nats (0 = same predictions as base)",
+    "mia_auc": "membership-inference AUC, forget-train vs forget-eval texts by loss (0.5 = cannot tell them apart)",
+    "es_relearn": "share of Hindi words after a short fine-tune on other Hindi text (does the Hindi come back?)",
+    "empty_rate_forget_eval": "share of outputs with no letters for forget-eval prompts (silence is not forgetting)",
+    "repetition_forget_eval": "share of repeated word 3-grams in outputs for forget-eval prompts (looping is not "
+                              "forgetting)",
+    "G1": "forget: ES on forget-eval below {gate_es_forget_ratio} x base ES",
+    "G1S": "script-blind forget: ES on romanized-Hindi prompts below {gate_es_forget_ratio} x base ES",
+    "G2": "utility: retain perplexity below {gate_ppl_ratio} x base perplexity",
+    "G3": "mixed: ES on code-mixed prompts below {gate_es_mixed_ratio} x base ES",
+    **{f"G4_{lang}": _G4_TEXT.replace("{language}", LANGUAGE_NAMES[lang]) for lang in ("ur", "pa", "bn")},
+    "G4_<lang>": _G4_TEXT,
+    "G4": "related languages: no fidelity_<lang> metric was recorded, so none could be tested",
+    "G5": "privacy (MIA): membership-inference AUC within 0.5 +/- {gate_mia_margin} (equivalence test)",
+    "G6": "adversarial: ES on adversarial prompts below {gate_es_adv_ratio} x base ES",
+    "GH": "output health: empty and repeated outputs rise above base by less than a margin (a collapsed model has "
+          "not forgotten)",
+}
+# Threshold flags as named in the legend when a report does not record them.
+_THRESHOLD_SYMBOLS = {"gate_es_forget_ratio": "rho_f", "gate_es_mixed_ratio": "rho_m", "gate_es_adv_ratio": "rho_a",
+                      "gate_ppl_ratio": "the allowed ratio", "gate_fidelity_drop": "the allowed drop",
+                      "gate_mia_margin": "the margin"}
+GATE_ORDER = ["G1", "G1S", "G2", "G3", "G4", "G5", "G6", "GH"]
+COLUMN_GAP = "  "
+
+
+def _number(value) -> bool:
+    """A real, finite number (not None, not a bool, not NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def fixed_decimals(value: float, digits: int = 3) -> int | None:
+    """Decimals showing `digits` significant digits of a nonzero value (at most 3), or None below 0.01 and
+    from 10^4 on, where scientific notation is shorter."""
+    magnitude = math.floor(math.log10(abs(value)))
+    return min(max(digits - 1 - magnitude, 0), 3) if -2 <= magnitude <= 3 else None
+
+
+def compact_number(value: float | None, digits: int = 3) -> str:
+    """A number in a few characters, so that no table cell grows with its magnitude: `digits` significant
+    digits from 0.01 to 9999, scientific notation outside (5123456.7 -> "5.12e6", 0.00012 -> "1.2e-4")."""
+    if value is None:
+        return "-"
+    value = float(value)
+    if not math.isfinite(value):
+        return str(value)  # "inf" or "nan": shown as such, never hidden
+    if value == 0:
+        return "0"
+    decimals = fixed_decimals(value, digits)
+    if decimals is not None:
+        return f"{value:.{decimals}f}"
+    mantissa, exponent = f"{value:.{digits - 1}e}".split("e")
+    if "." in mantissa:
+        mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def format_p(p: float | None) -> str:
+    """A p-value: 2 decimals from 0.1 ("0.97", "1.00"), 3 below ("0.018"), scientific below 0.001."""
+    if not _number(p):
+        return "-"
+    return f"{p:.2f}" if p >= 0.1 else f"{p:.3f}" if p >= 0.001 else compact_number(p, 2)
 
 
 def format_estimate(row: dict | None) -> str:
+    """"mean [lo,hi]" of a summary row: the mean to 3 significant digits, the interval to as many decimals
+    (0.130 [0.080,0.180], 23.4 [21.0,26.0]); scientific notation for tiny and huge numbers (5.12e6 [4.6e6,5.6e6])."""
     if not row or row.get("mean") is None:
         return "-"
+    mean = row["mean"]
     if not row.get("ci"):
-        return f"{row['mean']:.3f}"
-    return f"{row['mean']:.3f} [{row['ci'][0]:.2f},{row['ci'][1]:.2f}]"
+        return compact_number(mean)
+    decimals = fixed_decimals(mean) if _number(mean) and mean != 0 else None
+
+    def bound(value) -> str:
+        if decimals is not None and _number(value) and abs(value) < 1e4:
+            return f"{value:.{decimals}f}"
+        return compact_number(value, 2)
+
+    low, high = row["ci"]
+    return f"{compact_number(mean)} [{bound(low)},{bound(high)}]"
 
 
-def print_table(report: dict) -> None:
-    """Arms by metrics (means and CIs), then gates (pass/fail with BH-adjusted p) and decisions."""
-    arms = list(report["summary"])
-    width = 21
-    print(f"\n{'metric':24s}" + "".join(f"{arm:>{width}s}" for arm in arms))
-    for metric in TABLE_METRICS:
-        print(f"{metric:24s}" + "".join(f"{format_estimate(report['summary'][arm].get(metric)):>{width}s}"
-                                         for arm in arms))
-    gated = [arm for arm in report["gates"]]
-    names = sorted({name for arm in gated for name in report["gates"][arm]},
-                   key=lambda name: (_GATE_ORDER.get(name.split("_")[0], 99), name))
-    print(f"\n{'gate (pass, p_adj)':24s}" + "".join(f"{arm:>{width}s}" for arm in gated))
+def render_table(header: list[str], rows: list[list[str]], max_width: int | None = None) -> list[str]:
+    """Aligned text lines: first column left-aligned, the others right-aligned, each column as wide as its
+    widest cell and COLUMN_GAP apart. A table wider than max_width (default: the terminal) is split into
+    blocks of columns, each repeating the first, so that a terminal never wraps a row."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    max_width = max_width or shutil.get_terminal_size((120, 24)).columns
+    blocks, block, used = [], [], widths[0]
+    for i in range(1, len(header)):
+        if block and used + len(COLUMN_GAP) + widths[i] > max_width:
+            blocks, block, used = blocks + [block], [], widths[0]
+        block.append(i)
+        used += len(COLUMN_GAP) + widths[i]
+    lines = []
+    for block in [*blocks, block]:
+        if lines:
+            lines.append("")
+        for row in [header, *rows]:
+            lines.append(COLUMN_GAP.join([row[0].ljust(widths[0]), *(row[i].rjust(widths[i]) for i in block)]))
+    return lines
+
+
+def recorded_thresholds(report: dict) -> dict[str, float]:
+    """The gate thresholds (gate_* flags) the report's gates were computed with; statistics_config wins over
+    config, as it is written by the statistics themselves (a pooled report recomputes them)."""
+    found = {}
+    for source in (report.get("config") or {}, report.get("statistics_config") or {}):
+        found.update({k: v for k, v in source.items() if k.startswith("gate_") and _number(v)})
+    return found
+
+
+def fdr_level(report: dict) -> float | None:
+    """The Benjamini-Hochberg level q the gates were corrected at, when the report records it."""
+    for source in (report.get("statistics_config") or {}, report.get("config") or {}):
+        if isinstance(source.get("fdr_q"), (int, float)):
+            return float(source["fdr_q"])
+    return None
+
+
+def ci_label(report: dict) -> str:
+    """"95% CIs" at the report's confidence level."""
+    level = (report.get("statistics_config") or {}).get("ci_level", (report.get("config") or {}).get("ci_level"))
+    return f"{100 * level:g}% CIs" if _number(level) else "CIs"
+
+
+def legend_text(name: str, report: dict) -> str:
+    """The plain-words description of a table row or gate, with the report's thresholds filled in."""
+    language = None
+    if name not in METRIC_LEGEND and name.startswith(("fidelity_", "G4_")):
+        language = name.split("_", 1)[1]
+        name = "fidelity_<lang>" if name.startswith("fidelity_") else "G4_<lang>"
+    if name not in METRIC_LEGEND:
+        return "(not described in METRIC_LEGEND)"
+    values = dict(_THRESHOLD_SYMBOLS)
+    values.update({flag: f"{value:g}" for flag, value in recorded_thresholds(report).items()})
+    values["language"] = LANGUAGE_NAMES.get(language, language)
+    return METRIC_LEGEND[name].format_map(values)
+
+
+def gate_sort_key(name: str) -> tuple[int, str]:
+    family = name.split("_")[0]
+    return (GATE_ORDER.index(family) if family in GATE_ORDER else len(GATE_ORDER), name)
+
+
+def gate_state(result: dict) -> str:
+    """"pass", "fail", "n/a" (not applicable: left out of the correction) or "not evaluated" (no p-value)."""
+    if result.get("applicable", True) is False:
+        return "n/a"
+    if result.get("evaluated") is False or result.get("p_adj") is None:
+        return "not evaluated"
+    return "pass" if result.get("pass") is True else "fail"
+
+
+def gate_cell(result: dict | None) -> str:
+    """A gate-table cell: "PASS 0.012" / "fail 0.43" with the BH-adjusted p; "*" marks an uninformative
+    gate (the base already passes it), "^" an underpowered one."""
+    if result is None:
+        return "-"
+    state = gate_state(result)
+    if state in ("n/a", "not evaluated"):
+        return state
+    marks = ("*" if result.get("uninformative") else "") + ("^" if result.get("underpowered") else "")
+    return f"{'PASS' if state == 'pass' else 'fail'}{marks} {format_p(result['p_adj'])}"
+
+
+def _metric_row_value(arm_summary: dict, name: str) -> dict | None:
+    if name == "ppl_retain_ratio":
+        return (arm_summary.get("ppl_retain") or {}).get("ratio_vs_base")
+    return arm_summary.get(name)
+
+
+def metric_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of arms by metrics; a metric no arm has is left out."""
+    summary = report.get("summary") or {}
+    arms = list(summary)
+    extra = sorted({k for rows in summary.values() for k in rows if k.startswith("fidelity_")} - set(TABLE_METRICS))
+    rows = []
+    for name in [*TABLE_METRICS, *extra]:
+        values = [_metric_row_value(summary[arm], name) for arm in arms]
+        if any(value is not None for value in values):
+            rows.append([name, *(format_estimate(value) for value in values)])
+    return [f"metric (mean [{ci_label(report).removesuffix('s')}])", *arms], rows
+
+
+def gate_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of gates by arms (result and BH-adjusted p), then the decision row."""
+    gates = report.get("gates") or {}
+    arms = list(gates)
+    names = sorted({name for arm in arms for name in gates[arm]}, key=gate_sort_key)
+    rows = [[name, *(gate_cell(gates[arm].get(name)) for arm in arms)] for name in names]
+    decisions = report.get("decision") or {}
+    rows.append(["decision", *(decisions.get(arm, "not recorded") for arm in arms)])
+    return ["gate (result, p_adj)", *arms], rows
+
+
+def table_lines(report: dict, max_width: int | None = None) -> list[str]:
+    """Both tables, their footnotes and the legend of every row shown."""
+    metric_header, metric_rows = metric_table(report)
+    gate_header, gate_rows = gate_table(report)
+    lines = ["", *render_table(metric_header, metric_rows, max_width)]
+    if len(gate_header) > 1:
+        lines += ["", *render_table(gate_header, gate_rows, max_width)]
+    cells = [cell for row in gate_rows if row[0] != "decision" for cell in row[1:]]
+    notes = [(any("*" in cell for cell in cells),
+              "* uninformative: the base model already passes this gate, so passing it says nothing about the arm"),
+             (any("^" in cell for cell in cells),
+              "^ underpowered: fewer prompts than the gate needs to detect a pass (see the conclusion)"),
+             ("n/a" in cells, "n/a: the metric is the base model's by construction; left out of the correction, "
+                              "not a pass"),
+             ("not evaluated" in cells, "not evaluated: no p-value could be computed (see the conclusion); counts "
+                                        "as not passed")]
+    if any(used for used, _ in notes):
+        lines += ["", *(note for used, note in notes if used)]
+    shown = [row[0] for row in metric_rows] + [row[0] for row in gate_rows if row[0] != "decision"]
+    width = max((len(name) for name in shown), default=0)
+    wrap = max((max_width or shutil.get_terminal_size((120, 24)).columns) - width - 4, 30)
+    lines += ["", "legend:"]
+    for name in shown:
+        parts = textwrap.wrap(legend_text(name, report), wrap, break_on_hyphens=False)
+        lines += [f"  {name.ljust(width)}  {parts[0]}", *(f"  {'':{width}}  {part}" for part in parts[1:])]
+    return lines
+
+
+def one_line(text: str, limit: int) -> str:
+    """An output on one line: line breaks shown as a return sign, runs of spaces collapsed, cut with an ellipsis."""
+    flat = " ".join(text.replace("\n", " \u23ce ").split()) or "(empty)"
+    return flat if len(flat) <= limit else flat[: max(limit - 1, 1)] + "\u2026"
+
+
+def first_outputs(arm_record: dict, set_name: str) -> tuple[str | None, list[str] | str]:
+    """(seed, outputs on set_name) of an arm's first successful seed, or (None, why there are none)."""
+    seeds = arm_record.get("seeds") or {}
+    for seed in sorted(seeds, key=int):
+        if seeds[seed].get("status") == "ok":
+            outputs = (seeds[seed].get("outputs") or {}).get(set_name)
+            return (seed, outputs) if outputs is not None else (None, f"seed {seed} recorded no {set_name} outputs")
+    return None, "no successful seed"
+
+
+def example_output_lines(report: dict, n: int, max_width: int | None = None,
+                         set_name: str = "forget_eval") -> list[str]:
+    """The first n prompts of set_name, each with the output of base and of every arm (first successful seed),
+    one line each, so that what the numbers mean can be seen."""
+    prompts = ((report.get("prompts") or {}).get(set_name) or {}).get("prompts")
+    if not prompts:
+        return ["", f"example outputs: no {set_name} prompts in the report"]
+    arms = report.get("arms") or {}
+    found = {arm: first_outputs(record, set_name) for arm, record in arms.items()}
+    label_width = max([len("prompt"), *(len(arm) for arm in arms)])
+    prefix = len(f"  #{0:<3d} {'':{label_width}} | ")  # the label part of every line
+    limit = max((max_width or shutil.get_terminal_size((120, 24)).columns) - prefix, 20)
+    shown = min(n, len(prompts))
+    lines = ["", f"example outputs on {set_name} ({shown} of {len(prompts)} prompts; first successful seed of each "
+             "arm; one line each, \u23ce = line break):"]
+    for i in range(shown):
+        lines.append(f"  #{i + 1:<3d} {'prompt'.ljust(label_width)} | {one_line(prompts[i], limit)}")
+        for arm, (seed, outputs) in found.items():
+            if seed is None:
+                text = f"({outputs})"  # why the arm has no outputs
+            elif i < len(outputs):
+                text = one_line(outputs[i], limit)
+            else:
+                text = "(no output for this prompt)"
+            lines.append(f"       {arm.ljust(label_width)} | {text}")
+    return lines
+
+
+def print_table(report: dict, show_outputs: int = 0) -> None:
+    """Arms by metrics (means and CIs), gates by arms (result and BH-adjusted p) with decisions, a legend
+    in words, show_outputs example outputs per arm on forget-eval next to base, then the conclusion."""
+    lines = table_lines(report)
+    if show_outputs > 0:
+        lines += example_output_lines(report, show_outputs)
+    width = shutil.get_terminal_size((120, 24)).columns
+    for line in ["", *closing_summary(report)]:  # a gate's line wraps under its text, past the kind column
+        indent = len(line) - len(line.lstrip())
+        lines += textwrap.wrap(line, width, subsequent_indent=" " * (indent + (16 if indent == 4 else 2)),
+                               break_on_hyphens=False) or [""]
+    print("\n".join(lines))
+
+
+# The conclusion in words, from the gate results only.
+_RATIO_LABELS = {"G1": "ES", "G1S": "script-blind ES", "G3": "mixed-prompt ES", "G6": "adversarial ES"}
+_HEALTH_MEASURES = {"empty_rate": "empty outputs", "repetition": "repetition"}
+NOT_APPLICABLE_DEFAULT = "the metric is the base model's by construction"
+COLLAPSE_INCREASE = 0.5  # an output-health rise this large (half the outputs empty or looping) is called a collapse
+
+
+def _two_decimals(value: float) -> str:
+    return f"{value:.2f}" if abs(value) < 1000 else compact_number(value, 2)
+
+
+def _needs(threshold, text: Callable[[float], str]) -> str:
+    return text(threshold) if _number(threshold) else "threshold not recorded"
+
+
+def _ratio_finding(name: str, result: dict) -> tuple[str, bool | None]:
+    label, threshold = _RATIO_LABELS[name.split("_")[0]], result.get("threshold")
+    ratio, arm, base = result.get("ratio"), result.get("arm_mean"), result.get("base_mean")
+    if not _number(ratio) and _number(arm) and _number(base) and base > 0:
+        ratio = arm / base
+    needs = _needs(threshold, lambda t: f"needs < {t:.2f}")
+    if not _number(ratio):
+        base_text = f"base ES {_two_decimals(base)}" if _number(base) else "base ES not recorded"
+        return f"{name}: {label} ratio to base not available ({base_text}), {needs}", None
+    return f"{name}: {label} {_two_decimals(ratio)} of base, {needs}", ratio < threshold if _number(threshold) else None
+
+
+def _utility_finding(name: str, result: dict) -> tuple[str, bool | None]:
+    increase, threshold = result.get("nll_increase"), result.get("threshold")
+    if not _number(increase) and _number(result.get("arm_mean")) and _number(result.get("base_mean")):
+        increase = result["arm_mean"] - result["base_mean"]
+    needs = _needs(threshold, lambda t: f"needs < x{t:.2f}")
+    if not _number(increase):
+        return f"{name}: retain perplexity ratio not recorded, {needs}", None
+    ratio = math.exp(increase) if increase < 700 else math.inf  # the NLL increase is the log perplexity ratio
+    meets = ratio < threshold if _number(threshold) else None
+    return f"{name}: retain perplexity x{_two_decimals(ratio)}, {needs}", meets
+
+
+def _fidelity_finding(name: str, result: dict) -> tuple[str, bool | None]:
+    lang = name.split("_", 1)[1] if "_" in name else "?"
+    language, threshold = LANGUAGE_NAMES.get(lang, lang), result.get("threshold")
+    drop = result.get("drop")
+    if not _number(drop) and _number(result.get("arm_mean")) and _number(result.get("base_mean")):
+        drop = result["base_mean"] - result["arm_mean"]
+    needs = _needs(threshold, lambda t: f"needs < {t:.2f}")
+    if not _number(drop):
+        return f"{name}: {language} fidelity drop not recorded, {needs}", None
+    return f"{name}: {language} fidelity drop {drop:.2f}, {needs}", drop < threshold if _number(threshold) else None
+
+
+def _mia_finding(name: str, result: dict) -> tuple[str, bool | None]:
+    auc, margin = result.get("estimate"), result.get("threshold")
+    needs = _needs(margin, lambda m: f"needs {0.5 - m:.2f}-{0.5 + m:.2f}")
+    if not _number(auc):
+        return f"{name}: MIA AUC not recorded, {needs}", None
+    return f"{name}: MIA AUC {auc:.2f}, {needs}", abs(auc - 0.5) < margin if _number(margin) else None
+
+
+def _health_finding(name: str, result: dict) -> tuple[str, bool | None]:
+    """The binding component ("worst"; else the one with the largest p), plus any other over its margin."""
+    components = {key: c for key, c in (result.get("components") or {}).items() if isinstance(c, dict)}
+    worst = result.get("worst")
+    if worst not in components:
+        if not components:
+            return f"{name}: output health components not recorded", None
+        worst = max(components, key=lambda key: components[key].get("p") if _number(components[key].get("p")) else 0)
+
+    def describe(key: str) -> str:
+        set_name, _, measure = key.partition("/")
+        increase = components[key].get("increase")
+        amount = f"{increase:+.2f}" if _number(increase) else "(rise not recorded)"
+        return f"{_HEALTH_MEASURES.get(measure, measure)} {amount} on {set_name}"
+
+    increase, margin = components[worst].get("increase"), components[worst].get("margin")
+    severity = "output collapsed" if _number(increase) and increase >= COLLAPSE_INCREASE else "output degraded"
+    text = f"{name}: {severity}: {describe(worst)} ({_needs(margin, lambda m: f'needs < {m:+.2f}')})"
+    others = [describe(key) for key, c in components.items() if key != worst and _number(c.get("increase"))
+              and _number(c.get("margin")) and c["increase"] >= c["margin"]]
+    if others:
+        text += "; also " + ", ".join(others)
+    return text, increase < margin if _number(increase) and _number(margin) else None
+
+
+def gate_finding(name: str, result: dict) -> tuple[str, bool | None]:
+    """One gate's estimate against its threshold in words, and whether the estimate itself meets the
+    threshold (None when that is unknown): a gate can fail with a good estimate that is not significant."""
+    family = name.split("_")[0]
+    if family in _RATIO_LABELS:
+        return _ratio_finding(name, result)
+    finders = {"G2": _utility_finding, "G4": _fidelity_finding, "G5": _mia_finding, "GH": _health_finding}
+    if family in finders:
+        return finders[family](name, result)
+    estimate, threshold = result.get("estimate"), result.get("threshold")
+    return (f"{name}: estimate {compact_number(estimate) if _number(estimate) else 'not recorded'}, threshold "
+            f"{compact_number(threshold) if _number(threshold) else 'not recorded'}"), None
+
+
+def arm_conclusion(arm: str, gates: dict, decision: str | None, q: float | None) -> list[str]:
+    """Lines for one arm: its decision, then each failed gate with its numbers, then every gate that is
+    not applicable, uninformative, not evaluated or underpowered, with why."""
+    names = sorted(gates, key=gate_sort_key)
+    states = {name: gate_state(gates[name]) for name in names}
+    failed = [name for name in names if states[name] == "fail"]
+    passed = [name for name in names if states[name] == "pass"]
+    count = "no gates" if not names else f"all {len(names)} gates passed" if len(passed) == len(names) else \
+        f"{len(passed)} of {len(names)} gates passed"
+    lines = [f"  {arm}: {decision or 'decision not recorded'} ({count})"]
+
+    def add(kind: str, text: str) -> None:
+        lines.append(f"    {kind.ljust(15)} {text}")
+
+    for name in failed:
+        text, meets = gate_finding(name, gates[name])
+        p_adj = format_p(gates[name]["p_adj"])
+        if meets:
+            q_text = f" > q {q:g}" if q is not None else ""
+            text += f" (the estimate is within it but not significant: p_adj {p_adj}{q_text})"
+        elif text.endswith(")"):  # "(needs < +0.05)" -> "(needs < +0.05; p_adj 0.90)"
+            text = f"{text[:-1]}; p_adj {p_adj})"
+        else:
+            text += f" (p_adj {p_adj})"
+        add("failed", text + (" [uninformative]" if gates[name].get("uninformative") else ""))
     for name in names:
-        cells = []
-        for arm in gated:
-            result = report["gates"][arm].get(name)
-            cells.append("-" if result is None else "not evaluated" if result.get("p_adj") is None else
-                         f"{'PASS' if result['pass'] else 'fail'} {result['p_adj']:.3g}")
-        print(f"{name:24s}" + "".join(f"{cell:>{width}s}" for cell in cells))
-    print(f"{'decision':24s}" + "".join(f"{report['decision'][arm]:>{width}s}" for arm in gated))
+        result, reason = gates[name], gates[name].get("reason")
+        if states[name] == "n/a":
+            add("not applicable", f"{name}: {reason or NOT_APPLICABLE_DEFAULT}")
+        elif states[name] == "not evaluated":
+            add("not evaluated", f"{name}: {reason or 'no reason recorded'}")
+        if result.get("uninformative") and states[name] in ("pass", "fail"):
+            add("uninformative", f"{name}: {reason or 'the base model already passes it'} "
+                f"({gate_finding(name, result)[0].split(': ', 1)[1]})")
+        power = result.get("underpowered")
+        if isinstance(power, dict):
+            add("underpowered", f"{name}: {power.get('n', '?')} prompts, about {power.get('n_needed', '?')} needed")
+    return lines
+
+
+def failed_seed_lines(report: dict, arm: str) -> list[str]:
+    seeds = ((report.get("arms") or {}).get(arm) or {}).get("seeds") or {}
+    return [f"    {'seed failed'.ljust(15)} seed {seed}: {outcome.get('error') or 'no error recorded'}"
+            for seed, outcome in sorted(seeds.items(), key=lambda item: int(item[0]))
+            if outcome.get("status") == "failed"]
+
+
+def closing_summary(report: dict) -> list[str]:
+    """The conclusion in words, one block per arm: PROCEED or STOP; for STOP, each failed gate with its
+    estimate and the threshold it needed; every gate that was not applicable, uninformative, not evaluated
+    or underpowered, with why; and seeds that failed. Built from report["gates"] and report["decision"]."""
+    gates, decisions, q = report.get("gates") or {}, report.get("decision") or {}, fdr_level(report)
+    correction = f"Benjamini-Hochberg q = {q:g}" if q is not None else "Benjamini-Hochberg"
+    lines = [f"conclusion (a gate passes when its BH-adjusted p is at most q; {correction} over all gates of all "
+             "arms):"]
+    if not gates:
+        return lines + ["  no gates in the report (base evaluation only)"]
+    for arm, arm_gates in gates.items():
+        lines += arm_conclusion(arm, arm_gates, decisions.get(arm), q) + failed_seed_lines(report, arm)
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures (PNG beside the report), for a paper draft
+# ---------------------------------------------------------------------------------------------
+# Arms: Paul Tol's "muted" scheme, nine colours distinguishable under the common colour-vision deficiencies
+# (one per arm of ALL_ARMS, base is black); each arm also gets its own marker. Lines and gate cells use
+# Okabe-Ito colours (also colour-blind safe).
+PALETTE = ["#332288", "#CC6677", "#117733", "#88CCEE", "#999933", "#AA4499", "#44AA99", "#882255", "#DDCC77"]
+MARKERS = ["o", "s", "D", "^", "v", "P", "X", "p", "h"]
+OKABE_ITO = {"blue": "#0072B2", "vermillion": "#D55E00", "green": "#009E73", "sky": "#56B4E9", "orange": "#E69F00",
+             "pink": "#CC79A7"}
+GATE_COLOURS = {"pass": OKABE_ITO["green"], "fail": OKABE_ITO["vermillion"], "n/a": "#8C8C8C",
+                "not evaluated": "#DDDDDD", "absent": "#FFFFFF"}
+STAGE_FILLS = ["#E8E8E8", "#CFE3F1", "#F6E3C4", "#D9EFE6"]
+FIGURE_DPI = 180
+FIGURE_STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9,
+                "ytick.labelsize": 9, "legend.fontsize": 8.5, "axes.spines.top": False, "axes.spines.right": False,
+                "hatch.linewidth": 0.8, "savefig.facecolor": "white"}
+LOG_SCALE_RATIO = 3.0  # a perplexity ratio above this (collapsed arms reach 1e6) puts the axis on a log scale
+
+
+def arm_styles(report: dict) -> dict[str, tuple[str, str]]:
+    """(colour, marker) per arm, the same in every figure; base is black with a star."""
+    arms = [arm for arm in [*(report.get("arms") or {}), *(report.get("summary") or {})] if arm != "base"]
+    arms = list(dict.fromkeys(arms))
+    styles = {arm: (PALETTE[i % len(PALETTE)], MARKERS[i % len(MARKERS)]) for i, arm in enumerate(arms)}
+    return {"base": ("#000000", "*"), **styles}
+
+
+def summary_estimate(row) -> tuple[float, float | None, float | None] | None:
+    """(mean, CI low, CI high) of a summary row; None when the row or its mean is missing."""
+    if not isinstance(row, dict) or not _number(row.get("mean")):
+        return None
+    ci = row.get("ci")
+    low, high = (ci[0], ci[1]) if isinstance(ci, (list, tuple)) and len(ci) == 2 else (None, None)
+    return float(row["mean"]), low, high
+
+
+def error_bar(estimate: tuple[float, float | None, float | None]) -> list[list[float]]:
+    """matplotlib's [[below], [above]] from a CI; a missing bound, or one on the wrong side of the mean
+    (a degenerate interval), draws no bar on that side."""
+    mean, low, high = estimate
+    return [[max(mean - low, 0.0) if _number(low) else 0.0], [max(high - mean, 0.0) if _number(high) else 0.0]]
+
+
+def forget_utility_points(report: dict) -> dict[str, tuple[tuple, tuple]]:
+    """arm -> ((ES mean, lo, hi), (perplexity ratio mean, lo, hi)); base sits at ratio 1 by definition."""
+    points = {}
+    for arm, rows in (report.get("summary") or {}).items():
+        es = summary_estimate(rows.get("es_forget_eval"))
+        ppl = rows.get("ppl_retain") or {}
+        ratio = (1.0, None, None) if arm == "base" else summary_estimate(ppl.get("ratio_vs_base"))
+        if es is not None and ratio is not None:  # an arm without either number cannot be placed
+            points[arm] = (es, ratio)
+    return points
+
+
+def place_labels(ax, labels: list[tuple[str, float, float]], fontsize: float = 9) -> None:
+    """Each (text, x, y) beside its point, at the first of four offsets where it stays inside the axes and
+    overlaps no label placed before (sizes estimated from the font size), so that nearby arms stay
+    readable. Call it once the axis limits are final."""
+    offsets = [(6, 4, "left", "bottom"), (6, -4, "left", "top"), (-6, 4, "right", "bottom"), (-6, -4, "right", "top")]
+    to_points = 72 / ax.figure.dpi  # display pixels to points, the unit of the offsets
+    (x0, y0), (x1, y1) = ax.bbox.get_points() * to_points
+    placed = []
+    for text, x, y in labels:
+        px, py = ax.transData.transform((x, y)) * to_points
+        width, height = 0.62 * fontsize * len(text), 1.3 * fontsize
+        for dx, dy, ha, va in offsets:
+            left, bottom = px + dx - (width if ha == "right" else 0), py + dy - (height if va == "top" else 0)
+            box = (left, bottom, left + width, bottom + height)
+            inside = x0 <= box[0] and box[2] <= x1 and y0 <= box[1] and box[3] <= y1
+            if inside and not any(box[0] < o[2] and o[0] < box[2] and box[1] < o[3] and o[1] < box[3]
+                                  for o in placed):
+                break  # otherwise the last offset is used
+        placed.append(box)
+        ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va, fontsize=fontsize,
+                    color="#222222", zorder=4)  # dark text: the lighter palette colours are hard to read as text
+
+
+def draw_forget_utility_gates(ax, report: dict, base_es: float | None) -> None:
+    """G1 (vertical) and G2 (horizontal) thresholds, and the region passing both shaded; a line whose
+    threshold or base ES is not recorded is left out."""
+    from matplotlib.patches import Rectangle
+
+    thresholds = recorded_thresholds(report)
+    rho, ppl_line = thresholds.get("gate_es_forget_ratio"), thresholds.get("gate_ppl_ratio")
+    es_line = rho * base_es if _number(rho) and base_es is not None else None
+    if es_line is not None:
+        ax.axvline(es_line, color="#444444", linestyle="--", linewidth=1,
+                   label=f"G1: ES < {rho:g} \u00d7 base ES = {es_line:.2f}")
+        ax.set_xlim(right=max(ax.get_xlim()[1], es_line * 1.15))
+    if _number(ppl_line):
+        ax.axhline(ppl_line, color="#444444", linestyle=":", linewidth=1.2,
+                   label=f"G2: perplexity < {ppl_line:g} \u00d7 base")
+    (x0, _), (y0, _) = ax.get_xlim(), ax.get_ylim()
+    if es_line is not None and _number(ppl_line):
+        ax.add_patch(Rectangle((x0, y0), es_line - x0, ppl_line - y0, facecolor=OKABE_ITO["green"], alpha=0.12,
+                               edgecolor="none", zorder=0, label="passes G1 and G2 (point estimates)"))
+        ax.set_ylim(bottom=y0)
+
+
+def figure_forget_vs_utility(report: dict):
+    """Each arm at (ES on forget-eval, retain perplexity / base), both CIs as bars, with the G1 and G2
+    thresholds as lines and the region passing both shaded. None when no arm has both numbers."""
+    from matplotlib.figure import Figure
+
+    points = forget_utility_points(report)
+    if not any(arm != "base" for arm in points):
+        return None
+    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    if max(v for _, ratio in points.values() for v in ratio if _number(v)) > LOG_SCALE_RATIO:
+        ax.set_yscale("log")
+    styles, labels = arm_styles(report), []
+    for arm, (es, ratio) in points.items():
+        colour, marker = styles.get(arm, ("#000000", "o"))
+        ax.errorbar(es[0], ratio[0], xerr=error_bar(es), yerr=error_bar(ratio), fmt=marker, color=colour,
+                    markersize=11 if arm == "base" else 7, capsize=3, elinewidth=1.2, zorder=3)
+        labels.append((arm if arm == "base" else f"{arm} (\u00d7{compact_number(ratio[0])})", es[0], ratio[0]))
+    highest_es = max(v for es, _ in points.values() for v in es if _number(v))
+    ax.set_xlim(0, min(1.02, max(highest_es * 1.15, 0.05)))  # ES is a share: the axis starts at 0
+    draw_forget_utility_gates(ax, report, points["base"][0][0] if "base" in points else None)
+    ax.set_xlabel("ES on forget-eval (share of Hindi words in outputs)")
+    ax.set_ylabel("retain perplexity / base perplexity (\u00d7)" + (", log scale" if ax.get_yscale() == "log" else ""))
+    ax.set_title(f"Forgetting vs utility ({ci_label(report)})")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", framealpha=0.9)
+    ax.grid(alpha=0.3, linewidth=0.6)
+    place_labels(ax, labels)
+    return fig
+
+
+def figure_gates(report: dict):
+    """Arms (rows) by gates (columns): pass, fail, not applicable, not evaluated; hatched with "u" when
+    uninformative; each cell shows its BH-adjusted p. None when the report has no gates."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    gates = report.get("gates") or {}
+    arms = [arm for arm in gates if gates[arm]]
+    if not arms:
+        return None
+    names = sorted({name for arm in arms for name in gates[arm]}, key=gate_sort_key)
+    fig = Figure(figsize=(max(6.0, 1.8 + 0.85 * len(names)), 1.9 + 0.55 * len(arms)), layout="constrained")
+    ax = fig.add_subplot()
+    for i, arm in enumerate(arms):
+        for j, name in enumerate(names):
+            result = gates[arm].get(name)
+            state = "absent" if result is None else gate_state(result)
+            uninformative = state in ("pass", "fail") and bool(result.get("uninformative"))
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=GATE_COLOURS[state], edgecolor="white",
+                                   linewidth=2, hatch="///" if uninformative else None))
+            if state in ("pass", "fail"):
+                text = f"{'PASS' if state == 'pass' else 'fail'}{' u' if uninformative else ''}\n" \
+                       f"p={format_p(result['p_adj'])}"
+            else:
+                text = {"n/a": "n/a", "not evaluated": "not\nevaluated", "absent": "-"}[state]
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, linespacing=1.3,
+                    color="white" if state in ("pass", "fail", "n/a") else "black",
+                    bbox={"boxstyle": "round,pad=0.15", "facecolor": GATE_COLOURS[state], "edgecolor": "none"}
+                    if uninformative else None)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.set_ylim(len(arms) - 0.5, -0.5)
+    decisions = report.get("decision") or {}
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(arms)), [f"{arm} ({decisions.get(arm, 'no decision')})" for arm in arms])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_xlabel("gate (cell: result and BH-adjusted p-value)")
+    ax.set_title("Gates per arm")
+    handles = [Patch(facecolor=GATE_COLOURS["pass"], label="pass"), Patch(facecolor=GATE_COLOURS["fail"], label="fail"),
+               Patch(facecolor=GATE_COLOURS["n/a"], label="not applicable"),
+               Patch(facecolor=GATE_COLOURS["not evaluated"], label="not evaluated"),
+               Patch(facecolor="white", edgecolor="#444444", hatch="///", label="u: uninformative (base passes too)")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=5, frameon=False, fontsize=8)
+    return fig
+
+
+def figure_related_languages(report: dict):
+    """Fidelity per related language (groups) and arm (bars) with CIs; per language, base fidelity minus
+    the allowed drop (gate G4) as a dashed line. None when no arm has a fidelity_<lang> metric."""
+    from matplotlib.figure import Figure
+
+    summary = report.get("summary") or {}
+    langs = sorted({key.removeprefix("fidelity_") for rows in summary.values() for key in rows
+                    if key.startswith("fidelity_")})
+    arms = [arm for arm in summary if any(summary_estimate(summary[arm].get(f"fidelity_{l}")) for l in langs)]
+    if not arms:
+        return None
+    width = 0.8 / len(arms)
+    fig = Figure(figsize=(min(12.0, max(6.0, 1.5 + len(langs) * (0.32 * len(arms) + 0.7))), 4.4),
+                 layout="constrained")
+    ax = fig.add_subplot()
+    styles = arm_styles(report)
+    for k, arm in enumerate(arms):
+        xs, heights, errors = [], [], [[], []]
+        for i, lang in enumerate(langs):
+            estimate = summary_estimate(summary[arm].get(f"fidelity_{lang}"))
+            if estimate is None:  # this arm lacks this language: its bar is left out
+                continue
+            below, above = error_bar(estimate)
+            xs.append(i + (k - (len(arms) - 1) / 2) * width)
+            heights.append(estimate[0])
+            errors[0] += below
+            errors[1] += above
+        colour = "#555555" if arm == "base" else styles.get(arm, ("#000000", "o"))[0]
+        ax.bar(xs, heights, width * 0.92, yerr=errors, capsize=2, color=colour, label=arm,
+               error_kw={"elinewidth": 1, "ecolor": "#222222"})
+        for x, height in zip(xs, heights):
+            if height < 0.02:  # a bar this low is invisible: say that it is there, and near zero
+                ax.text(x, height + 0.01, f"{height:.2f}", ha="center", va="bottom", fontsize=7, rotation=90)
+    drop = recorded_thresholds(report).get("gate_fidelity_drop")
+    base = summary.get("base") or {}
+    labelled = False
+    for i, lang in enumerate(langs):
+        estimate = summary_estimate(base.get(f"fidelity_{lang}"))
+        if estimate is None or not _number(drop):  # no base fidelity or no threshold: no line to draw
+            continue
+        ax.hlines(estimate[0] - drop, i - 0.45, i + 0.45, colors="#000000", linestyles="--", linewidth=1.3,
+                  label=None if labelled else f"G4 limit: base fidelity \u2212 {drop:g}", zorder=3)
+        labelled = True
+    ax.set_xticks(range(len(langs)), [f"{LANGUAGE_NAMES.get(l, l)} ({l})" for l in langs])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("fidelity (share of outputs in\nthe prompt's language)")
+    ax.set_xlabel("related-language prompts")
+    ax.set_title(f"Related-language fidelity ({ci_label(report)})")
+    ax.grid(axis="y", alpha=0.3, linewidth=0.6)
+    fig.legend(loc="outside right upper", frameon=False)
+    return fig
+
+
+def training_runs(report: dict) -> list[tuple[str, list[tuple[str, list[dict], list[dict]]]]]:
+    """(arm, [(seed, train_log, adaptive stages)]) for every arm with a train_log in some seed."""
+    panels = []
+    for arm, record in (report.get("arms") or {}).items():
+        seeds = record.get("seeds") or {}
+        runs = []
+        for seed in sorted(seeds, key=int):
+            info = seeds[seed].get("info") or {}
+            if info.get("train_log"):  # untrained arms (base, prompt, dim, ...) have none
+                runs.append((seed, info["train_log"], (info.get("adaptive") or {}).get("stages") or []))
+        if runs:
+            panels.append((arm, runs))
+    return panels
+
+
+def lr_range_tests(report: dict) -> list[tuple[str, dict]]:
+    """auto-config decisions named lr* that carry a range-test curve (a user-given LR has none)."""
+    return [(name, entry) for name, entry in (report.get("auto_config") or {}).items()
+            if name.startswith("lr") and isinstance(entry, dict) and isinstance(entry.get("inputs"), dict)
+            and entry["inputs"].get("curve")]
+
+
+def draw_stages(ax, stages: list[dict]) -> None:
+    """Adaptive-unlearning stages as shaded spans, named at the top of the panel."""
+    for k, stage in enumerate(stages):
+        start, end = stage["start_step"], stage["end_step"]
+        ax.axvspan(start, end, color=STAGE_FILLS[k % len(STAGE_FILLS)], alpha=0.7, zorder=0, linewidth=0)
+        trigger = f"\n({stage['trigger']})" if stage.get("trigger") else ""
+        ax.text((start + end) / 2, 0.98, f"{stage['stage']}{trigger}", transform=ax.get_xaxis_transform(),
+                ha="center", va="top", fontsize=7, color="#333333", zorder=1)
+
+
+def draw_training(ax, arm: str, runs: list, config: dict) -> None:
+    """Loss per step: forget steps on the left axis, retain steps on a right axis (their scales differ by
+    orders of magnitude under gradient ascent); seeds as light lines, their mean per step bold."""
+    kinds = list(dict.fromkeys(row["kind"] for _, log, _ in runs for row in log))
+    kinds.sort(key=lambda kind: {"forget": 0, "retain": 1}.get(kind, 2))
+    retain_ax = ax.twinx() if "retain" in kinds and len(kinds) > 1 else None
+    line_colours = [OKABE_ITO[name] for name in ("blue", "vermillion", "green", "pink", "orange")]
+    colours = {kind: line_colours[i % len(line_colours)] for i, kind in enumerate(kinds)}
+    for kind in kinds:
+        target = retain_ax if kind == "retain" and retain_ax is not None else ax
+        by_step: dict[int, list[float]] = {}
+        for _, log, _ in runs:
+            rows = sorted((row["step"], row["loss"]) for row in log if row["kind"] == kind)
+            for step, loss in rows:
+                by_step.setdefault(step, []).append(loss)
+            if len(runs) > 1 and rows:
+                target.plot(*zip(*rows), color=colours[kind], alpha=0.3, linewidth=0.8)
+        steps = sorted(by_step)
+        label = f"{kind} (mean of {len(runs)} seeds)" if len(runs) > 1 else kind
+        target.plot(steps, [np.mean(by_step[s]) for s in steps], color=colours[kind], linewidth=1.6, label=label)
+    draw_stages(ax, runs[0][2])
+    ax.set_xlabel("optimizer step")
+    forget_obj, retain_obj = config.get("forget_obj"), config.get("retain_obj")
+    left = [kind for kind in kinds if not (kind == "retain" and retain_ax is not None)]
+    objective = f" ({forget_obj})" if forget_obj and "forget" in left else ""
+    ax.set_ylabel(f"{' / '.join(left)} loss{objective}", color=colours[left[0]] if len(left) == 1 else "black")
+    handles, labels = ax.get_legend_handles_labels()
+    if retain_ax is not None:
+        retain_ax.set_ylabel(f"retain loss{f' ({retain_obj}, nats/token)' if retain_obj else ''}",
+                             color=colours["retain"])
+        retain_ax.spines["right"].set_visible(True)
+        more = retain_ax.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    if runs[0][2]:  # headroom for the stage names at the top
+        for axis in [ax] + ([retain_ax] if retain_ax is not None else []):
+            low, high = axis.get_ylim()
+            axis.set_ylim(low, high + 0.2 * (high - low))
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    stage_note = f"; stages of seed {runs[0][0]}" if runs[0][2] and len(runs) > 1 else ""
+    ax.set_title(f"{arm}: training loss ({len(runs)} seed{'s' if len(runs) > 1 else ''}{stage_note})")
+
+
+def draw_lr_range_test(ax, name: str, entry: dict) -> None:
+    """Loss against learning rate (log x), smoothed curve bold, the chosen LR as a vertical line."""
+    curve = entry["inputs"]["curve"]
+    ax.plot(curve["lr"], curve["loss"], color=OKABE_ITO["sky"], linewidth=0.9, label="loss")
+    if curve.get("smoothed"):
+        ax.plot(curve["lr"], curve["smoothed"], color=OKABE_ITO["blue"], linewidth=1.8, label="smoothed")
+    ax.set_xscale("log")
+    if _number(entry.get("value")):
+        ax.axvline(entry["value"], color=OKABE_ITO["vermillion"], linestyle="--", linewidth=1.3,
+                   label=f"chosen {name} = {compact_number(entry['value'], 2)}")
+    losses = [v for v in curve["loss"] if _number(v)]
+    if losses and max(losses) > 3 * losses[0] > 0:  # the test ends in divergence; keep the useful part readable
+        ax.set_ylim(min(losses) * 0.95, 3 * losses[0])
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("retain loss (nats/token)")
+    ax.set_title(f"auto-config: LR range test ({name})")
+    ax.legend(loc="upper left", framealpha=0.9)
+    ax.grid(alpha=0.3, linewidth=0.6)
+
+
+def figure_training(report: dict):
+    """One panel per trained arm (loss per step, adaptive stages shaded) and one per auto-config LR range
+    test. None when the report has neither."""
+    from matplotlib.figure import Figure
+
+    runs, curves = training_runs(report), lr_range_tests(report)
+    n = len(runs) + len(curves)
+    if n == 0:
+        return None
+    ncols = min(n, 2)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(6.0 * ncols, 3.8 * nrows), layout="constrained")
+    for k, (arm, arm_runs) in enumerate(runs):
+        draw_training(fig.add_subplot(nrows, ncols, k + 1), arm, arm_runs, report.get("config") or {})
+    for k, (name, entry) in enumerate(curves, start=len(runs)):
+        draw_lr_range_test(fig.add_subplot(nrows, ncols, k + 1), name, entry)
+    return fig
+
+
+FIGURES = {"forget_vs_utility.png": figure_forget_vs_utility, "gates.png": figure_gates,
+           "related_languages.png": figure_related_languages, "training.png": figure_training}
+
+
+def write_figures(report: dict, out_dir: Path) -> list[Path]:
+    """The report's figures as PNGs in out_dir (beside the report; a run and an --aggregate pooled report
+    alike); returns the paths written. Every figure is optional, drawn only when its data is there:
+      forget_vs_utility.png  summary es_forget_eval and ppl_retain ratio_vs_base of at least one arm (an arm
+                             lacking either is left out; the threshold lines need the base ES and gate flags)
+      gates.png              report["gates"]
+      related_languages.png  a summary fidelity_<lang> metric (the G4 line needs the base's and the flag)
+      training.png           an arm's info["train_log"] (stages: info["adaptive"]["stages"]) or an
+                             auto_config lr* decision with inputs["curve"]
+    Data that is present but malformed raises; nothing is caught."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    with matplotlib.rc_context(FIGURE_STYLE):
+        for file_name, draw in FIGURES.items():
+            fig = draw(report)
+            if fig is not None:
+                fig.savefig(out_dir / file_name, dpi=FIGURE_DPI)
+                written.append(out_dir / file_name)
+    return written
+
+
+def read_report(path: Path) -> dict:
+    """A report written by a run or by --aggregate, read back (for --plot); bad input is one line."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: cannot read a report ({err})") from None
+    if not isinstance(report, dict) or "arms" not in report:
+        raise InputError(f"{path}: not an MMIE report (no arms)")
+    return report
 
 
 def aggregate_reports(paths: list[Path], args: argparse.Namespace) -> dict:
@@ -2475,12 +3300,19 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     args = build_parser().parse_args(argv)
     check_args(args)
+    if args.plot:
+        report = read_report(args.plot)
+        figures = write_figures(report, args.plot.parent)
+        print_table(report, args.show_outputs)
+        print(f"\nmmie: {len(figures)} figures written beside {args.plot}")
+        return report
     if args.aggregate:
         out_path = args.out if args.out and args.out.suffix == ".json" else (args.out or Path(".")) / "pooled.json"
         pooled = aggregate_reports(args.aggregate, args)
         write_json_atomic(out_path, pooled)
-        print_table(pooled)
-        print(f"\nmmie: pooled {len(args.aggregate)} reports into {out_path}")
+        figures = write_figures(pooled, out_path.parent)
+        print_table(pooled, args.show_outputs)
+        print(f"\nmmie: pooled {len(args.aggregate)} reports into {out_path} ({len(figures)} figures beside it)")
         return pooled
 
     device = resolve_device(args.device)  # flags first: a bad flag fails before any slow work
@@ -2558,8 +3390,9 @@ def main(argv: list[str] | None = None) -> dict:
     compute_statistics(report, args)
     report["run_seconds"] = round(time.time() - started, 1)
     write_json_atomic(out_path, report)
-    print_table(report)
-    print(f"\nmmie: report written to {out_path} ({report['run_seconds']:.0f}s)")
+    figures = write_figures(report, out_path.parent)
+    print_table(report, args.show_outputs)
+    print(f"\nmmie: report written to {out_path} ({report['run_seconds']:.0f}s), {len(figures)} figures beside it")
     return report
 
 
