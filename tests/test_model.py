@@ -80,15 +80,49 @@ def test_model_auto_choice_on_cpu():
 
 
 def test_metric_helpers():
-    assert mmie.repetition_rate("a b c a b c a b c") == pytest.approx(1 - 3 / 7)
-    assert mmie.repetition_rate("one two") == 0.0
     assert mmie.is_empty_output(" ... ।। 42 ")
     assert not mmie.is_empty_output("ok")
     assert mmie.ppl_from_nll([1.0, 2.0], [1, 3]) == pytest.approx(np.exp(1.75))
     assert mmie.auc_from_nll([0.1, 0.2], [0.3, 0.4]) == 1.0  # members have lower loss
     assert mmie.auc_from_nll([0.3, 0.4], [0.1, 0.2]) == 0.0
-    assert mmie.continuation_prompt("a b c d e f g h i j k l m n o p q r", 8) == "a b c d e f g h"
-    assert mmie.continuation_prompt("a b c d e", 8) == "a b"
+
+
+def test_repetition_catches_every_loop_and_spares_ordinary_text():
+    """Word 3-grams gave loops without spaces 0 (below the base model's ordinary greedy loops)."""
+    loops = ['"The' + '"' * 60, "<b>" * 25, '"' * 40, "the cat sat on the mat " * 4, "हाँ हाँ हाँ हाँ हाँ हाँ हाँ हाँ"]
+    for loop in loops:
+        assert mmie.repetition_rate(loop, 10) > 0.5, loop
+    ordinary = ["The weather was lovely today, so we walked to the market and bought fresh mangoes.",
+                "मैं कल सुबह बाज़ार गया था और वहाँ से ताज़ी सब्ज़ियाँ लाया।"]
+    for text in ordinary:
+        assert mmie.repetition_rate(text, 10) == 0.0
+    assert mmie.repetition_rate("short", 10) == 0.0
+
+
+def test_junk_outputs_are_empty_and_never_hindi(lid):
+    """A collapsed model's quote and markup runs were scored as romanized Hindi (0.51-0.57)."""
+    junk = ['"The' + '"' * 30, "<b>" * 20, 'K"', '""""""""', "..!!..!!..", ""]
+    per_prompt = mmie.score_outputs({"forget_eval": junk}, {}, lid, 10)
+    assert per_prompt["empty_rate_forget_eval"] == [1.0] * len(junk)
+    assert per_prompt["es_forget_eval"] == [0.0] * len(junk)
+    assert per_prompt["hi_rate_forget_eval"] == [0.0] * len(junk)
+
+
+def test_continuation_prompts_keep_the_distinct_content_of_instruction_style_sets():
+    """Half the texts start with one instruction, half with another: the first 8 words collapsed 258 eval
+    prompts into 2. Prompts now grow until they are distinct."""
+    hindi = [f"वाक्य {i} में कुछ अलग शब्द हैं जो बाज़ार और मौसम के बारे में हैं।" for i in range(40)]
+    instruction = "In English only, summarize the following Hindi text:"
+    texts = [f"{instruction} {h}" if i % 2 else f"केवल अंग्रेज़ी में इस हिंदी पाठ का सारांश दीजिए: {h}"
+             for i, h in enumerate(hindi)]
+    prompts = mmie.continuation_prompts(texts, 8)
+    assert len(set(prompts)) == len(texts)
+    assert all(text.startswith(prompt) and len(prompt) < len(text) for text, prompt in zip(texts, prompts))
+    assert mmie.continuation_prompts(["a b c d e f g h i j k l m n o p q r"], 8) == ["a b c d e f g h"]
+    assert mmie.continuation_prompts(["a b c d e"], 8) == ["a b"]
+    counts = {}
+    assert mmie.distinct_prompts("set", ["x", "y", "x", "x"], counts) == ["x", "y"]
+    assert counts["set"] == {"n_texts": 4, "n_distinct": 2}
 
 
 def test_json_safe_has_no_nan():

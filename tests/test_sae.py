@@ -146,8 +146,13 @@ def test_feature_selection_finds_planted_hindi_latents():
     _, uncapped = select_hindi_features(sae, forget, retain, roman, top_n=32, max_retain_freq=1.0)
     scores = {row["latent"]: row["score"] for row in uncapped}
     assert scores[5] > 0.15 and scores.get(9, 0.0) < 0.05 and 19 not in scores
-    fisher, _ = select_hindi_features(sae, forget, retain, roman, top_n=3, criterion="fisher")  # the DSG paper's
-    assert set(fisher) == {3, 7, 11}
+    # The DSG paper's code: squared mean activations, forget/retain ratio in the top 5%, ranked by forget score.
+    published, table = select_hindi_features(sae, forget, retain, roman, top_n=3, criterion="published")
+    assert published == [11, 7]  # never on English: the top 5% of the ratio, ranked by forget score
+    assert table[0]["score"] >= table[1]["score"]
+    # A looser ratio cut admits 5 (ratio 9: it fires on English too) and ranks it first by its forget score.
+    assert select_hindi_features(sae, forget, retain, roman, top_n=3, criterion="published",
+                                 ratio_percentile=85)[0] == [5, 3, 11]
 
 
 def test_random_features_control():
@@ -194,10 +199,15 @@ def frequent(model, tokenizer, sae):
     return int((sae.encode(acts) > 0).float().mean(0).argmax())
 
 
+def left_padded(tokenizer, texts):
+    """Left-padded, as generation and DSG's prompt calibration feed the model."""
+    return tokenizer(texts, return_tensors="pt", padding=True)
+
+
 def logits(model, tokenizer, texts):
-    encoded = tokenizer(texts, return_tensors="pt", padding=True)
+    batch = left_padded(tokenizer, texts)
     with torch.no_grad():
-        return model(**encoded).logits, encoded["attention_mask"].bool()
+        return model(**batch).logits, batch["attention_mask"].bool()
 
 
 def test_sae_gate_identity_at_alpha_zero_edits_otherwise_and_removes_hooks(model, tokenizer, sae, frequent):
@@ -225,7 +235,7 @@ def split_threshold(fractions: np.ndarray) -> float:
 
 def test_dsg_edits_only_sequences_above_threshold(model, tokenizer, sae, frequent):
     saes, features = {LAYER: sae}, {LAYER: [frequent]}
-    fractions = sequence_fire_fractions(model, tokenizer, saes, features, TEXTS, batch_size=3, max_len=64)[LAYER]
+    fractions = sequence_fire_fractions(model, saes, features, [left_padded(tokenizer, TEXTS)])[LAYER]
     threshold = split_threshold(fractions)
     above = torch.as_tensor(fractions > threshold)
     assert 0 < above.sum() < len(TEXTS)
@@ -237,7 +247,7 @@ def test_dsg_edits_only_sequences_above_threshold(model, tokenizer, sae, frequen
             gated, _ = logits(model, tokenizer, TEXTS)
     assert torch.equal(state.gated[LAYER], above)
     # At the gated layer, only tokens of gated sequences where the feature fires move.
-    fires = (sae.encode(seen["base"])[..., frequent] > 0) & mask
+    fires = (sae.encode(seen["base"])[..., frequent] > 0) & mmie.content_positions(mask)  # the sink never moves
     moved = (seen["gated"] != seen["base"]).any(-1)
     assert torch.equal(moved, fires & above[:, None]) and moved.any()
     torch.testing.assert_close(state.fraction[LAYER], torch.as_tensor(fractions))
@@ -276,7 +286,7 @@ def hidden_fires(model, sae, latent: int, ids: torch.Tensor) -> torch.Tensor:
 
 def test_dsg_decision_taken_on_the_prompt_persists_through_cached_decoding(model, tokenizer, sae, frequent):
     saes, features = {LAYER: sae}, {LAYER: [frequent]}
-    fractions = sequence_fire_fractions(model, tokenizer, saes, features, TEXTS, batch_size=8, max_len=64)[LAYER]
+    fractions = sequence_fire_fractions(model, saes, features, [left_padded(tokenizer, TEXTS)])[LAYER]
     threshold = split_threshold(fractions)
     gated_prompt, open_prompt = TEXTS[int(np.argmax(fractions))], TEXTS[int(np.argmin(fractions))]
     encoded = tokenizer([gated_prompt, open_prompt], return_tensors="pt", padding=True)
@@ -326,9 +336,9 @@ def test_dsg_refuses_cached_step_without_prompt_decision_and_removes_hooks(model
 
 def test_dsg_threshold_is_the_retain_quantile(model, tokenizer, sae, frequent):
     saes, features = {LAYER: sae}, {LAYER: [frequent]}
-    thresholds = calibrate_dsg_threshold(model, tokenizer, saes, features, ENGLISH, quantile=0.95, batch_size=3,
-                                         max_len=64)
-    fractions = sequence_fire_fractions(model, tokenizer, saes, features, ENGLISH, batch_size=8, max_len=64)[LAYER]
+    thresholds = calibrate_dsg_threshold(model, saes, features, [left_padded(tokenizer, ENGLISH[:2]),
+                                                                 left_padded(tokenizer, ENGLISH[2:])], quantile=0.95)
+    fractions = sequence_fire_fractions(model, saes, features, [left_padded(tokenizer, ENGLISH)])[LAYER]
     assert thresholds == {LAYER: pytest.approx(float(np.quantile(fractions, 0.95)))}
     assert (fractions > thresholds[LAYER]).mean() <= 0.25  # few retain texts are gated
     assert hook_count(model) == 0
