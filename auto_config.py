@@ -1,0 +1,216 @@
+"""Auto-config (DESIGN.md section 8): every hyperparameter the user did not give, chosen by a rule from the
+model, the data and the hardware, measured where possible.
+
+Each choice is a `Decision(value, rule, inputs)`: the value, the rule that produced it (written
+"short name: details"; the table shows the short name) and the measured numbers the rule used. The
+report keeps all three under report["auto_config"]; `decision_table` prints them at the start of a run.
+A user's flag always wins (`auto_config_report`, `decision_table`).
+
+This module holds pure functions and small classes only (torch, numpy, scipy, scikit-learn). It never
+imports mmie: the driver runs the model-dependent probes (an LR range test on the retain objective, a
+batch-size search, SAE training runs) through the callables these functions take, and passes in what it
+measured. Sections:
+
+    0. decisions                 5. LoRA and ReFT              10. power analysis (sample sizes)
+    1. learning rate             6. layers                     11. fixed settings, the table
+    2. batch sizes               7. token lengths
+    3. early stopping, budgets   8. generation
+    4. SAE width and k           9. bootstrap resolution
+
+Every rule of thumb names its source in its docstring; "ours" means no published source sets it and the
+number is this project's choice, documented so that it can be argued with.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import stats
+
+
+# =============================================================================================
+# 0. Decisions
+# =============================================================================================
+def json_safe(value):
+    """The value as JSON can hold it, as the report requires: numpy scalars and arrays become Python numbers
+    and lists, tuples become lists, non-finite floats become None (the report writes null, never NaN), dict
+    keys become strings. Anything else raises TypeError here, not when the report is written at the end."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, dict):
+        if not all(isinstance(k, (str, int, float, bool)) for k in value):
+            raise TypeError(f"dict keys must be str or numbers to go into the report: {list(value)[:5]}")
+        return {str(k): json_safe(v) for k, v in value.items()}
+    raise TypeError(f"{type(value).__name__} cannot go into the JSON report: {value!r}")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One auto-config choice. `rule` reads "short name: details" (the table shows the short name);
+    `inputs` are the measured numbers and settings the rule used. Both value and inputs are made JSON-safe
+    on creation (json_safe), so a Decision can always be written into the report."""
+
+    value: object
+    rule: str
+    inputs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.value, (float, np.floating)) and not math.isfinite(self.value):
+            raise ValueError(f"a decision's value must be finite (rule {self.rule!r} gave {self.value})")
+        object.__setattr__(self, "value", json_safe(self.value))
+        object.__setattr__(self, "inputs", json_safe(dict(self.inputs)))
+
+    @property
+    def short_rule(self) -> str:
+        return self.rule.split(":", 1)[0]
+
+    def as_dict(self) -> dict:
+        return {"value": self.value, "rule": self.rule, "inputs": self.inputs}
+
+
+# =============================================================================================
+# 1. Learning rate
+# =============================================================================================
+def lr_ladder(min_lr: float, max_lr: float, num_steps: int) -> np.ndarray:
+    """num_steps learning rates evenly spaced in log10(lr), both ends included. Lightning's _ExponentialLR
+    computes r = (t + 1) / N, so its first step jumps two rungs (open PR #21931 proposes r = t / (N - 1),
+    which is what this is)."""
+    if not 0 < min_lr < max_lr:
+        raise ValueError(f"need 0 < min_lr < max_lr (got {min_lr}, {max_lr})")
+    if num_steps < 2:
+        raise ValueError(f"num_steps must be at least 2 (got {num_steps})")
+    return np.logspace(math.log10(min_lr), math.log10(max_lr), num_steps)
+
+
+def lr_range_test(step: Callable[[float], float], *, min_lr: float = 1e-7, max_lr: float = 1.0, num_steps: int = 40,
+                  beta: float = 0.98, diverge_factor: float = 4.0) -> dict:
+    """LR range test (Smith 2017; as Lightning's lr_find, notes section 1): call step(lr), one training step
+    at that lr returning its loss, for lrs rising evenly in log10(lr) from min_lr to max_lr. The loss is
+    smoothed by an EMA with bias correction (avg = beta*avg + (1-beta)*loss, smoothed = avg / (1 - beta^(i+1)),
+    Lightning's _LRCallback); the sweep stops when the smoothed loss is non-finite or exceeds diverge_factor
+    times the best so far (Lightning's early_stop_threshold=4). That test is multiplicative, so losses must be
+    positive (NLL-like): a KL retain loss starts at exactly 0 for a fresh adapter, so probe with the retain
+    NLL. The caller restores the model and optimizer afterwards.
+
+    Returns {"lr", "loss", "smoothed", "stop"}; "smoothed" (causal, lagging) serves the stopping rule only,
+    suggest_lr smooths without lag."""
+    if not 0 <= beta < 1 or diverge_factor <= 1:
+        raise ValueError(f"need 0 <= beta < 1 and diverge_factor > 1 (got {beta}, {diverge_factor})")
+    curve = {"lr": [], "loss": [], "smoothed": [], "stop": "end of the sweep"}
+    average, best = 0.0, math.inf
+    for i, lr in enumerate(lr_ladder(min_lr, max_lr, num_steps)):
+        loss = float(step(float(lr)))
+        if math.isfinite(loss) and loss <= 0:
+            raise ValueError(f"lr_range_test needs positive (NLL-like) losses; step({lr:.3g}) returned {loss}")
+        average = beta * average + (1 - beta) * loss
+        smoothed = average / (1 - beta ** (i + 1))
+        curve["lr"].append(float(lr))
+        curve["loss"].append(loss)
+        curve["smoothed"].append(smoothed)
+        if not math.isfinite(smoothed):
+            curve["stop"] = f"non-finite loss at lr {lr:.3g}"
+            break
+        best = min(best, smoothed)
+        if i > 0 and smoothed > diverge_factor * best:
+            curve["stop"] = f"diverged at lr {lr:.3g} (smoothed loss > {diverge_factor:g} x best)"
+            break
+    return curve
+
+
+def centered_mean(values: np.ndarray, half_width: int) -> np.ndarray:
+    """Mean over a window of 2*half_width + 1 points centred on each point (shorter at the ends). Centred, so
+    it does not lag: a causal EMA with beta=0.98 averages ~50 steps, more than a 40-step sweep, and moves the
+    steepest point up by most of a decade (tests/test_auto_config.py measures it)."""
+    return np.array([values[max(0, i - half_width): i + half_width + 1].mean() for i in range(len(values))])
+
+
+def lr_at_minimum_over_10(lrs: np.ndarray, smoothed: np.ndarray) -> float:
+    """fastai's `minimum` suggestion (lr_find's SuggestedLRs): the lr of the lowest smoothed loss, divided by
+    10, i.e. one decade below where the loss stops falling."""
+    return float(lrs[int(np.argmin(smoothed))] / 10)
+
+
+def suggest_lr(curve: dict, skip_begin: int = 10, skip_end: int = 1, half_width: int = 2) -> Decision:
+    """The lr of steepest descent of the smoothed loss against log10(lr), as Lightning's suggestion() did
+    before 2.5.3 and as PR #21171 restores: since 2.5.3 Lightning differentiates against the lr itself, and
+    d loss / d lr = (d loss / d log10 lr) / (lr ln 10) blows noise at small lr up by ~1/lr, so the argmin lands
+    in the noisy low-lr region (issue #21141, open). Points skip_begin.. and ..-skip_end are used (Lightning's
+    defaults 10 and 1), non-finite losses dropped, the raw losses smoothed by centered_mean.
+
+    Fallbacks (the rule says which): fewer than 2*half_width + 3 usable points ("too short": a sweep that
+    diverged early) gives fastai's minimum/10 on every finite point; a smoothed loss that never falls by more
+    than 3 standard errors of the smoothed points (noise from successive differences) or 0.1% ("flat": the
+    sweep never started learning) gives value None, and choose_lr then uses the model-size rule."""
+    lrs, losses = np.asarray(curve["lr"], float), np.asarray(curve["loss"], float)
+    stop = curve.get("stop")
+    window = slice(skip_begin, len(lrs) - skip_end)
+    keep = np.isfinite(losses[window])
+    x, y = np.log10(lrs[window][keep]), losses[window][keep]
+    if len(y) < 2 * half_width + 3:
+        finite = np.isfinite(losses)
+        if not finite.any():
+            return Decision(None, "no LR suggestion: the range test gave no finite loss", {"stop": stop})
+        smoothed = np.asarray(curve["smoothed"], float)[finite]
+        lr = lr_at_minimum_over_10(lrs[finite], smoothed)
+        return Decision(lr, f"fastai minimum/10 (curve too short: {len(y)} usable points after skipping "
+                        f"{skip_begin} + {skip_end})", {"usable_points": len(y), "stop": stop,
+                                                        "curve_lr": lrs, "curve_loss": losses})
+    smooth = centered_mean(y, half_width)
+    noise_sd = float(np.std(np.diff(y), ddof=1) / math.sqrt(2))  # successive differences ignore the trend
+    drop = float(smooth[0] - smooth.min())
+    needed = max(3 * noise_sd / math.sqrt(2 * half_width + 1), 1e-3 * abs(smooth[0]))
+    inputs = {"drop": drop, "drop_needed": needed, "noise_sd": noise_sd, "usable_points": len(y),
+              "half_width": half_width, "skip_begin": skip_begin, "skip_end": skip_end, "stop": stop,
+              "curve_lr": lrs, "curve_loss": losses}
+    if drop <= needed:
+        return Decision(None, "no LR suggestion: flat curve (the loss never fell beyond its noise)", inputs)
+    slopes = np.gradient(smooth, x)
+    best = int(np.argmin(slopes))
+    return Decision(float(10 ** x[best]), "LR range test: steepest descent of the smoothed loss vs log10(lr) "
+                    "(Lightning lr_find; slope in log space per issue #21141 / PR #21171)",
+                    {**inputs, "slope_per_decade": float(slopes[best])})
+
+
+def model_size_lr(n_params: int) -> Decision:
+    """Starting points by model size (ours): 3e-4 below 500M parameters, 2e-4 below 2B, 1e-4 above. The shape
+    follows GPT-3's pretraining table, where the lr falls with size (Brown et al. 2020, Table 2.1, from memory:
+    350M 3e-4, 1.3B 2e-4, 13B 1e-4); 2e-4 is also Unsloth's LoRA starting point (notes section 4)."""
+    if n_params < 1:
+        raise ValueError(f"n_params must be positive (got {n_params})")
+    lr = 3e-4 if n_params < 500e6 else 2e-4 if n_params < 2e9 else 1e-4
+    return Decision(lr, "model-size starting point: 3e-4 < 500M params, 2e-4 < 2B, else 1e-4 (ours, GPT-3 Table "
+                    "2.1's shape)", {"n_params": n_params})
+
+
+def choose_lr(curve: dict | None, n_params: int, band: float = 10.0) -> Decision:
+    """The LR range test's suggestion, clamped to [center / band, center * band] around model_size_lr, so one
+    noisy probe cannot move the lr more than a decade (band=10, ours) from a sane starting point. With the
+    probe off (curve None) or no suggestion (flat, no finite loss), the model-size rule alone."""
+    if band < 1:
+        raise ValueError(f"band must be at least 1 (got {band})")
+    center = model_size_lr(n_params)
+    if curve is None:
+        return Decision(center.value, "model-size rule (LR probe off): " + center.rule, center.inputs)
+    suggestion = suggest_lr(curve)
+    inputs = {"suggested": suggestion.value, "suggestion_rule": suggestion.rule, "center": center.value,
+              "band": band, "n_params": n_params, **suggestion.inputs}
+    if suggestion.value is None:
+        return Decision(center.value, f"model-size rule (LR probe: {suggestion.rule})", inputs)
+    low, high = center.value / band, center.value * band
+    value = min(max(suggestion.value, low), high)
+    clamp = "" if value == suggestion.value else f", clamped to [{low:.3g}, {high:.3g}] around the model-size rule"
+    return Decision(value, f"LR range test{clamp}: {suggestion.rule}", inputs)

@@ -1,0 +1,146 @@
+"""auto_config.py: one or more tests per rule, on synthetic inputs whose right answer is known. Power formulas
+are checked against the numbers in the research notes (/work/notes/autoconfig9.md, section 5) and by
+simulation; simulations are seeded. CPU only, seconds."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import auto_config as ac
+
+
+# ---------------------------------------------------------------------------------------------
+# 0. Decisions
+# ---------------------------------------------------------------------------------------------
+def test_decision_inputs_are_made_json_safe():
+    decision = ac.Decision(np.int64(3), "rule: details", {"x": np.float32(0.5), "bad": float("nan"),
+                                                         "t": (1, 2), "arr": np.arange(2), 4: np.bool_(True)})
+    assert decision.value == 3 and type(decision.value) is int
+    assert decision.inputs == {"x": 0.5, "bad": None, "t": [1, 2], "arr": [0, 1], "4": True}
+    assert decision.short_rule == "rule"
+    json.dumps(decision.as_dict(), allow_nan=False)
+
+
+def test_decision_refuses_what_json_cannot_hold():
+    with pytest.raises(TypeError):
+        ac.Decision(1, "r", {"model": object()})
+    with pytest.raises(ValueError):
+        ac.Decision(float("inf"), "r", {})
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Learning rate
+# ---------------------------------------------------------------------------------------------
+def test_lr_ladder_is_even_in_log_space_from_the_first_step():
+    lrs = ac.lr_ladder(1e-7, 1.0, 40)
+    assert lrs[0] == pytest.approx(1e-7) and lrs[-1] == pytest.approx(1.0)
+    np.testing.assert_allclose(lrs[1:] / lrs[:-1], (1e7) ** (1 / 39))  # no double first rung (Lightning's)
+
+
+def test_lr_range_test_sweeps_the_ladder_and_smooths_with_bias_correction():
+    seen = []
+    curve = ac.lr_range_test(lambda lr: seen.append(lr) or 2.0, num_steps=12)
+    np.testing.assert_allclose(seen, ac.lr_ladder(1e-7, 1.0, 12))
+    # Bias correction: a constant loss smooths to itself from the first step (no EMA warm-up from 0).
+    np.testing.assert_allclose(curve["smoothed"], 2.0)
+    assert curve["stop"] == "end of the sweep" and len(curve["loss"]) == 12
+
+
+def test_lr_range_test_stops_when_the_smoothed_loss_diverges():
+    calls = []
+
+    def step(lr):
+        calls.append(lr)
+        return 2.0 if lr < 1e-3 else 2.0 * 1e4 * lr  # explodes past 1e-3
+
+    curve = ac.lr_range_test(step, num_steps=40)
+    assert len(calls) < 40 and "diverged" in curve["stop"]
+    assert curve["smoothed"][-1] > 4.0 * min(curve["smoothed"])
+    assert all(s <= 4.0 * min(curve["smoothed"]) for s in curve["smoothed"][:-1])
+
+
+def test_lr_range_test_stops_on_a_non_finite_loss():
+    curve = ac.lr_range_test(lambda lr: float("nan") if lr > 1e-4 else 1.0, num_steps=40)
+    assert "non-finite" in curve["stop"] and math.isnan(curve["loss"][-1]) and curve["lr"][-1] > 1e-4
+
+
+def test_lr_range_test_refuses_non_positive_losses():
+    # A fresh adapter's KL to the base is exactly 0: the multiplicative divergence test would stop at once.
+    with pytest.raises(ValueError, match="positive"):
+        ac.lr_range_test(lambda lr: 0.0)
+
+
+def sigmoid_drop(log_lr, center=-3.0, depth=1.0, width=0.4):
+    return 3.0 - depth / (1.0 + np.exp(-(log_lr - center) / width))
+
+
+def test_suggest_lr_takes_the_slope_against_log_lr_not_lr():
+    """Steepest descent in log space at lr 1e-3; a gentle 0.01-per-decade decline at small lr. Against the lr
+    itself (Lightning >= 2.5.3, issue #21141) that gentle slope is divided by lr ln 10 and wins."""
+    lrs = ac.lr_ladder(1e-7, 1.0, 40)
+    x = np.log10(lrs)
+    loss = sigmoid_drop(x) - 0.01 * (x + 7)
+    decision = ac.suggest_lr({"lr": lrs.tolist(), "loss": loss.tolist(), "smoothed": loss.tolist()})
+    assert abs(math.log10(decision.value) + 3.0) <= 0.2  # within about one rung (7/39 decade)
+    window = slice(10, -1)
+    linear_choice = lrs[window][np.argmin(np.gradient(loss[window], lrs[window]))]
+    assert linear_choice < 1e-5  # the linear-lr gradient picks the low-lr end instead
+    assert "log10" in decision.rule and decision.inputs["slope_per_decade"] < 0
+
+
+def test_suggest_lr_does_not_inherit_the_lag_of_the_causal_ema():
+    """On a noiseless curve through the real sweep, the causal EMA (beta 0.98, Lightning's) puts the steepest
+    point most of a decade too high; the centred smoothing used for the suggestion does not."""
+    curve = ac.lr_range_test(lambda lr: float(sigmoid_drop(math.log10(lr))), num_steps=40)
+    x, smoothed = np.log10(curve["lr"])[10:-1], np.asarray(curve["smoothed"])[10:-1]
+    causal_choice = x[np.argmin(np.gradient(smoothed, x))]
+    suggested = math.log10(ac.suggest_lr(curve).value)
+    assert causal_choice - (-3.0) >= 0.5
+    assert abs(suggested - (-3.0)) <= 0.2
+
+
+def test_suggest_lr_finds_the_drop_through_noise():
+    rng = np.random.default_rng(0)
+    lrs = ac.lr_ladder(1e-7, 1.0, 40)
+    hits = 0
+    for _ in range(50):
+        loss = sigmoid_drop(np.log10(lrs)) + rng.normal(0, 0.05, 40)
+        hits += abs(math.log10(ac.suggest_lr({"lr": lrs, "loss": loss, "smoothed": loss}).value) + 3) <= 0.6
+    assert hits >= 45
+
+
+def test_flat_curve_gives_no_suggestion_and_choose_lr_falls_back_to_model_size():
+    rng = np.random.default_rng(1)
+    lrs = ac.lr_ladder(1e-7, 1.0, 40)
+    curve = {"lr": lrs, "loss": 3.0 + rng.normal(0, 0.05, 40), "smoothed": np.full(40, 3.0)}
+    assert ac.suggest_lr(curve).value is None and "flat" in ac.suggest_lr(curve).rule
+    decision = ac.choose_lr(curve, n_params=124_000_000)
+    assert decision.value == 3e-4 and "model-size" in decision.rule and "flat" in decision.rule
+
+
+def test_short_curve_falls_back_to_fastai_minimum_over_10():
+    lrs = ac.lr_ladder(1e-7, 1e-2, 12)  # diverged early: 12 points, 1 left after skipping 10 + 1
+    smoothed = [3.0] * 6 + [2.5, 2.0, 1.8, 2.2, 4.0, 9.0]
+    decision = ac.suggest_lr({"lr": lrs, "loss": smoothed, "smoothed": smoothed})
+    assert decision.value == pytest.approx(lrs[8] / 10) and "too short" in decision.rule
+
+
+def test_model_size_lr_tiers():
+    assert [ac.model_size_lr(n).value for n in (124e6, 499e6, 500e6, 1.5e9, 2e9, 7e9)] == \
+        [3e-4, 3e-4, 2e-4, 2e-4, 1e-4, 1e-4]
+
+
+def test_choose_lr_clamps_the_suggestion_to_a_decade_around_the_model_size_rule():
+    lrs = ac.lr_ladder(1e-7, 1.0, 40)
+    high = sigmoid_drop(np.log10(lrs), center=-1.0)  # steepest at 0.1: far above 2e-4 * 10
+    decision = ac.choose_lr({"lr": lrs, "loss": high, "smoothed": high}, n_params=1.5e9)
+    assert decision.value == pytest.approx(2e-3) and "clamped" in decision.rule
+    inside = sigmoid_drop(np.log10(lrs), center=-3.5)
+    decision = ac.choose_lr({"lr": lrs, "loss": inside, "smoothed": inside}, n_params=1.5e9)
+    assert 2e-5 < decision.value < 2e-3 and "clamped" not in decision.rule
+    assert decision.value == ac.suggest_lr({"lr": lrs, "loss": inside, "smoothed": inside}).value
+    off = ac.choose_lr(None, n_params=1.5e9)
+    assert off.value == 2e-4 and "probe off" in off.rule
