@@ -214,3 +214,145 @@ def choose_lr(curve: dict | None, n_params: int, band: float = 10.0) -> Decision
     value = min(max(suggestion.value, low), high)
     clamp = "" if value == suggestion.value else f", clamped to [{low:.3g}, {high:.3g}] around the model-size rule"
     return Decision(value, f"LR range test{clamp}: {suggestion.rule}", inputs)
+
+
+# =============================================================================================
+# 2. Batch sizes
+# =============================================================================================
+OOM_MESSAGES = ("out of memory",  # CUDA, HIP, XPU, MPS ("CUDA out of memory", "CUDA error: out of memory", ...)
+                "CUBLAS_STATUS_ALLOC_FAILED", "HIPBLAS_STATUS_ALLOC_FAILED",
+                "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED.",  # cuDNN's answer to a batch too big for its workspace
+                "DefaultCPUAllocator: can't allocate memory")
+
+
+def is_oom_error(err: BaseException) -> bool:
+    """Out of memory, on any backend: torch.OutOfMemoryError (torch.cuda.OutOfMemoryError is the same class),
+    or a RuntimeError whose message is one of OOM_MESSAGES (accelerate's should_reduce_batch_size and
+    Lightning's is_oom_error, notes section 2, plus cuBLAS/hipBLAS allocation failures)."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and any(message in str(err) for message in OOM_MESSAGES)
+
+
+def release_cuda_memory() -> None:
+    """gc.collect() then torch.cuda.empty_cache() (Lightning's garbage_collection_cuda, accelerate's
+    clear_device_cache): the cached blocks of a failed trial go back before the next one."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def batch_fits(try_batch: Callable[[int], None], batch: int, release: Callable[[], None]) -> bool:
+    """True if try_batch(batch) ran, False if it ran out of memory; any other error propagates. release()
+    runs after the except clause has ended, when the exception (whose traceback holds the trial's tensors)
+    is gone, so that the memory can really be returned."""
+    fits = True
+    try:
+        try_batch(batch)
+    except Exception as err:
+        if not is_oom_error(err):
+            raise
+        fits = False
+    release()
+    return fits
+
+
+def search_batch_size_cuda(try_batch: Callable[[int], None], *, start: int = 8, max_batch: int = 1024,
+                           safety: float = 0.9, release: Callable[[], None] = release_cuda_memory) -> Decision:
+    """Largest batch that fits, times a safety margin. Lightning's binsearch mode (notes section 2): double
+    from `start` until a trial runs out of memory (or reaches max_batch), then bisect between the last success
+    and the first failure; O(log) trials. Lightning keeps 95% (margin 0.05) and accelerate backs off to 90%;
+    we keep `safety` = 90% (rounded down, at least 1) because memory also moves with fragmentation and the
+    optimizer's lazily allocated state. try_batch(b) must run one full training step (forward, backward,
+    optimizer step) at the longest sequence length used (max_len), which is what memory depends on."""
+    if not 0 < safety <= 1 or start < 1 or max_batch < 1:
+        raise ValueError(f"need 0 < safety <= 1, start >= 1, max_batch >= 1 (got {safety}, {start}, {max_batch})")
+    largest_ok, smallest_oom, batch, trials = 0, None, min(start, max_batch), []
+    while True:
+        fits = batch_fits(try_batch, batch, release)
+        trials.append({"batch": batch, "ok": fits})
+        if fits:
+            largest_ok = batch
+        else:
+            smallest_oom = batch
+        if smallest_oom is None:
+            if batch >= max_batch:
+                break
+            batch = min(2 * batch, max_batch)
+        elif smallest_oom - largest_ok <= 1:
+            break
+        else:
+            batch = (largest_ok + smallest_oom) // 2
+    if largest_ok == 0:
+        raise RuntimeError(f"even a batch of 1 runs out of memory (trials: {trials})")
+    value = max(1, math.floor(largest_ok * safety))
+    return Decision(value, f"batch-size search: largest fitting batch x {safety:g} (Lightning binsearch; "
+                    "accelerate's 0.9 back-off)", {"largest_ok": largest_ok, "smallest_oom": smallest_oom,
+                                                   "safety": safety, "max_batch": max_batch, "trials": trials})
+
+
+def choose_batch_size_cpu(measure: Callable[[int], float], candidates: Sequence[int] = (8, 16, 32, 64, 128, 256),
+                          tolerance: float = 0.10) -> Decision:
+    """The smallest candidate whose seconds per item is within `tolerance` (10%, ours) of the best measured.
+    On a CPU a bigger batch stops paying once the matrix kernels are saturated; past that it only costs memory
+    and coarser progress, so among near-equal throughputs the smallest wins. measure(b) returns seconds per
+    item at batch b (time a few batches after a warm-up one)."""
+    seconds = {}
+    for batch in sorted(candidates):
+        value = float(measure(batch))
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"measure({batch}) must return positive seconds per item (got {value})")
+        seconds[batch] = value
+    best = min(seconds.values())
+    chosen = min(b for b, s in seconds.items() if s <= best * (1 + tolerance))
+    return Decision(chosen, f"CPU throughput: smallest batch within {tolerance:.0%} of the best seconds per item "
+                    "(ours)", {"seconds_per_item": seconds, "best_seconds_per_item": best, "tolerance": tolerance})
+
+
+class OOMBackoff:
+    """Keeps an effective batch when memory runs out mid-training: the batch is split into micro-batches of
+    at most `micro_batch` items whose gradients accumulate; on an OOM the micro-batch halves (so accumulation
+    roughly doubles) and the step is redone. The effective batch never changes: the last micro-batch is
+    smaller when micro_batch does not divide it, and each micro-batch's mean loss is weighted by its share
+    of the items, so the accumulated gradient is the full batch's. Every change is logged in `events`."""
+
+    def __init__(self, effective_batch: int, micro_batch: int | None = None):
+        if effective_batch < 1 or (micro_batch is not None and micro_batch < 1):
+            raise ValueError(f"batch sizes must be at least 1 (got {effective_batch}, {micro_batch})")
+        self.effective_batch = effective_batch
+        self.micro_batch = min(micro_batch or effective_batch, effective_batch)
+        self.events: list[dict] = []
+
+    @property
+    def accumulation(self) -> int:
+        return math.ceil(self.effective_batch / self.micro_batch)
+
+    def micro_batches(self, n_items: int | None = None) -> list[tuple[slice, float]]:
+        """(slice, weight) per micro-batch of n_items (default the effective batch); weights sum to 1."""
+        n = n_items or self.effective_batch
+        return [(slice(s, min(s + self.micro_batch, n)), (min(s + self.micro_batch, n) - s) / n)
+                for s in range(0, n, self.micro_batch)]
+
+    def on_oom(self, err: BaseException, step: int | None = None) -> None:
+        """Halve the micro-batch after an OOM; at micro-batch 1 there is nothing left to halve: re-raise."""
+        if self.micro_batch == 1:
+            err.add_note("OOMBackoff: out of memory at micro-batch 1; nothing left to halve")
+            raise err
+        old_micro, old_accumulation = self.micro_batch, self.accumulation
+        self.micro_batch //= 2
+        self.events.append({"step": step, "micro_batch": [old_micro, self.micro_batch],
+                            "accumulation": [old_accumulation, self.accumulation], "error": str(err)[:200]})
+
+    def run(self, train_step: Callable[[list[tuple[slice, float]]], object], n_items: int | None = None, *,
+            step: int | None = None, release: Callable[[], None] = release_cuda_memory):
+        """train_step(micro_batches) until it runs without an OOM; returns what it returns. train_step must
+        start from zeroed gradients (call optimizer.zero_grad first), since a step cut short by an OOM leaves
+        part of its gradient behind. Errors other than OOM propagate untouched."""
+        while True:
+            try:
+                return train_step(self.micro_batches(n_items))
+            except Exception as err:
+                if not is_oom_error(err):
+                    raise
+                self.on_oom(err, step)
+            release()  # after the except clause: the failed step's tensors are no longer referenced

@@ -144,3 +144,118 @@ def test_choose_lr_clamps_the_suggestion_to_a_decade_around_the_model_size_rule(
     assert decision.value == ac.suggest_lr({"lr": lrs, "loss": inside, "smoothed": inside}).value
     off = ac.choose_lr(None, n_params=1.5e9)
     assert off.value == 2e-4 and "probe off" in off.rule
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Batch sizes
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("err, expected", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"), True),
+    (RuntimeError("HIP out of memory. Tried to allocate 1.00 GiB"), True),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+    (RuntimeError("HIPBLAS_STATUS_ALLOC_FAILED"), True),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: 8 GB"), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x3)"), False),
+    (ValueError("out of memory"), False),  # not a RuntimeError: not the allocator speaking
+])
+def test_is_oom_error(err, expected):
+    assert ac.is_oom_error(err) is expected
+
+
+def fake_trainer(limit):
+    """try_batch that raises CUDA's OOM above a hidden limit, and a release() that counts its calls."""
+    calls = {"release": 0}
+
+    def try_batch(batch):
+        if batch > limit:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (batch {batch})")
+
+    def release():
+        calls["release"] += 1
+
+    return try_batch, release, calls
+
+
+@pytest.mark.parametrize("limit", [1, 3, 8, 300, 1000, 5000])
+def test_batch_size_search_finds_the_hidden_limit_in_logarithmically_many_trials(limit):
+    try_batch, release, calls = fake_trainer(limit)
+    decision = ac.search_batch_size_cuda(try_batch, start=8, max_batch=1024, safety=0.9, release=release)
+    largest = min(limit, 1024)
+    assert decision.inputs["largest_ok"] == largest
+    assert decision.value == max(1, math.floor(largest * 0.9)) and decision.value <= max(1, limit * 0.9)
+    trials = decision.inputs["trials"]
+    assert len(trials) <= 2 * math.ceil(math.log2(1024)) + 2  # doubling, then bisection
+    assert calls["release"] == len(trials)  # memory released after every trial
+    assert all(t["ok"] == (t["batch"] <= limit) for t in trials)
+
+
+def test_batch_size_search_propagates_other_errors_and_fails_loudly_when_nothing_fits():
+    def broken(batch):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="shapes"):
+        ac.search_batch_size_cuda(broken, release=lambda: None)
+    try_batch, release, _ = fake_trainer(0)
+    with pytest.raises(RuntimeError, match="even a batch of 1"):
+        ac.search_batch_size_cuda(try_batch, release=release)
+
+
+def test_cpu_batch_size_is_the_smallest_within_ten_percent_of_the_best_throughput():
+    seconds = {8: 1.0, 16: 0.6, 32: 0.43, 64: 0.40, 128: 0.41, 256: 0.5}
+    decision = ac.choose_batch_size_cpu(seconds.__getitem__)
+    assert decision.value == 32  # 0.43 <= 1.1 * 0.40; 16 (0.6) is not
+    assert decision.inputs["seconds_per_item"] == {str(k): v for k, v in seconds.items()}
+    with pytest.raises(ValueError):
+        ac.choose_batch_size_cpu(lambda b: 0.0)
+
+
+def test_oom_backoff_halves_the_micro_batch_until_the_step_fits():
+    backoff = ac.OOMBackoff(effective_batch=20)
+    sizes_tried = []
+
+    def train_step(micro_batches):
+        sizes_tried.append(micro_batches[0][0].stop - micro_batches[0][0].start)
+        if any(s.stop - s.start > 5 for s, _ in micro_batches):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return [(s.start, s.stop) for s, _ in micro_batches]
+
+    done = backoff.run(train_step, step=7, release=lambda: None)
+    assert sizes_tried == [20, 10, 5]
+    assert done == [(0, 5), (5, 10), (10, 15), (15, 20)]  # the effective batch is kept
+    assert backoff.micro_batch == 5 and backoff.accumulation == 4
+    assert [e["micro_batch"] for e in backoff.events] == [[20, 10], [10, 5]]
+    assert [e["accumulation"] for e in backoff.events] == [[1, 2], [2, 4]] and backoff.events[0]["step"] == 7
+
+
+def test_oom_backoff_weighted_micro_batches_give_the_full_batch_gradient():
+    """Micro-batches of 4, 4, 2 for a batch of 10, weighted by their share: same gradient as one batch."""
+    torch.manual_seed(0)
+    model, x, y = torch.nn.Linear(3, 1), torch.randn(10, 3), torch.randn(10, 1)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    full = model.weight.grad.clone()
+    model.zero_grad()
+    backoff = ac.OOMBackoff(effective_batch=10, micro_batch=4)
+    parts = backoff.micro_batches()
+    assert [(s.start, s.stop) for s, _ in parts] == [(0, 4), (4, 8), (8, 10)]
+    for s, weight in parts:
+        (weight * torch.nn.functional.mse_loss(model(x[s]), y[s])).backward()
+    torch.testing.assert_close(model.weight.grad, full)
+
+
+def test_oom_backoff_reraises_at_micro_batch_one_and_passes_other_errors_through():
+    backoff = ac.OOMBackoff(effective_batch=2)
+
+    def always_oom(_):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError) as info:
+        backoff.run(always_oom, release=lambda: None)
+    assert "micro-batch 1" in " ".join(getattr(info.value, "__notes__", []))
+    assert len(backoff.events) == 1
+
+    def broken(_):
+        raise KeyError("input_ids")
+
+    with pytest.raises(KeyError):
+        ac.OOMBackoff(effective_batch=8).run(broken, release=lambda: None)
