@@ -356,3 +356,88 @@ class OOMBackoff:
                     raise
                 self.on_oom(err, step)
             release()  # after the except clause: the failed step's tensors are no longer referenced
+
+
+# =============================================================================================
+# 3. Early stopping, retain budget, deadline (shared with adaptive_unlearning.py)
+# =============================================================================================
+class EarlyStopping:
+    """Stop when the monitored value has not improved by more than min_delta for `patience` evaluations
+    (Keras / Lightning EarlyStopping semantics, notes section 7: the change must exceed min_delta to count,
+    patience counts evaluations, not steps). A non-finite value stops at once (Lightning's check_finite).
+    The caller keeps the best weights (best_step tells which)."""
+
+    def __init__(self, patience: int, min_delta: float = 0.0, mode: str = "min"):
+        if patience < 0 or min_delta < 0 or mode not in ("min", "max"):
+            raise ValueError(f"need patience >= 0, min_delta >= 0, mode min|max (got {patience}, {min_delta}, {mode})")
+        self.patience, self.min_delta, self.mode = patience, min_delta, mode
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.wait, self.stopped, self.reason = 0, False, None
+        self.history: list[tuple[int, float]] = []
+
+    def improves(self, value: float) -> bool:
+        if self.best_value is None:
+            return True
+        if self.mode == "min":
+            return value < self.best_value - self.min_delta
+        return value > self.best_value + self.min_delta
+
+    def update(self, step: int, value: float) -> bool:
+        """Record one evaluation; True when training should stop (and from then on)."""
+        value = float(value)
+        self.history.append((step, value))
+        if self.stopped:
+            return True
+        if not math.isfinite(value):
+            self.stopped, self.reason = True, f"non-finite value {value} at step {step}"
+        elif self.improves(value):
+            self.best_value, self.best_step, self.wait = value, step, 0
+        else:
+            self.wait += 1
+            if self.wait >= self.patience:
+                self.stopped = True
+                self.reason = (f"no improvement beyond {self.min_delta:g} in {self.wait} evaluations "
+                               f"(best {self.best_value:.4g} at step {self.best_step})")
+        return self.stopped
+
+
+class RetainBudget:
+    """Whether the retain NLL left its budget: value > base * (1 + eps), or value > base + log(ppl_ratio), the form of
+    gate G2 (mean per-text NLL increase < log 1.10). Give exactly one of eps and ppl_ratio. A trainer that
+    must pass G2 with evidence should use a budget inside the gate's (e.g. ppl_ratio 1.05 against a 1.10 gate),
+    since a mean just under the margin does not reject the null. A non-finite value has left the budget."""
+
+    def __init__(self, base: float, *, eps: float | None = None, ppl_ratio: float | None = None):
+        if (eps is None) == (ppl_ratio is None):
+            raise ValueError("give exactly one of eps and ppl_ratio")
+        if not math.isfinite(base) or (eps is not None and (eps <= 0 or base <= 0)) or \
+                (ppl_ratio is not None and ppl_ratio <= 1):
+            raise ValueError(f"need a finite base (> 0 with eps), eps > 0 or ppl_ratio > 1 (got {base}, {eps}, "
+                             f"{ppl_ratio})")
+        self.base = float(base)
+        if eps is not None:
+            self.limit, self.rule = self.base * (1 + eps), f"NLL <= base x (1 + {eps:g})"
+        else:
+            self.limit, self.rule = self.base + math.log(ppl_ratio), f"NLL <= base + log({ppl_ratio:g})"
+
+    def exceeded(self, value: float) -> bool:
+        return not float(value) <= self.limit  # NaN compares False: out of budget
+
+
+class Deadline:
+    """Wall-clock budget of `minutes` from creation (None: no limit). `clock` is injectable for tests."""
+
+    def __init__(self, minutes: float | None, clock: Callable[[], float] = time.monotonic):
+        if minutes is not None and minutes <= 0:
+            raise ValueError(f"minutes must be positive or None (got {minutes})")
+        self.minutes, self.clock, self.start = minutes, clock, clock()
+
+    def elapsed_s(self) -> float:
+        return self.clock() - self.start
+
+    def remaining_s(self) -> float:
+        return math.inf if self.minutes is None else self.minutes * 60 - self.elapsed_s()
+
+    def expired(self) -> bool:
+        return self.remaining_s() <= 0

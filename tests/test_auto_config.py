@@ -259,3 +259,42 @@ def test_oom_backoff_reraises_at_micro_batch_one_and_passes_other_errors_through
 
     with pytest.raises(KeyError):
         ac.OOMBackoff(effective_batch=8).run(broken, release=lambda: None)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Early stopping, retain budget, deadline
+# ---------------------------------------------------------------------------------------------
+def test_early_stopping_counts_only_improvements_beyond_min_delta():
+    stopper = ac.EarlyStopping(patience=2, min_delta=0.01)
+    decisions = [stopper.update(step, v) for step, v in enumerate([1.0, 0.9, 0.895, 0.95])]
+    assert decisions == [False, False, False, True]  # 0.895 improves by 0.005 < min_delta: no improvement
+    assert stopper.best_step == 1 and stopper.best_value == 0.9
+    assert stopper.update(4, 0.1) is True  # stays stopped
+    assert [v for _, v in stopper.history] == [1.0, 0.9, 0.895, 0.95, 0.1]
+
+
+def test_early_stopping_max_mode_patience_zero_and_non_finite():
+    stopper = ac.EarlyStopping(patience=0, mode="max")
+    assert stopper.update(0, 0.5) is False and stopper.update(1, 0.6) is False and stopper.update(2, 0.6) is True
+    stopper = ac.EarlyStopping(patience=5)
+    assert stopper.update(0, 1.0) is False and stopper.update(1, float("nan")) is True
+    assert "non-finite" in stopper.reason
+
+
+def test_retain_budget_forms():
+    gate_form = ac.RetainBudget(2.0, ppl_ratio=1.10)
+    assert gate_form.limit == pytest.approx(2.0 + math.log(1.10))
+    assert not gate_form.exceeded(2.09) and gate_form.exceeded(2.1) and gate_form.exceeded(float("nan"))
+    relative = ac.RetainBudget(2.0, eps=0.05)
+    assert not relative.exceeded(2.1) and relative.exceeded(2.11)
+    with pytest.raises(ValueError):
+        ac.RetainBudget(2.0, eps=0.05, ppl_ratio=1.1)
+
+
+def test_deadline_with_a_fake_clock():
+    now = [100.0]
+    deadline = ac.Deadline(2, clock=lambda: now[0])
+    assert not deadline.expired() and deadline.remaining_s() == 120
+    now[0] = 221.0
+    assert deadline.expired() and deadline.elapsed_s() == 121
+    assert not ac.Deadline(None).expired()
