@@ -441,3 +441,171 @@ class Deadline:
 
     def expired(self) -> bool:
         return self.remaining_s() <= 0
+
+
+# =============================================================================================
+# 4. SAE width and k
+# =============================================================================================
+SAE_EXPANSIONS = (4, 8, 16, 32)
+
+
+def sae_training_bytes(d_model: int, expansion: int, n_layers: int, bytes_per_param: int = 4,
+                       batch_tokens: int = 0) -> int:
+    """Memory to train n_layers TopK SAEs at once: encoder and decoder (2 * d_model * n_latents) plus biases
+    (n_latents + d_model), each held four times (weights, gradients, Adam's two moments), plus activations of
+    batch_tokens tokens (pre-activations, TopK codes and their gradient: 3 * n_latents floats per token)."""
+    n_latents = expansion * d_model
+    params = 2 * d_model * n_latents + n_latents + d_model
+    return n_layers * (4 * params + 3 * batch_tokens * n_latents) * bytes_per_param
+
+
+def sae_expansion_from_memory(d_model: int, n_layers: int, budget_bytes: float, bytes_per_param: int = 4,
+                              batch_tokens: int = 0) -> Decision:
+    """The largest power of two in [4, 32] whose SAEs fit budget_bytes (sae_training_bytes). 32 is sparsify's
+    default expansion_factor and the top of the range; Gao et al.'s GPT-2 SAEs are wider still (2^15 latents
+    for d_model 768, ~43x; notes section 3); 4 is the narrowest we consider useful (ours). If even 4 does not
+    fit, the decision is 4 and says so (inputs["fits"] is False): shrink batch_tokens or train layers in turn."""
+    needs = {e: sae_training_bytes(d_model, e, n_layers, bytes_per_param, batch_tokens) for e in SAE_EXPANSIONS}
+    fitting = [e for e in SAE_EXPANSIONS if needs[e] <= budget_bytes]
+    inputs = {"d_model": d_model, "n_layers": n_layers, "budget_bytes": budget_bytes, "bytes_needed": needs,
+              "bytes_per_param": bytes_per_param, "batch_tokens": batch_tokens, "fits": bool(fitting)}
+    if not fitting:
+        return Decision(SAE_EXPANSIONS[0], "SAE width: even the narrowest does not fit the memory budget", inputs)
+    return Decision(max(fitting), "SAE width from memory: widest power of two in [4, 32] that fits (params, "
+                    "grads, Adam states)", inputs)
+
+
+def sparse_probe_auc(z_pos: np.ndarray, z_neg: np.ndarray, k: int, *, test_fraction: float = 0.2,
+                     seed: int = 0) -> float:
+    """SAEBench sparse probing (notes section 3): on a stratified train split, keep the k latents with the
+    largest |mean_pos - mean_neg| (Gurnee et al.'s mean_dif), fit LogisticRegression(C=1, max_iter=1000) on
+    them, and return the ROC AUC on the held-out split. z_pos, z_neg: [texts, n_latents], SAE codes mean-pooled
+    over each text's tokens. SAEBench uses k in {1, 2, 5} and a 4000/1000 split (test_fraction 0.2)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import train_test_split
+
+    z_pos, z_neg = np.asarray(z_pos, float), np.asarray(z_neg, float)
+    if min(len(z_pos), len(z_neg)) < 10 or not 1 <= k <= z_pos.shape[1]:
+        raise ValueError(f"need >= 10 texts per class and 1 <= k <= {z_pos.shape[1]} (got {len(z_pos)}, "
+                         f"{len(z_neg)}, k={k})")
+    features = np.concatenate([z_pos, z_neg])
+    labels = np.concatenate([np.ones(len(z_pos)), np.zeros(len(z_neg))])
+    x_train, x_test, y_train, y_test = train_test_split(features, labels, test_size=test_fraction,
+                                                        stratify=labels, random_state=seed)
+    mean_diff = np.abs(x_train[y_train == 1].mean(0) - x_train[y_train == 0].mean(0))
+    top = np.argsort(-mean_diff, kind="stable")[:k]
+    probe = LogisticRegression(C=1.0, max_iter=1000).fit(x_train[:, top], y_train)
+    return float(roc_auc_score(y_test, probe.decision_function(x_test[:, top])))
+
+
+def choose_sae_k(candidates: list[dict], *, fvu_cap: float = 0.2, dead_cap: float = 0.1,
+                 tie_tol: float = 0.01) -> Decision:
+    """TopK k from trained candidates {"k", "fvu", "dead_fraction", "probe_auc_hi_en", "probe_auc_hi_ur"}.
+
+    Only SAEs that reconstruct and train well qualify: fvu <= fvu_cap (0.2, ours: edits through an SAE that
+    misses more than a fifth of the variance act on a poor copy of the residual stream) and dead_fraction <=
+    dead_cap (0.1: Gao et al. keep dead latents to ~7% at 16M latents with their init and AuxK loss (notes
+    section 3); more dead than 10% says the training recipe failed). Among those, the best mean of the two
+    sparse-probe AUCs, Hindi-vs-English and Hindi-vs-Urdu weighted equally (Hindi vs Urdu is the informative
+    pair: the two share most of their spoken language and differ in script). AUCs within tie_tol (0.01, below
+    the ~0.02 standard error of an AUC of 0.9 on 200 texts per class, Hanley-McNeil) tie, and ties go to the
+    smaller k (fewer active latents, sparser edits). If none qualifies: the lowest fvu, and the rule says so."""
+    required = {"k", "fvu", "dead_fraction", "probe_auc_hi_en", "probe_auc_hi_ur"}
+    if not candidates or any(required - set(c) for c in candidates):
+        raise ValueError(f"choose_sae_k needs candidates with keys {sorted(required)}")
+    rows = [{**c, "score": (c["probe_auc_hi_en"] + c["probe_auc_hi_ur"]) / 2} for c in candidates]
+    inputs = {"candidates": rows, "fvu_cap": fvu_cap, "dead_cap": dead_cap, "tie_tol": tie_tol}
+    qualified = [r for r in rows if r["fvu"] <= fvu_cap and r["dead_fraction"] <= dead_cap]
+    if not qualified:
+        best = min(rows, key=lambda r: (r["fvu"], r["k"]))
+        return Decision(best["k"], f"SAE k: no candidate has fvu <= {fvu_cap:g} and dead <= {dead_cap:g}; "
+                        "lowest fvu", inputs)
+    top_score = max(r["score"] for r in qualified)
+    chosen = min((r for r in qualified if r["score"] >= top_score - tie_tol), key=lambda r: r["k"])
+    return Decision(chosen["k"], "SAE k: best mean sparse-probe AUC (hi-en, hi-ur) among SAEs within the fvu "
+                    "and dead-latent caps; ties to the smaller k", inputs)
+
+
+# =============================================================================================
+# 5. LoRA and ReFT
+# =============================================================================================
+def lora_rank(n_params: int, n_forget_texts: int) -> Decision:
+    """Our rule of thumb (no primary source gives rank by model size, notes section 4): 8 below 1B parameters,
+    16 below 8B, 32 above; halved below 1,000 forget texts, at least 4. The halving follows the evidence that
+    rank matters once the data carries more information than the adapter can hold (Thinking Machines' "LoRA
+    Without Regret"; QLoRA found rank itself mattered little), and a small forget set carries little."""
+    rank = 8 if n_params < 1e9 else 16 if n_params < 8e9 else 32
+    if n_forget_texts < 1000:
+        rank //= 2
+    rank = max(4, rank)
+    return Decision(rank, "LoRA rank (our rule of thumb): 8 < 1B params, 16 < 8B, else 32; halved under 1k "
+                    "forget texts; >= 4", {"n_params": n_params, "n_forget_texts": n_forget_texts})
+
+
+def lora_alpha(rank: int) -> Decision:
+    """alpha = 2 x rank: Raschka's rule of thumb ("Finetuning LLMs with LoRA and QLoRA: Insights from Hundreds
+    of Experiments", 2023). Not universal: QLoRA's scripts use r=64, alpha=16 (alpha/r = 0.25)."""
+    return Decision(2 * rank, "LoRA alpha = 2 x rank (Raschka 2023; QLoRA used alpha/r = 0.25)", {"rank": rank})
+
+
+def lora_dropout(n_examples: int) -> Decision:
+    """More data, less dropout: 0 above 100k examples, 0.05 above 10k, 0.1 above 1k, else 0.2. The nearest
+    source is QLoRA (dropout 0.05 helped 7B/13B models, not 33B/65B; its Guanaco scripts use 0.1 for 7B);
+    the thresholds are ours."""
+    dropout = 0.0 if n_examples > 100_000 else 0.05 if n_examples > 10_000 else 0.1 if n_examples > 1_000 else 0.2
+    return Decision(dropout, "LoRA dropout by data size: 0 > 100k examples, 0.05 > 10k, 0.1 > 1k, else 0.2 "
+                    "(thresholds ours; QLoRA nearest)", {"n_examples": n_examples})
+
+
+ATTENTION_BLOCKS = {"attn", "self_attn", "attention", "self_attention"}  # Llama/Qwen/Mistral, GPT-2, GPT-NeoX
+MLP_BLOCKS = {"mlp", "feed_forward", "ffn"}
+
+
+def in_block(module_name: str, blocks: set[str]) -> bool:
+    return any(part in blocks for part in module_name.split(".")[:-1])
+
+
+def peft_target_names(selected: list[str], all_names: list[str]) -> list[str]:
+    """The shortest names peft matches (a module matches a target t when its name ends with "." + t) that
+    select exactly `selected`: the leaf name, or "block.leaf" when the leaf also names a module outside the
+    selection (GPT-2's c_proj is in both attn and mlp: attention-only is "attn.c_proj")."""
+    chosen = set(selected)
+    leaves_elsewhere = {n.rsplit(".", 1)[-1] for n in all_names if n not in chosen}
+    targets = set()
+    for name in selected:
+        parts = name.split(".")
+        targets.add(parts[-1] if parts[-1] not in leaves_elsewhere else ".".join(parts[-2:]))
+    return sorted(targets)
+
+
+def lora_targets(module_names: list[str], memory_gib: float | None, model_type: str,
+                 memory_tier_gib: float = 12.0) -> Decision:
+    """Which linear modules get LoRA. module_names: the qualified names of the model's Linear (and GPT-2
+    Conv1D) modules. Attention and MLP projections both, where memory allows: LoRA on every weight matrix,
+    MLP included, matches full fine-tuning where attention-only does not, even at equal parameter count
+    (Thinking Machines' "LoRA Without Regret" / Tinker LoRA primer; QLoRA). Below memory_tier_gib of free
+    accelerator memory (12 GiB, ours) attention only, as a memory compromise. memory_gib None means no
+    accelerator (CPU): no memory tier applies. Names whose blocks are not recognised fall back to peft's
+    "all-linear" (every Linear/Conv1D but the output head)."""
+    attention = [n for n in module_names if in_block(n, ATTENTION_BLOCKS)]
+    mlp = [n for n in module_names if in_block(n, MLP_BLOCKS)]
+    inputs = {"memory_gib": memory_gib, "memory_tier_gib": memory_tier_gib, "model_type": model_type,
+              "n_attention_modules": len(attention), "n_mlp_modules": len(mlp)}
+    if not attention:
+        return Decision("all-linear", "LoRA targets: peft all-linear (attention blocks not recognised)", inputs)
+    if memory_gib is not None and memory_gib < memory_tier_gib:
+        return Decision(peft_target_names(attention, module_names), f"LoRA targets: attention only (under "
+                        f"{memory_tier_gib:g} GiB free; ours)", inputs)
+    return Decision(peft_target_names(attention + mlp, module_names), "LoRA targets: attention + MLP (LoRA "
+                    "Without Regret; QLoRA)", inputs)
+
+
+def reft_rank(n_forget_texts: int) -> Decision:
+    """LoReFT rank: 4 below 1,000 forget texts, else 8. The LoReFT paper's scripts (pyreft
+    examples/loreft/README.md) use rank 8 for commonsense-170k and math-10k and rank 4 for UltraFeedback on
+    7B LLaMAs, rank 1 for GLUE on RoBERTa-base: ReFT edits a d_model-wide state at a few positions, so its
+    rank stays small whatever the model size; the 1k threshold is ours (as lora_rank's)."""
+    rank = 4 if n_forget_texts < 1000 else 8
+    return Decision(rank, "ReFT rank: 4 under 1k forget texts, else 8 (pyreft LoReFT scripts; threshold ours)",
+                    {"n_forget_texts": n_forget_texts})

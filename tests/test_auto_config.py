@@ -298,3 +298,107 @@ def test_deadline_with_a_fake_clock():
     now[0] = 221.0
     assert deadline.expired() and deadline.elapsed_s() == 121
     assert not ac.Deadline(None).expired()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. SAE width and k
+# ---------------------------------------------------------------------------------------------
+def test_sae_training_bytes_counts_weights_grads_and_adam_states():
+    n_latents = 4 * 64
+    params = 2 * 64 * n_latents + n_latents + 64
+    assert ac.sae_training_bytes(64, 4, 1) == params * 4 * 4
+    assert ac.sae_training_bytes(64, 4, 3, batch_tokens=10) == 3 * (4 * params + 3 * 10 * n_latents) * 4
+
+
+def test_sae_expansion_is_the_widest_power_of_two_that_fits():
+    need16 = ac.sae_training_bytes(1536, 16, 2)
+    assert ac.sae_expansion_from_memory(1536, 2, need16).value == 16
+    assert ac.sae_expansion_from_memory(1536, 2, need16 - 1).value == 8
+    assert ac.sae_expansion_from_memory(1536, 2, 1e15).value == 32
+    tiny = ac.sae_expansion_from_memory(1536, 2, 1e6)
+    assert tiny.value == 4 and tiny.inputs["fits"] is False and "does not fit" in tiny.rule
+
+
+def test_sparse_probe_auc_finds_the_informative_latent_and_not_noise():
+    rng = np.random.default_rng(0)
+    z_pos, z_neg = rng.exponential(1.0, (200, 50)), rng.exponential(1.0, (200, 50))
+    z_pos[:, 7] += 2.0  # AUC of latent 7 alone: P(X + 2 > Y), X, Y ~ Exp(1), = 1 - exp(-2) / 2 = 0.932
+    assert ac.sparse_probe_auc(z_pos, z_neg, k=1) == pytest.approx(1 - math.exp(-2) / 2, abs=0.04)
+    assert ac.sparse_probe_auc(z_pos, z_neg, k=1) == ac.sparse_probe_auc(z_pos, z_neg, k=1)  # deterministic
+    noise_pos, noise_neg = rng.exponential(1.0, (200, 50)), rng.exponential(1.0, (200, 50))
+    assert 0.3 < ac.sparse_probe_auc(noise_pos, noise_neg, k=5) < 0.7
+    with pytest.raises(ValueError):
+        ac.sparse_probe_auc(z_pos[:5], z_neg, k=1)
+
+
+def sae_candidate(k, fvu, dead, hi_en, hi_ur):
+    return {"k": k, "fvu": fvu, "dead_fraction": dead, "probe_auc_hi_en": hi_en, "probe_auc_hi_ur": hi_ur}
+
+
+def test_choose_sae_k_filters_by_caps_and_breaks_ties_to_the_smaller_k():
+    candidates = [sae_candidate(8, 0.25, 0.01, 0.99, 0.99),   # reconstructs too poorly
+                  sae_candidate(16, 0.15, 0.05, 0.90, 0.80),  # mean 0.85
+                  sae_candidate(32, 0.12, 0.02, 0.91, 0.795),  # mean 0.8525: a tie within 0.01
+                  sae_candidate(64, 0.08, 0.30, 0.99, 0.95)]  # too many dead latents
+    decision = ac.choose_sae_k(candidates)
+    assert decision.value == 16
+    # Hindi vs Urdu counts as much as Hindi vs English: a k that only separates Hindi from English loses.
+    candidates = [sae_candidate(16, 0.1, 0.0, 0.99, 0.60), sae_candidate(32, 0.1, 0.0, 0.85, 0.85)]
+    assert ac.choose_sae_k(candidates).value == 32
+
+
+def test_choose_sae_k_without_a_qualifying_candidate_takes_the_lowest_fvu_and_says_so():
+    decision = ac.choose_sae_k([sae_candidate(16, 0.4, 0.0, 0.9, 0.9), sae_candidate(32, 0.3, 0.5, 0.6, 0.6)])
+    assert decision.value == 32 and "no candidate" in decision.rule
+    with pytest.raises(ValueError):
+        ac.choose_sae_k([{"k": 8}])
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. LoRA and ReFT
+# ---------------------------------------------------------------------------------------------
+def test_lora_rank_by_size_and_forget_set():
+    cases = {(124e6, 5000): 8, (124e6, 200): 4, (1.5e9, 5000): 16, (1.5e9, 999): 8, (70e9, 2000): 32,
+             (70e9, 10): 16, (10e6, 10): 4}
+    assert {case: ac.lora_rank(*case).value for case in cases} == cases
+    assert ac.lora_alpha(8).value == 16
+    assert "rule of thumb" in ac.lora_rank(1e9, 10).rule
+
+
+def test_lora_dropout_thresholds():
+    assert [ac.lora_dropout(n).value for n in (100_001, 100_000, 10_001, 10_000, 1_001, 1_000, 50)] == \
+        [0.0, 0.05, 0.05, 0.1, 0.1, 0.2, 0.2]
+
+
+GPT2_LINEAR = [f"transformer.h.{i}.{m}" for i in range(2)
+               for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")] + ["lm_head"]
+QWEN_LINEAR = [f"model.layers.{i}.{m}" for i in range(2)
+               for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")] + ["lm_head"]
+
+
+def peft_selects(targets, names):
+    """peft's rule for a list of targets: a module matches t when its name is t or ends with "." + t."""
+    return {n for n in names if any(n == t or n.endswith("." + t) for t in targets)}
+
+
+def test_lora_targets_gpt2_names_attention_only_below_the_memory_tier():
+    low = ac.lora_targets(GPT2_LINEAR, memory_gib=8.0, model_type="gpt2")
+    assert low.value == ["attn.c_proj", "c_attn"]
+    assert peft_selects(low.value, GPT2_LINEAR) == {n for n in GPT2_LINEAR if ".attn." in n}
+    high = ac.lora_targets(GPT2_LINEAR, memory_gib=40.0, model_type="gpt2")
+    assert high.value == ["c_attn", "c_fc", "c_proj"]
+    assert peft_selects(high.value, GPT2_LINEAR) == set(GPT2_LINEAR) - {"lm_head"}
+    assert ac.lora_targets(GPT2_LINEAR, memory_gib=None, model_type="gpt2").value == high.value  # CPU
+
+
+def test_lora_targets_llama_style_names_and_unknown_blocks():
+    assert ac.lora_targets(QWEN_LINEAR, 80.0, "qwen2").value == \
+        ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert ac.lora_targets(QWEN_LINEAR, 6.0, "qwen2").value == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    unknown = ac.lora_targets(["blocks.0.wq", "blocks.0.w1", "head"], 80.0, "custom")
+    assert unknown.value == "all-linear" and "not recognised" in unknown.rule
+
+
+def test_reft_rank():
+    assert ac.reft_rank(500).value == 4 and ac.reft_rank(5000).value == 8
