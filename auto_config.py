@@ -609,3 +609,113 @@ def reft_rank(n_forget_texts: int) -> Decision:
     rank = 4 if n_forget_texts < 1000 else 8
     return Decision(rank, "ReFT rank: 4 under 1k forget texts, else 8 (pyreft LoReFT scripts; threshold ours)",
                     {"n_forget_texts": n_forget_texts})
+
+
+# =============================================================================================
+# 6. Layers
+# =============================================================================================
+def round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)  # Python's round() rounds 2.5 to 2
+
+
+def first_eligible_layer(depth: int) -> Decision:
+    """max(1, round(0.1 * depth)) (ours): the first tenth of the layers sits next to the embeddings, where a
+    "Hindi direction" is mostly token and script identity rather than a language representation, and editing
+    it disturbs every text written in that script."""
+    if depth < 1:
+        raise ValueError(f"depth must be positive (got {depth})")
+    first = min(depth - 1, max(1, round_half_up(0.1 * depth)))
+    return Decision(first, "first eligible layer: max(1, round(0.1 x depth)) (ours)", {"depth": depth})
+
+
+def kneedle_count(sorted_scores: np.ndarray) -> tuple[int, list[float]]:
+    """How many of the descending scores come before the knee, and each point's distance below the chord
+    (Satopaa et al. 2011, "Finding a 'Kneedle' in a Haystack"): scale both axes to [0, 1], draw the chord from
+    the first to the last point, and cut at the point farthest below it. 0 when no point lies below the chord
+    (the scores fall evenly or ever faster: no elbow)."""
+    n = len(sorted_scores)
+    if n < 3:
+        return 0, []
+    x = np.linspace(0, 1, n)
+    span = sorted_scores[0] - sorted_scores[-1]
+    y = (sorted_scores - sorted_scores[-1]) / span if span > 0 else np.zeros(n)
+    distances = (1 - x) - y  # the chord runs from (0, 1) to (1, 0)
+    knee = int(np.argmax(distances))
+    return (knee if distances[knee] > 1e-12 else 0), distances.tolist()
+
+
+def choose_n_layers(causal_scores: dict[int, float], depth: int, min_layer: int | None = None) -> Decision:
+    """How many layers to edit: the elbow (kneedle_count) of the eligible layers' causal scores sorted from
+    best, at least 1, at most ceil(depth / 4) (ours: editing more than a quarter of the model is no longer a
+    localised intervention) and at most the number of layers with a positive score (ablating the others did
+    not lower Hindi at an acceptable retain cost). No elbow: 1, the best layer alone. Eligible: layers from
+    min_layer on (default first_eligible_layer)."""
+    first = first_eligible_layer(depth).value if min_layer is None else min_layer
+    eligible = {layer: float(s) for layer, s in causal_scores.items() if layer >= first}
+    if not eligible:
+        raise ValueError(f"no causal score for a layer >= {first} (scores for {sorted(causal_scores)})")
+    ranked = sorted(eligible, key=lambda layer: -eligible[layer])
+    scores = np.array([eligible[layer] for layer in ranked])
+    knee, distances = kneedle_count(scores)
+    cap, positive = math.ceil(depth / 4), int((scores > 0).sum())
+    n = max(1, min(knee or 1, cap, positive or 1))
+    how = "elbow of the sorted scores" if knee else "no elbow: the best layer alone"
+    return Decision(n, f"number of layers: {how} (Kneedle), 1..ceil(depth/4), positive scores only",
+                    {"depth": depth, "first_eligible": first, "knee": knee, "cap": cap, "n_positive": positive,
+                     "ranked_layers": ranked, "sorted_scores": scores, "chord_distances": distances,
+                     "layers": sorted(ranked[:n])})
+
+
+# =============================================================================================
+# 7. Token lengths
+# =============================================================================================
+def ceil_int(x: float) -> int:
+    """ceil that ignores floating-point dust: 10 / (0.1 / 60) is 6000.000000000001, which is 6000."""
+    return math.ceil(x - 1e-9 * max(1.0, abs(x)))
+
+
+def round_up(x: float, multiple: int) -> int:
+    return ceil_int(x / multiple) * multiple
+
+
+def choose_max_len(token_lengths: Sequence[int], context_limit: int) -> Decision:
+    """The 95th percentile of the texts' token lengths (the smallest length at least 95% of texts fit in:
+    numpy's inverted_cdf), rounded up to a multiple of 32, clipped to [64, 2048] and to the model's context
+    (ours: truncating the longest 5% costs less than padding every batch to the longest text; multiples of
+    32 suit GPU kernels; 2048 bounds memory)."""
+    lengths = np.asarray(token_lengths, float)
+    if len(lengths) == 0 or context_limit < 1:
+        raise ValueError(f"need token lengths and a positive context limit (got {len(lengths)}, {context_limit})")
+    p95 = float(np.percentile(lengths, 95, method="inverted_cdf"))
+    value = min(max(round_up(p95, 32), 64), 2048, context_limit)
+    return Decision(value, "max_len: 95th percentile of token lengths, up to a multiple of 32, in [64, 2048] and "
+                    "the context (ours)", {"p95": p95, "max": float(lengths.max()), "n_texts": len(lengths),
+                                           "context_limit": context_limit,
+                                           "share_truncated": float((lengths > value).mean())})
+
+
+def choose_max_new_tokens(reference_continuation_lengths: Sequence[int]) -> Decision:
+    """The 75th percentile of the reference continuations' token lengths (what follows each forget-eval prompt
+    in its text), rounded up to a multiple of 8, clipped to [16, 256] (ours). The 75th, not the median, so
+    that most outputs have room to show which language the model continues in; not the maximum, since
+    generation cost grows with the longest output of every batch and ES is a share of words, which settles
+    after a few dozen. 16 tokens is a floor below which LID has too few words to judge."""
+    lengths = np.asarray(reference_continuation_lengths, float)
+    if len(lengths) == 0:
+        raise ValueError("need the token lengths of at least one reference continuation")
+    p75 = float(np.percentile(lengths, 75, method="inverted_cdf"))
+    value = min(max(round_up(p75, 8), 16), 256)
+    return Decision(value, "max_new_tokens: 75th percentile of reference continuation lengths, up to a multiple "
+                    "of 8, in [16, 256] (ours)", {"p75": p75, "median": float(np.median(lengths)),
+                                                  "n_texts": len(lengths)})
+
+
+# =============================================================================================
+# 8. Generation
+# =============================================================================================
+def generation_rule() -> Decision:
+    """Greedy decoding for every metric (DESIGN section 4). Metrics are paired per prompt between base and
+    arm; sampling would add variance that belongs to the sampler, not to the model, and make a rerun differ.
+    Sampling settings (temperature, top-p) are therefore not metric settings and are not tuned."""
+    return Decision({"do_sample": False, "num_beams": 1}, "generation: greedy, deterministic (metrics must be "
+                    "reproducible and paired per prompt)", {})

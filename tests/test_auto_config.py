@@ -402,3 +402,55 @@ def test_lora_targets_llama_style_names_and_unknown_blocks():
 
 def test_reft_rank():
     assert ac.reft_rank(500).value == 4 and ac.reft_rank(5000).value == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Layers
+# ---------------------------------------------------------------------------------------------
+def test_first_eligible_layer_rounds_half_up():
+    assert [ac.first_eligible_layer(d).value for d in (4, 12, 24, 25, 28, 36)] == [1, 1, 2, 3, 3, 4]
+
+
+def test_choose_n_layers_cuts_at_the_elbow_among_eligible_layers():
+    scores = {layer: 0.05 - 0.001 * layer for layer in range(24)}
+    scores.update({0: 0.9, 10: 0.50, 11: 0.48, 12: 0.45})  # layer 0 is not eligible (first eligible: 2)
+    decision = ac.choose_n_layers(scores, depth=24)
+    assert decision.value == 3 and decision.inputs["layers"] == [10, 11, 12]
+    single = {layer: 0.02 for layer in range(12)} | {6: 0.6}
+    assert ac.choose_n_layers(single, depth=12).value == 1
+
+
+def test_choose_n_layers_caps_and_falls_back():
+    many = {layer: 0.5 for layer in range(1, 6)} | {6: 0.01, 7: 0.0}  # five good layers of depth 8
+    assert ac.choose_n_layers(many, depth=8).value == 2  # ceil(8 / 4)
+    even = {layer: 1.0 - 0.1 * layer for layer in range(1, 10)}  # no elbow
+    decision = ac.choose_n_layers(even, depth=12)
+    assert decision.value == 1 and "no elbow" in decision.rule
+    # The elbow falls after layer 7, but ablating layer 7 did not lower Hindi at an acceptable cost (score < 0).
+    mostly_harmful = {layer: -0.5 for layer in range(2, 24)} | {5: 0.5, 6: 0.48, 7: -0.001}
+    decision = ac.choose_n_layers(mostly_harmful, depth=24)
+    assert decision.inputs["knee"] == 3 and decision.value == 2 and decision.inputs["layers"] == [5, 6]
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Token lengths
+# ---------------------------------------------------------------------------------------------
+def test_choose_max_len_percentile_rounding_and_clipping():
+    decision = ac.choose_max_len(list(range(1, 201)), context_limit=4096)
+    assert decision.inputs["p95"] == 190 and decision.value == 192
+    assert ac.choose_max_len([10] * 50, 4096).value == 64
+    assert ac.choose_max_len([5000] * 50, 32768).value == 2048
+    assert ac.choose_max_len([1000] * 50, 512).value == 512
+    assert ac.choose_max_len([10] * 50, 40).value == 40  # a model whose context is under the floor
+
+
+def test_choose_max_new_tokens_percentile_rounding_and_clipping():
+    decision = ac.choose_max_new_tokens(list(range(1, 101)))
+    assert decision.inputs["p75"] == 75 and decision.value == 80
+    assert ac.choose_max_new_tokens([3] * 10).value == 16
+    assert ac.choose_max_new_tokens([900] * 10).value == 256
+
+
+def test_generation_is_greedy():
+    decision = ac.generation_rule()
+    assert decision.value == {"do_sample": False, "num_beams": 1} and "greedy" in decision.rule
