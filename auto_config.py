@@ -719,3 +719,192 @@ def generation_rule() -> Decision:
     Sampling settings (temperature, top-p) are therefore not metric settings and are not tuned."""
     return Decision({"do_sample": False, "num_beams": 1}, "generation: greedy, deterministic (metrics must be "
                     "reproducible and paired per prompt)", {})
+
+
+# =============================================================================================
+# 9. Bootstrap resolution
+# =============================================================================================
+def bootstrap_unit(q: float, n_gates: int) -> tuple[int, bool]:
+    """The step of "nice" B + 1: a multiple of 1000 and, when n_gates / q is a whole number, of that too, so
+    that alpha (B + 1) is an integer at the smallest BH threshold alpha = q / m and at every q k / m (Davidson
+    & MacKinnon 2000: a Monte Carlo test at level alpha is exact when alpha (B + 1) is an integer)."""
+    ratio = n_gates / q
+    if abs(ratio - round(ratio)) < 1e-9:
+        return math.lcm(1000, round(ratio)), True
+    return 1000, False
+
+
+def choose_n_boot(q: float, n_gates: int, *, mc_rel_error: float = 0.1, resolution_factor: float = 10.0,
+                  cap: int = 20_000) -> Decision:
+    """Bootstrap resamples B for the gate p-values, corrected by Benjamini-Hochberg over n_gates (m) at level
+    q. A Monte Carlo p-value (1 + hits) / (B + 1) is at least 1 / (B + 1) (Davison & Hinkley 1997; Phipson &
+    Smyth 2010), and BH's smallest threshold is q / m, so: (a) 1 / (B + 1) <= (q / m) / resolution_factor
+    (factor 10, ours), (b) the Monte Carlo SE of a p-value at q / m, sqrt(p (1 - p) / B), is at most
+    mc_rel_error x q / m. B + 1 is rounded up to bootstrap_unit (Davidson & MacKinnon 2000), so B ends in 999
+    where it can; B is capped at `cap` (on the unit's grid), and the rule says when."""
+    if not 0 < q < 1 or n_gates < 1 or mc_rel_error <= 0 or resolution_factor < 1:
+        raise ValueError(f"need 0 < q < 1, n_gates >= 1, mc_rel_error > 0, resolution_factor >= 1 "
+                         f"(got {q}, {n_gates}, {mc_rel_error}, {resolution_factor})")
+    threshold = q / n_gates
+    b_resolution = ceil_int(resolution_factor / threshold) - 1
+    b_mc = ceil_int((1 - threshold) / (mc_rel_error ** 2 * threshold))
+    unit, exact = bootstrap_unit(q, n_gates)
+    if unit > cap + 1:
+        unit, exact = 1000, False
+    needed = max(b_resolution, b_mc)
+    n_boot = round_up(needed + 1, unit) - 1
+    capped = n_boot > cap
+    if capped:
+        n_boot = (cap + 1) // unit * unit - 1
+    inputs = {"q": q, "n_gates": n_gates, "smallest_threshold": threshold, "b_for_resolution": b_resolution,
+              "b_for_mc_error": b_mc, "unit": unit, "alpha_times_b_plus_1_integer": exact, "cap": cap,
+              "capped": capped, "smallest_p": 1 / (n_boot + 1),
+              "mc_rel_error_at_threshold": math.sqrt((1 - threshold) / (threshold * n_boot))}
+    how = f"capped at {cap}: MC error at q/m is {inputs['mc_rel_error_at_threshold']:.2f}" if capped else \
+        f"MC error at q/m <= {mc_rel_error:g}"
+    return Decision(n_boot, f"n_boot ({how}): 1/(B+1) <= (q/m)/{resolution_factor:g}, B+1 a multiple of {unit} "
+                    "(Davidson & MacKinnon 2000)", inputs)
+
+
+# =============================================================================================
+# 10. Power analysis (sample sizes)
+# =============================================================================================
+def z(p: float) -> float:
+    return float(stats.norm.ppf(p))
+
+
+def check_levels(alpha: float, power: float) -> None:
+    if not 0 < alpha < 0.5 or not 0.5 <= power < 1:
+        raise ValueError(f"need 0 < alpha < 0.5 and 0.5 <= power < 1 (got {alpha}, {power})")
+
+
+def prompts_for_paired_gate(sd: float, margin: float, alpha: float, power: float = 0.8, *,
+                            t_correction: bool = False) -> int:
+    """Prompts for a one-sided test of a mean paired difference against a boundary: n = ((z_{1-alpha} +
+    z_power) sd / margin)^2 (normal approximation), where sd is the SD of the per-prompt differences and
+    `margin` the distance from the mean difference expected under the planning alternative to the boundary
+    (for a non-inferiority gate planned at "no change", the gate's margin itself). t_correction adds
+    z_{1-alpha}^2 / 2 (Guenther 1981), which the t (and bootstrap-t) test needs at small n. At least 2.
+    Check (notes section 5): sd 0.1, margin 0.03, alpha 0.05, power 0.8: 69 (71 with the correction)."""
+    check_levels(alpha, power)
+    if sd < 0 or margin <= 0:
+        raise ValueError(f"need sd >= 0 and margin > 0 (got {sd}, {margin})")
+    n = ((z(1 - alpha) + z(power)) * sd / margin) ** 2
+    if t_correction:
+        n += z(1 - alpha) ** 2 / 2
+    return max(2, ceil_int(n))
+
+
+def hanley_mcneil_null_variance(m: int, n: int) -> float:
+    """Var(AUC) at AUC 0.5 with m positives and n negatives: (m + n + 1) / (12 m n) (Hanley & McNeil 1982
+    with Q1 = Q2 = 1/3; the Mann-Whitney null variance without ties)."""
+    return (m + n + 1) / (12 * m * n)
+
+
+def prompts_for_mia_equivalence(margin: float, alpha: float, power: float = 0.8,
+                                ratio: float = 1.0) -> tuple[int, int]:
+    """(members, non-members) for the MIA equivalence gate (TOST: AUC within 0.5 +/- margin) to have `power`
+    when the true AUC is 0.5: margin / SE_0 >= z_{1-alpha} + z_{1-(1-power)/2} (Chow, Shao & Wang 2007, 3.1.9,
+    the TOST approximation), SE_0^2 the Hanley-McNeil null variance; ratio = members / non-members. Solves
+    12 r c n^2 - (r + 1) n - 1 = 0 for n non-members, c = (margin / z-sum)^2, members = r n, both rounded up.
+    Check (notes section 5): margin 0.05, alpha 0.05, power 0.8, equal sizes: ~571 per class (the notes drop
+    the +1, giving 571; with it 572)."""
+    check_levels(alpha, power)
+    if not 0 < margin < 0.5 or ratio <= 0:
+        raise ValueError(f"need 0 < margin < 0.5 and ratio > 0 (got {margin}, {ratio})")
+    c = (margin / (z(1 - alpha) + z(1 - (1 - power) / 2))) ** 2
+    n = ((ratio + 1) + math.sqrt((ratio + 1) ** 2 + 48 * ratio * c)) / (24 * ratio * c)
+    nonmembers = ceil_int(n)
+    members = ceil_int(ratio * nonmembers)
+    return members, nonmembers
+
+
+PLANNING_DEFAULTS = {"ratio": {"keep": 0.25, "correlation": 0.0},
+                     "fidelity": {"correlation": 0.5},
+                     "nll": {"correlation": 0.9}}
+
+
+def ratio_gate_plan(values: np.ndarray, rho: float, keep: float, correlation: float) -> tuple[float, float, str]:
+    """(sd of d, distance to the boundary, assumption) for a ratio gate, d_i = ES_arm_i - rho ES_base_i.
+    Planning alternative (ours): the arm keeps `keep` (25%) of the base's ES, i.e. removes 75%; the arm's
+    per-prompt values in [0, 1] get the largest variance their mean allows, mu (1 - mu) (0/1 outcomes), and
+    their correlation with the base's is `correlation` (0: conservative, real arms correlate positively)."""
+    mu_base, var_base = float(values.mean()), float(values.var(ddof=1))
+    mu_arm = keep * mu_base
+    var_arm = mu_arm * (1 - mu_arm)
+    var_d = var_arm + rho ** 2 * var_base - 2 * rho * correlation * math.sqrt(var_arm * var_base)
+    return math.sqrt(max(var_d, 0.0)), (rho - keep) * mu_base, \
+        f"arm removes {1 - keep:.0%} of base ES; arm values 0/1-like; correlation {correlation:g}"
+
+
+def no_change_plan(values: np.ndarray, margin: float, correlation: float) -> tuple[float, float, str]:
+    """(sd of d, distance, assumption) for a non-inferiority gate planned at "no change" (ours): the arm's mean
+    equals the base's, its per-prompt values have the base's variance and correlate `correlation` with them,
+    so sd_d = sd_base sqrt(2 (1 - correlation)) and the distance to the boundary is the margin."""
+    sd_base = float(values.std(ddof=1))
+    return sd_base * math.sqrt(2 * (1 - correlation)), margin, f"no change vs base; correlation {correlation:g}"
+
+
+def plan_one_set(values: np.ndarray, spec: dict, alpha: float, power: float) -> tuple[int | None, dict]:
+    """(prompts needed or None when the gate cannot be planned, inputs) for one set's gate spec."""
+    kind = spec["kind"]
+    settings = {**PLANNING_DEFAULTS.get(kind, {}), **spec}
+    if kind == "ratio":
+        if values.mean() <= 0:
+            return None, {"why": "base ES is 0 on this set: the gate is uninformative"}
+        sd, delta, assumption = ratio_gate_plan(values, settings["rho"], settings["keep"], settings["correlation"])
+    elif kind in ("fidelity", "nll"):
+        margin = settings["max_drop"] if kind == "fidelity" else math.log(settings["ppl_ratio"])
+        sd, delta, assumption = no_change_plan(values, margin, settings["correlation"])
+    else:
+        raise ValueError(f"unknown gate kind {kind!r} (ratio, fidelity, nll, mia)")
+    n = prompts_for_paired_gate(sd, delta, alpha, power, t_correction=True)
+    inputs = {"sd_d": sd, "delta": delta, "assumption": assumption, "base_mean": float(values.mean())}
+    if kind == "fidelity":  # mmie's test on 0/1 outcomes: even no lost prompt passes only when (1 - drop)^n <= alpha
+        floor = ceil_int(math.log(alpha) / math.log(1 - settings["max_drop"]))
+        n, inputs["binomial_floor"] = max(n, floor), floor
+    return n, inputs
+
+
+def plan_mia(spec: dict, alpha: float, power: float) -> Decision:
+    have = (spec["n_members"], spec["n_nonmembers"])
+    need = prompts_for_mia_equivalence(spec["margin"], alpha, power, ratio=have[0] / have[1])
+    value = {"members": min(have[0], need[0]), "nonmembers": min(have[1], need[1])}
+    short = have[0] < need[0] or have[1] < need[1]
+    inputs = {"alpha": alpha, "power": power, "margin": spec["margin"], "n_have": list(have), "n_needed": list(need),
+              "assumption": "true AUC 0.5 (Hanley-McNeil null variance), TOST",
+              "underpowered": {"n": list(have), "n_needed": list(need)} if short else None}
+    return Decision(value, "power analysis: MIA equivalence (TOST, Hanley-McNeil)" +
+                    (": underpowered" if short else ": capped at the prompts needed"), inputs)
+
+
+def plan_sample_sizes(pilot: dict[str, Sequence[float]], gates: dict[str, dict], alpha: float,
+                      power: float = 0.8) -> dict[str, Decision]:
+    """Per set, the prompts its gate needs for `power` at level alpha, from the base model's per-prompt values
+    (pilot[set]). alpha: plan at q / m, BH's smallest threshold (conservative: later ranks get up to q).
+
+    gates[set] = {"kind": "ratio", "rho"} (G1, G1S, G3, G6; per-prompt ES), {"kind": "fidelity",
+    "max_drop"} (G4), {"kind": "nll", "ppl_ratio"} (G2; per-text NLL), or {"kind": "mia", "margin",
+    "n_members", "n_nonmembers"} (G5; needs no pilot). Optional "keep" and "correlation" override
+    PLANNING_DEFAULTS, our planning assumptions (ratio_gate_plan, no_change_plan). Value: the prompts to use,
+    min(have, needed) (a set with more is capped there); "underpowered": {"n": have, "n_needed": need} when
+    it has fewer. Normal approximation with Guenther's t correction."""
+    plans = {}
+    for name, spec in gates.items():
+        if spec["kind"] == "mia":
+            plans[name] = plan_mia(spec, alpha, power)
+            continue
+        values = np.asarray(pilot[name], float)
+        if len(values) < 2:
+            raise ValueError(f"set {name!r}: need at least 2 pilot values to plan (got {len(values)})")
+        have = int(spec.get("n_available", len(values)))
+        need, inputs = plan_one_set(values, spec, alpha, power)
+        inputs = {"kind": spec["kind"], "alpha": alpha, "power": power, "n_have": have, "n_needed": need, **inputs}
+        if need is None:
+            plans[name] = Decision(have, f"power analysis: not planned ({inputs['why']})", inputs)
+            continue
+        inputs["underpowered"] = {"n": have, "n_needed": need} if have < need else None
+        rule = "underpowered: fewer prompts than needed" if have < need else "capped at the prompts needed"
+        plans[name] = Decision(min(have, need), f"power analysis ({spec['kind']} gate, power {power:g}): {rule}",
+                               inputs)
+    return plans

@@ -454,3 +454,127 @@ def test_choose_max_new_tokens_percentile_rounding_and_clipping():
 def test_generation_is_greedy():
     decision = ac.generation_rule()
     assert decision.value == {"do_sample": False, "num_beams": 1} and "greedy" in decision.rule
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Bootstrap resolution
+# ---------------------------------------------------------------------------------------------
+def test_n_boot_for_q_010_and_60_gates_is_capped_and_exact_at_every_bh_threshold():
+    decision = ac.choose_n_boot(0.10, 60)
+    threshold = 0.10 / 60
+    assert decision.value == 17_999 and decision.inputs["capped"] and "capped" in decision.rule
+    assert 1 / (decision.value + 1) <= threshold / 10  # resolution holds even when capped
+    assert (decision.value + 1) * threshold == pytest.approx(round((decision.value + 1) * threshold))
+    assert decision.inputs["b_for_mc_error"] == pytest.approx(59_900, abs=1)  # (1 - t) / (0.01 t)
+
+
+def test_n_boot_uncapped_meets_both_conditions_minimally():
+    decision = ac.choose_n_boot(0.10, 9)  # q/m = 1/90: unit lcm(1000, 90) = 9000
+    b, t = decision.value, 0.10 / 9
+    assert b == 8_999 and not decision.inputs["capped"]
+    assert math.sqrt(t * (1 - t) / b) <= 0.1 * t and 1 / (b + 1) <= t / 10
+    assert decision.inputs["b_for_mc_error"] == 8_900  # (1 - t) / (0.01 t) with t = 1/90
+    other = ac.choose_n_boot(0.07, 6)  # 6 / 0.07 is not whole: B + 1 on the grid of 1000
+    t = 0.07 / 6
+    assert other.value == 8_999 and other.inputs["alpha_times_b_plus_1_integer"] is False
+    assert math.sqrt(t * (1 - t) / (other.value - 1000)) > 0.1 * t  # one step less would miss the target
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Power analysis
+# ---------------------------------------------------------------------------------------------
+def test_paired_gate_sample_size_matches_the_notes():
+    # notes section 5(a): sd 0.1, delta 0.03, alpha 0.05, power 0.8 -> 69 (71 with the t correction);
+    # sd 0.2, delta 0.05 -> 99 (101).
+    assert ac.prompts_for_paired_gate(0.1, 0.03, 0.05) == 69
+    assert ac.prompts_for_paired_gate(0.1, 0.03, 0.05, t_correction=True) == 71
+    assert ac.prompts_for_paired_gate(0.2, 0.05, 0.05) == 99
+    assert ac.prompts_for_paired_gate(0.2, 0.05, 0.05, t_correction=True) == 101
+
+
+def test_paired_gate_sample_size_has_its_power_in_simulation():
+    from scipy import stats
+
+    n = ac.prompts_for_paired_gate(0.1, 0.03, 0.05, t_correction=True)
+    d = np.random.default_rng(0).normal(-0.03, 0.1, (4000, n))  # true mean at distance 0.03 past the boundary
+    t = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(n))
+    power = np.mean(t < stats.t.ppf(0.05, n - 1))
+    assert 0.77 <= power <= 0.85
+
+
+def test_mia_equivalence_sample_size_matches_the_notes():
+    # notes section 5(b): TOST of AUC against 0.5 +/- margin, alpha 0.05, power 0.8, equal classes:
+    # margin 0.10 -> 143, 0.05 -> 571, 0.03 -> 1586 per class (from SE^2 ~ 1/(6N), which drops the +1 of
+    # Hanley-McNeil's (m + n + 1) / (12 m n); keeping it adds at most one).
+    for margin, notes in ((0.10, 143), (0.05, 571), (0.03, 1586)):
+        members, nonmembers = ac.prompts_for_mia_equivalence(margin, 0.05)
+        assert members == nonmembers and 0 <= members - notes <= 1
+
+
+def test_mia_equivalence_unequal_sizes_meet_the_variance_target_tightly():
+    members, nonmembers = ac.prompts_for_mia_equivalence(0.05, 0.05, ratio=1.5)
+    target = (0.05 / (1.6448536 + 1.2815516)) ** 2
+    assert members == math.ceil(1.5 * nonmembers - 1e-9)
+    assert ac.hanley_mcneil_null_variance(members, nonmembers) <= target
+    assert ac.hanley_mcneil_null_variance(math.floor(1.5 * (nonmembers - 2)), nonmembers - 2) > target
+
+
+def test_mia_equivalence_sample_size_has_its_power_in_simulation():
+    from scipy import stats
+
+    m, n = ac.prompts_for_mia_equivalence(0.05, 0.05)
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(2000, m + n))  # members and non-members alike: true AUC 0.5
+    ranks = stats.rankdata(scores, axis=1)
+    auc = (ranks[:, :m].sum(1) - m * (m + 1) / 2) / (m * n)
+    se0 = math.sqrt(ac.hanley_mcneil_null_variance(m, n))
+    passes = np.abs(auc - 0.5) <= 0.05 - stats.norm.ppf(0.95) * se0  # both one-sided tests reject
+    assert 0.76 <= passes.mean() <= 0.85
+
+
+def shipped_like_es(rng, n):
+    """Per-prompt ES as in test_statistics.py: 30% exact zeros, 25% exact ones, the rest Beta(2, 2)."""
+    u = rng.random(n)
+    return np.where(u < 0.30, 0.0, np.where(u < 0.55, 1.0, rng.beta(2, 2, n)))
+
+
+def test_ratio_plan_has_its_power_under_its_own_planning_alternative():
+    """The arm keeps 25% of base ES with 0/1 outcomes independent of the base: the planned n rejects
+    'mean ES_arm >= rho mean ES_base' (one-sided t on d = arm - rho base) with power about 0.8."""
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    pilot = shipped_like_es(rng, 262)
+    alpha = 0.10 / 60
+    plan = ac.plan_sample_sizes({"forget_eval": pilot}, {"forget_eval": {"kind": "ratio", "rho": 0.5}}, alpha)
+    n = plan["forget_eval"].inputs["n_needed"]
+    base = rng.choice(pilot, size=(4000, n))
+    arm = (rng.random((4000, n)) < 0.25 * pilot.mean()).astype(float)
+    d = arm - 0.5 * base
+    t = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(n))
+    assert 0.77 <= np.mean(t < stats.t.ppf(alpha, n - 1)) <= 0.88
+
+
+def test_plan_sample_sizes_caps_records_underpowered_and_uninformative_sets():
+    rng = np.random.default_rng(1)
+    alpha = 0.10 / 60
+    pilot = {"forget_eval": shipped_like_es(rng, 262), "adversarial": shipped_like_es(rng, 20),
+             "mixed": np.zeros(76), "urdu": np.ones(83), "retain_eval": rng.normal(3.0, 0.5, 256)}
+    gates = {"forget_eval": {"kind": "ratio", "rho": 0.5}, "adversarial": {"kind": "ratio", "rho": 0.7},
+             "mixed": {"kind": "ratio", "rho": 0.7}, "urdu": {"kind": "fidelity", "max_drop": 0.10},
+             "retain_eval": {"kind": "nll", "ppl_ratio": 1.10},
+             "forget_mia": {"kind": "mia", "margin": 0.05, "n_members": 398, "n_nonmembers": 262}}
+    plans = ac.plan_sample_sizes(pilot, gates, alpha)
+    forget = plans["forget_eval"]
+    assert forget.value == forget.inputs["n_needed"] < 262 and forget.inputs["underpowered"] is None
+    adversarial = plans["adversarial"]
+    assert adversarial.value == 20 and adversarial.inputs["underpowered"] == \
+        {"n": 20, "n_needed": adversarial.inputs["n_needed"]}
+    assert plans["mixed"].value == 76 and "uninformative" in plans["mixed"].rule
+    # Base fidelity all 1: no variance, but mmie's test needs (1 - 0.10)^n <= alpha even with no lost prompt.
+    assert plans["urdu"].inputs["n_needed"] == math.ceil(math.log(alpha) / math.log(0.9)) == 61
+    sd_d = 0.5 * math.sqrt(2 * (1 - 0.9))  # NLL planning: correlation 0.9, no change
+    assert plans["retain_eval"].inputs["sd_d"] == pytest.approx(sd_d, rel=0.1)
+    mia = plans["forget_mia"]
+    assert mia.inputs["underpowered"] is not None and mia.value == {"members": 398, "nonmembers": 262}
+    json.dumps({name: d.as_dict() for name, d in plans.items()}, allow_nan=False)
