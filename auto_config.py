@@ -908,3 +908,77 @@ def plan_sample_sizes(pilot: dict[str, Sequence[float]], gates: dict[str, dict],
         plans[name] = Decision(min(have, need), f"power analysis ({spec['kind']} gate, power {power:g}): {rule}",
                                inputs)
     return plans
+
+
+# =============================================================================================
+# 11. Fixed settings and the decision table
+# =============================================================================================
+FIXED_BY_DESIGN: dict[str, str] = {
+    "npo_beta": "NPO paper's value: beta 0.1 on summed sequence log-likelihoods (Zhang et al. 2024)",
+    "relearn_steps": "part of the benchmark: the relearning attack's strength must not adapt to the arm",
+    "relearn_lr": "part of the benchmark: the relearning attack's strength must not adapt to the arm",
+    "relearn_adapter": "part of the benchmark: the attack's LoRA (rank 8, alpha 16, default targets) is fixed",
+    "dsg_quantile": "DSG paper's value: gate when the firing share exceeds the 0.95 quantile on retain text",
+    "gate_es_forget_ratio": "the question asked (G1/G1S threshold), not a tuning knob",
+    "gate_es_mixed_ratio": "the question asked (G3 threshold), not a tuning knob",
+    "gate_es_adv_ratio": "the question asked (G6 threshold), not a tuning knob",
+    "gate_ppl_ratio": "the question asked (G2 threshold), not a tuning knob",
+    "gate_fidelity_drop": "the question asked (G4 threshold), not a tuning knob",
+    "gate_mia_margin": "the question asked (G5 threshold), not a tuning knob",
+    "fdr_q": "the question asked: the false discovery rate the user accepts",
+    "ci_level": "reporting convention: 95% intervals",
+    "causal_nll_penalty": "part of the layer score's definition: ES drop traded 1:1 against nats of retain NLL",
+    "seeds": "replication, not tuning: the seeds are the experiment's design",
+    "stats_seed": "replication, not tuning",
+}
+
+
+def format_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(format_value(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}={format_value(v)}" for k, v in value.items())
+    return "none" if value is None else str(value)
+
+
+def key_inputs(inputs: dict, limit: int = 3) -> str:
+    """The first `limit` numeric inputs, "name=value": the measured numbers worth a glance."""
+    scalars = [(k, v) for k, v in inputs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return " ".join(f"{k}={format_value(v)}" for k, v in scalars[:limit])
+
+
+def auto_config_report(decisions: dict[str, Decision], user_given: dict[str, object]) -> dict[str, dict]:
+    """report["auto_config"]: every decided setting as {"value", "rule", "inputs", "source"}; a user's flag
+    wins, and its entry keeps what auto would have chosen ("auto_value")."""
+    entries = {}
+    for name, decision in decisions.items():
+        entry = {**decision.as_dict(), "source": "auto"}
+        if name in user_given:
+            entry.update(value=json_safe(user_given[name]), source="user", auto_value=decision.value)
+        entries[name] = entry
+    return entries
+
+
+def decision_table(decisions: dict[str, Decision], user_given: dict[str, object],
+                   fixed_values: dict[str, object] | None = None) -> list[str]:
+    """One text table, columns as wide as their content: setting, value, source ("auto", "user", "user (auto
+    would be X)", "fixed"), rule (short), key inputs. Rows: the decisions in order, then user flags with no
+    decision, then fixed settings (FIXED_BY_DESIGN) whose values are given in fixed_values."""
+    fixed_values = fixed_values or {}
+    rows = []
+    for name in [*decisions, *(n for n in user_given if n not in decisions),
+                 *(n for n in fixed_values if n not in decisions and n not in user_given)]:
+        decision = decisions.get(name)
+        if name in user_given:
+            source = f"user (auto would be {format_value(decision.value)})" if decision else "user"
+            rows.append([name, format_value(user_given[name]), source, "flag", ""])
+        elif decision is not None:
+            rows.append([name, format_value(decision.value), "auto", decision.short_rule, key_inputs(decision.inputs)])
+        else:
+            reason = FIXED_BY_DESIGN.get(name, "fixed")
+            rows.append([name, format_value(fixed_values[name]), "fixed", reason.split(":", 1)[0], ""])
+    header = ["setting", "value", "source", "rule", "key inputs"]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]

@@ -578,3 +578,37 @@ def test_plan_sample_sizes_caps_records_underpowered_and_uninformative_sets():
     mia = plans["forget_mia"]
     assert mia.inputs["underpowered"] is not None and mia.value == {"members": 398, "nonmembers": 262}
     json.dumps({name: d.as_dict() for name, d in plans.items()}, allow_nan=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. Fixed settings and the decision table
+# ---------------------------------------------------------------------------------------------
+def test_fixed_by_design_covers_the_benchmark_and_the_question():
+    for name in ("npo_beta", "relearn_steps", "relearn_lr", "dsg_quantile", "fdr_q", "gate_es_forget_ratio",
+                 "gate_es_mixed_ratio", "gate_es_adv_ratio", "gate_ppl_ratio", "gate_fidelity_drop",
+                 "gate_mia_margin"):
+        assert ac.FIXED_BY_DESIGN[name]
+
+
+def test_decision_table_user_flag_wins_and_columns_line_up():
+    decisions = {"lr": ac.choose_lr(None, 124e6), "rank": ac.lora_rank(124e6, 200),
+                 "n_boot": ac.choose_n_boot(0.1, 9)}
+    lines = ac.decision_table(decisions, {"rank": 16, "seeds": [0, 1]}, fixed_values={"npo_beta": 0.1})
+    assert lines[0].split() == ["setting", "value", "source", "rule", "key", "inputs"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert list(rows) == ["lr", "rank", "n_boot", "seeds", "npo_beta"]
+    assert "user (auto would be 4)" in rows["rank"] and rows["rank"].split()[1] == "16"
+    assert "auto" in rows["lr"] and "n_params=1.24e+08" in rows["lr"]
+    assert "fixed" in rows["npo_beta"] and "NPO paper" in rows["npo_beta"]
+    assert "0,1" in rows["seeds"]
+    source_column = lines[0].index("source")
+    assert all(line[source_column - 2: source_column] == "  " for line in lines)
+    assert {line[source_column:].split()[0] for line in lines[1:]} == {"auto", "user", "fixed"}
+
+
+def test_auto_config_report_keeps_the_auto_value_under_a_user_flag():
+    entries = ac.auto_config_report({"rank": ac.lora_rank(124e6, 200), "lr": ac.choose_lr(None, 124e6)},
+                                    {"rank": 16})
+    assert entries["rank"]["value"] == 16 and entries["rank"]["source"] == "user"
+    assert entries["rank"]["auto_value"] == 4 and entries["lr"]["source"] == "auto"
+    json.dumps(entries, allow_nan=False)
