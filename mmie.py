@@ -54,6 +54,7 @@ from scipy import optimize, stats
 from statsmodels.stats.multitest import multipletests
 from tqdm.auto import tqdm
 
+from auto_config import OOMBackoff
 from lid_ensemble import EVAL_FRACTION, LIDEnsemble, is_eval_text, language_words, share_true
 
 REPO = Path(__file__).resolve().parent
@@ -644,6 +645,13 @@ def encode_texts(tokenizer, texts: list[str], max_len: int, device, context: str
     return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "score_mask": score.to(device)}
 
 
+def length_batches(tokenizer, texts: list[str], batch_size: int) -> list[list[int]]:
+    """Indices of `texts` in batches of similar token length (longest first), so right padding wastes little."""
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]] if texts else []
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def model_fingerprint(name: str, model) -> str:
     """What identifies the weights, for stage keys: a hub model's resolved revision; a local folder's
     config, weight-file names and sizes and the first MiB of each weight file (safetensors headers list
@@ -681,11 +689,11 @@ def collect_token_activations(model, tokenizer, texts: list[str], layer_indices:
                               max_len: int, skip_first: bool = False) -> dict[int, torch.Tensor]:
     """Residual-stream activations (decoder layer outputs) of every non-pad token of `texts` (without each
     text's first token when skip_first: the attention sink), per layer: {layer: float32 [n_tokens, d_model]}
-    on the CPU, tokens in text order."""
+    on the CPU, texts in length_batches order."""
     device = next(model.parameters()).device
     collected: dict[int, list[torch.Tensor]] = {i: [] for i in layer_indices}
-    for start in range(0, len(texts), batch_size):
-        encoded = encode_texts(tokenizer, texts[start : start + batch_size], max_len, device)
+    for batch in length_batches(tokenizer, texts, batch_size):
+        encoded = encode_texts(tokenizer, [texts[i] for i in batch], max_len, device)
         mask = encoded["attention_mask"].bool()
         if skip_first:
             mask[:, 0] = False  # right padding: position 0 is every text's first token
@@ -724,7 +732,7 @@ def generate_token_ids(model, tokenizer, prompts: list[str], *, max_new_tokens: 
     new_ids: list[list[int]] = [[] for _ in texts]
     stop_ids = {tokenizer.pad_token_id, *np.atleast_1d(model.generation_config.eos_token_id or [])}
     device = next(model.parameters()).device
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=len(order) <= batch_size):
+    for start in progress(range(0, len(order), batch_size), desc):
         batch = order[start : start + batch_size]
         encoded = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, truncation=True,
                             max_length=max_len, add_special_tokens=not chat).to(device)
@@ -837,11 +845,10 @@ def text_nll(model, tokenizer, texts: list[str], *, batch_size: int, max_len: in
     """Per text: mean next-token NLL over its scored tokens (after `context` when given) and their number."""
     nll, count = np.zeros(len(texts)), np.zeros(len(texts), dtype=np.int64)
     device = next(model.parameters()).device
-    for start in range(0, len(texts), batch_size):
-        summed, n = token_logprobs(model, encode_texts(tokenizer, texts[start : start + batch_size], max_len, device,
-                                                        context))
-        nll[start : start + len(n)] = (-summed / n.clamp(min=1)).cpu().numpy()
-        count[start : start + len(n)] = n.long().cpu().numpy()
+    for batch in length_batches(tokenizer, texts, batch_size):
+        summed, n = token_logprobs(model, encode_texts(tokenizer, [texts[i] for i in batch], max_len, device, context))
+        nll[batch] = (-summed / n.clamp(min=1)).cpu().numpy()
+        count[batch] = n.long().cpu().numpy()
     return nll, count
 
 
@@ -851,14 +858,14 @@ def text_token_kl(model, tokenizer, texts: list[str], reference: Callable, *, ba
     """Per text, the mean over its scored tokens of KL(base || edited) of the next-token distributions; with a
     context, the edited model reads the texts after it and the base without it."""
     device = next(model.parameters()).device
-    per_text = []
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
+    per_text = np.zeros(len(texts))
+    for indices in length_batches(tokenizer, texts, batch_size):
+        chunk = [texts[i] for i in indices]
         batch = encode_texts(tokenizer, chunk, max_len, device, context)
         plain = encode_texts(tokenizer, chunk, max_len, device) if context else None
         summed, n = token_kl(model, batch, reference, plain)
-        per_text.extend((summed / n.clamp(min=1)).cpu().tolist())
-    return per_text
+        per_text[indices] = (summed / n.clamp(min=1)).cpu().numpy()
+    return per_text.tolist()
 
 
 def repetition_rate(text: str, n: int) -> float:
@@ -1003,13 +1010,13 @@ def content_activations(model, tokenizer, texts: list[str], layer_indices: list[
     device = next(model.parameters()).device
     tokens: dict[int, list[torch.Tensor]] = {i: [] for i in layer_indices}
     owner: list[torch.Tensor] = []
-    for start in range(0, len(texts), batch_size):
-        encoded = encode_texts(tokenizer, texts[start : start + batch_size], max_len, device)
+    for batch in length_batches(tokenizer, texts, batch_size):
+        encoded = encode_texts(tokenizer, [texts[i] for i in batch], max_len, device)
         content = encoded["attention_mask"].bool().clone()
         content[:, 0] = False  # right padding: position 0 is every text's first token
         with record_layer_outputs(model, layer_indices) as outputs:
             model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
-        owner.append((torch.arange(content.shape[0])[:, None] + start).expand_as(content)[content.cpu()])
+        owner.append(torch.tensor(batch)[:, None].expand_as(content)[content.cpu()])
         for i in layer_indices:
             tokens[i].append(outputs[i][content].float().cpu())
     owner_all = torch.cat(owner)
@@ -1190,8 +1197,10 @@ def retain_losses(objective: str, model, batch: dict, reference: Callable) -> to
 def sequence_logprobs(model, tokenizer, texts: list[str], *, batch_size: int, max_len: int) -> torch.Tensor:
     """Summed log-likelihood of each text's scored tokens."""
     device = next(model.parameters()).device
-    return torch.cat([token_logprobs(model, encode_texts(tokenizer, texts[s : s + batch_size], max_len, device))[0]
-                      for s in range(0, len(texts), batch_size)])
+    summed = torch.zeros(len(texts), device=device)
+    for batch in length_batches(tokenizer, texts, batch_size):
+        summed[batch] = token_logprobs(model, encode_texts(tokenizer, [texts[i] for i in batch], max_len, device))[0]
+    return summed
 
 
 # --- the one training loop ----------------------------------------------------------------------
@@ -1214,7 +1223,8 @@ class Trainer:
       lr_factor(step)              -> multiplier of the base learning rate (default: warmup, then cosine)
       after_step(record)           -> True stops training (validation, early stopping, logging)
     A step that runs out of accelerator memory is redone with half the micro-batch and twice the gradient
-    accumulation (the effective batch is kept; logged in `events`). A non-finite loss raises NonFiniteLoss."""
+    accumulation (auto_config.OOMBackoff: the effective batch is kept; logged in backoff.events). A non-finite
+    loss raises NonFiniteLoss."""
 
     def __init__(self, model, tokenizer, params: list[torch.nn.Parameter], pools: dict[str, list[str]],
                  objectives: dict[str, Callable[[dict, np.ndarray], torch.Tensor]], *, steps: int, lr: float,
@@ -1228,9 +1238,8 @@ class Trainer:
         self.cycle = list(cycle or pools)
         self.rng = np.random.default_rng(seed)
         self.device = next(model.parameters()).device
-        self.desc, self.micro_batch = desc, batch_size
+        self.desc, self.backoff = desc, OOMBackoff(batch_size)
         self.log: list[dict] = []
-        self.events: list[dict] = []
         self.optimizers = self.make_optimizers()
 
     # --- replaceable parts ---
@@ -1270,17 +1279,12 @@ class Trainer:
         kind = self.kind_at(step)
         indices = self.sample(kind, step)
         optimizer = self.optimizer_for(kind)
-        while True:
-            try:
-                per_sample, loss = self._accumulate(kind, indices, step)
-                break
-            except RuntimeError as err:
-                if not is_oom_error(err) or self.micro_batch == 1:
-                    raise
-                self.micro_batch = max(1, self.micro_batch // 2)
-                self.events.append({"step": step, "event": "out of memory", "micro_batch": self.micro_batch})
-                warn(f"{self.desc}: out of memory at step {step}; micro-batch {self.micro_batch}, gradients "
-                     "accumulated to keep the batch")
+        n_events = len(self.backoff.events)
+        per_sample, loss = self.backoff.run(lambda micro: self._accumulate(kind, indices, step, micro), len(indices),
+                                            step=step)
+        if len(self.backoff.events) > n_events:
+            warn(f"{self.desc}: out of memory at step {step}; micro-batch now {self.backoff.micro_batch}, gradients "
+                 "accumulated to keep the batch")
         if self.max_grad_norm < math.inf:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         step_lr = self.lr * self.lr_factor(step) if lr is None else lr
@@ -1290,17 +1294,18 @@ class Trainer:
         return {"step": step, "kind": kind, "loss": loss, "lr": step_lr, "indices": indices,
                 "per_sample": per_sample}
 
-    def _accumulate(self, kind: str, indices: np.ndarray, step: int) -> tuple[np.ndarray, float]:
-        """Forward and backward over micro-batches; per-sample losses and the weighted step loss."""
+    def _accumulate(self, kind: str, indices: np.ndarray, step: int, micro: list[tuple[slice, float]]
+                    ) -> tuple[np.ndarray, float]:
+        """Forward and backward over the micro-batches; per-sample losses and the weighted step loss."""
         for p in self.params:
             p.grad = None
         weights, scale = self.weights(kind, indices, step), self.loss_scale(kind, step)
         per_sample, total = [], 0.0
-        for start in range(0, len(indices), self.micro_batch):
-            part = indices[start : start + self.micro_batch]
-            batch = encode_texts(self.tokenizer, [self.pools[kind][i] for i in part], self.max_len, self.device)
-            losses = self.objectives[kind](batch, part)
-            loss = scale * (weights[start : start + len(part)] * losses).sum()
+        for part, _ in micro:
+            batch = encode_texts(self.tokenizer, [self.pools[kind][i] for i in indices[part]], self.max_len,
+                                 self.device)
+            losses = self.objectives[kind](batch, indices[part])
+            loss = scale * (weights[part] * losses).sum()
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"{self.desc}: the {kind} loss is {loss.item()} at step {step}; training stopped")
             loss.backward()
@@ -1319,16 +1324,6 @@ class Trainer:
         finally:
             self.model.eval()
         return self.log
-
-
-def is_oom_error(err: BaseException) -> bool:
-    """Out of accelerator memory (CUDA or ROCm), as accelerate's should_reduce_batch_size reads it."""
-    if isinstance(err, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(err)
-    return isinstance(err, RuntimeError) and any(marker in text for marker in (
-        "CUDA out of memory", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_SUPPORTED",
-        "HIP out of memory"))
 
 
 def unlearning_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], reference: Callable, *, steps: int,
@@ -1877,8 +1872,8 @@ def activation_probabilities(model, tokenizer, texts: list[str], *, batch_size: 
 
     handles = [mlp_activation_module(layer).register_forward_hook(counter(i)) for i, layer in enumerate(layers)]
     try:
-        for start in range(0, len(texts), batch_size):
-            batch = encode_texts(tokenizer, texts[start : start + batch_size], max_len, device)
+        for indices in length_batches(tokenizer, texts, batch_size):
+            batch = encode_texts(tokenizer, [texts[i] for i in indices], max_len, device)
             current_mask["mask"] = batch["attention_mask"].bool()
             total += int(batch["attention_mask"].sum())
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -2007,7 +2002,7 @@ def lora_arm(ctx: "Experiment", seed: int, stage_dir: Path):
             params = [p for p in peft_model.parameters() if p.requires_grad]
             trainer = unlearning_trainer(ctx, params, peft_model.disable_adapter, steps=args.lora_steps, seed=seed,
                                          desc="lora")
-            info["train_log"], info["train_events"] = trainer.run(), trainer.events
+            info["train_log"], info["train_events"] = trainer.run(), trainer.backoff.events
             peft_model.save_pretrained(stage_dir, selected_adapters=["unlearn"])
         yield ArmEdit(reference=peft_model.disable_adapter, edited_layers=chosen, peft_model=peft_model, info=info)
 
@@ -2033,7 +2028,7 @@ def reft_arm(ctx: "Experiment", seed: int, stage_dir: Path):
                 trainer = unlearning_trainer(ctx, list(modules.parameters()), arm.reference, steps=args.reft_steps,
                                              seed=seed, desc="reft",
                                              retain_penalty=gate_closed_on_retain if args.reft_gated else None)
-                arm.info["train_log"], arm.info["train_events"] = trainer.run(), trainer.events
+                arm.info["train_log"], arm.info["train_events"] = trainer.run(), trainer.backoff.events
             stage_dir.mkdir(parents=True, exist_ok=True)
             torch.save(modules.state_dict(), weights)
         for p in modules.parameters():
@@ -2269,22 +2264,40 @@ class Experiment:
     sae_acts: dict = field(default_factory=dict)  # seed -> token activations the SAEs were fitted on
 
 
+class PhaseTimer:
+    """Wall-clock seconds per named phase, for the report and the benchmark's split of a run."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - self.started, 2)
+        self.started = now
+
+
 def run_arm(ctx: Experiment, name: str, seed: int, stage_dir: Path) -> dict:
     """Apply, evaluate and remove one arm for one seed: every metric of DESIGN section 4, per prompt."""
-    args = ctx.args
+    args, timer = ctx.args, PhaseTimer()
     torch.manual_seed(seed)
     with ARMS[name].build(ctx, seed, stage_dir) as arm:
+        timer.lap("build")
         result = evaluate_model(ctx.model, ctx.tokenizer, ctx.lid, ctx.eval_sets, args, instruction=arm.context)
         per_prompt = result["per_prompt"]
+        timer.lap("evaluate")
         per_prompt["token_kl_retain"] = text_token_kl(ctx.model, ctx.tokenizer, ctx.eval_sets["scoring"]["retain"],
                                                       arm.reference, batch_size=args.batch_size,
                                                       max_len=args.max_len, context=arm.context)
+        timer.lap("token_kl")
         if args.relearn_steps > 0:
             per_prompt["es_relearn"] = relearn_attack(ctx, arm, ctx.eval_sets["generation"]["forget_eval"], seed)
+            timer.lap("relearn")
         probes = layer_probes(ctx, seed)
+        timer.lap("probes")
     return {"status": "ok", "error": None, "per_prompt": per_prompt, "metrics": metrics_from_per_prompt(per_prompt),
             "outputs": result["outputs"], "edited_layers": arm.edited_layers, "unchanged": arm.unchanged,
-            "info": arm.info, "probe_auc_by_layer": probes}
+            "info": arm.info, "probe_auc_by_layer": probes, "phase_seconds": timer.seconds}
 
 
 # =============================================================================================
@@ -3044,12 +3057,13 @@ def report_path(out: Path | None, model_name: str) -> Path:
 
 # --- stage keys: a cached outcome is read back only for exactly what produced it ----------------------
 # A stage reads the settings of the parser groups listed here (an arm: ARM_COMMON_READS plus its ArmSpec's
-# reads), besides the run facts (resolved model weights, device, dtype, attention, chat template), the data
+# reads), besides the run facts (the "model" group as resolved: model weights, device, dtype, attention, chat
+# template, 8-bit loading; so --dtype auto and --dtype float32 on a CPU are the same stage), the data
 # fingerprints and the project's source files. Changing --lora_steps redoes the lora arm only; changing
 # --dtype or any source file redoes everything; a new flag is keyed by its group with no list to update.
-ARM_COMMON_READS = ("data", "model", "generation and metrics", "probes", "relearning attack")
-STAGE_READS = {"layers": ("data", "model", "generation and metrics", "layer selection", "probes"),
-               "sae": ("data", "model", "generation and metrics", "layer selection", "sae")}
+ARM_COMMON_READS = ("data", "generation and metrics", "probes", "relearning attack")
+STAGE_READS = {"layers": ("data", "generation and metrics", "layer selection", "probes"),
+               "sae": ("data", "generation and metrics", "layer selection", "sae")}
 SOURCE_FILES = ("mmie.py", "lid_ensemble.py", "auto_config.py", "adaptive_unlearning.py")
 
 
@@ -4149,13 +4163,19 @@ def failed_arms(report: dict) -> list[str]:
             for seed, outcome in arm["seeds"].items() if outcome.get("status") != "ok"]
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: exit status 0 when every arm ran, 1 when an arm failed (the report is still written),
+    2 for bad input (one line, before slow work), 130 when interrupted."""
     try:
-        final = main()
+        report = main(argv)
     except InputError as err:
         print(f"mmie: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    failures = failed_arms(final)
+        return 2
+    failures = failed_arms(report)
     if failures:
         print(f"mmie: {len(failures)} arm/seed runs failed ({', '.join(failures)}); see the report", file=sys.stderr)
-    sys.exit(1 if failures else 0)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -241,8 +241,8 @@ def test_trainer_keeps_the_batch_after_out_of_memory_and_stops_on_a_non_finite_l
     trainer = mmie.Trainer(model, tokenizer, params, {"retain": TEXTS * 2}, {"retain": objective}, steps=2, lr=1e-3,
                            batch_size=8, max_len=64, seed=0)
     log = trainer.run()
-    assert [row["step"] for row in log] == [0, 1] and trainer.micro_batch == 2
-    assert [event["micro_batch"] for event in trainer.events] == [4, 2]
+    assert [row["step"] for row in log] == [0, 1] and trainer.backoff.micro_batch == 2
+    assert [event["micro_batch"] for event in trainer.backoff.events] == [[8, 4], [4, 2]]
 
     def exploding(batch, idx):
         return torch.full((len(idx),), float("nan"))
