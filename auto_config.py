@@ -982,3 +982,40 @@ def decision_table(decisions: dict[str, Decision], user_given: dict[str, object]
     header = ["setting", "value", "source", "rule", "key inputs"]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+
+
+# =============================================================================================
+# 12. The collector: decisions applied to the run's settings, a user's flag winning
+# =============================================================================================
+class AutoConfig:
+    """Applies decisions to a run's settings (an argparse Namespace) in the order they are made, except for
+    settings the user gave, which win (the decision is still recorded: the table says "user (auto would be
+    X)"); keeps every decision for the table and the report. `decide` takes a Decision or a zero-argument
+    callable returning one."""
+
+    def __init__(self, settings, given: set[str], fixed_values: dict[str, object] | None = None):
+        self.settings, self.given = settings, set(given)
+        self.decisions: dict[str, Decision] = {}
+        self.fixed_values = dict(fixed_values or {})
+
+    def decide(self, name: str, decision: Decision | Callable[[], Decision]) -> object:
+        """Record the decision for `name` and apply it unless the user gave `name`; returns the value in force."""
+        if callable(decision):
+            decision = decision()
+        self.decisions[name] = decision
+        if name not in self.given:
+            setattr(self.settings, name, decision.value)
+        return getattr(self.settings, name)
+
+    def record(self, name: str, decision: Decision) -> None:
+        """A decision that sets no single flag (generation mode, per-set sample sizes): recorded, not applied."""
+        self.decisions[name] = decision
+
+    def user_given(self) -> dict[str, object]:
+        return {name: getattr(self.settings, name) for name in self.decisions if name in self.given}
+
+    def table(self) -> list[str]:
+        return decision_table(self.decisions, self.user_given(), self.fixed_values)
+
+    def report(self) -> dict[str, dict]:
+        return auto_config_report(self.decisions, self.user_given())

@@ -54,7 +54,12 @@ from scipy import optimize, stats
 from statsmodels.stats.multitest import multipletests
 from tqdm.auto import tqdm
 
-from auto_config import OOMBackoff
+from auto_config import (FIXED_BY_DESIGN, AutoConfig, Decision, OOMBackoff, choose_batch_size_cpu, choose_lr,
+                         choose_max_len, choose_max_new_tokens, choose_n_boot, choose_sae_k, first_eligible_layer,
+                         generation_rule, lora_alpha, lora_dropout, lora_rank, lr_range_test, plan_sample_sizes,
+                         reft_rank, sae_expansion_from_memory, search_batch_size_cuda, sparse_probe_auc)
+from auto_config import choose_n_layers as elbow_layer_count
+from auto_config import lora_targets as lora_targets_rule
 from lid_ensemble import EVAL_FRACTION, LIDEnsemble, is_eval_text, language_words, share_true
 
 REPO = Path(__file__).resolve().parent
@@ -74,7 +79,7 @@ class InputError(Exception):
 # Every flag belongs to one argument group. The groups double as the declaration of what each cached
 # stage reads (STAGE_READS in section 8): a new flag is keyed by the stage that reads it just by being
 # added to its group, with no list to keep in step. Groups whose settings never change an outcome:
-NOT_OUTCOME_GROUPS = ("statistics", "run")
+NOT_OUTCOME_GROUPS = ("statistics", "run", "auto-config")  # auto-config acts through the settings it resolves
 
 
 def at_least(low: float) -> Callable:
@@ -162,7 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn = parser.add_argument_group("unlearning", "LoRA and ReFT training")
     flag(unlearn, "--forget_obj", default="npo", choices=["ga", "npo", "simnpo", "bounded_ga"])
     flag(unlearn, "--retain_obj", default="kl", choices=["nll", "kl"])
-    flag(unlearn, "--lr", type=float, default=1e-2, check=above(0), help="learning rate of LoRA and ReFT unlearning")
     flag(unlearn, "--train_batch_size", type=int, default=16, check=at_least(1))
     flag(unlearn, "--max_grad_norm", type=float, default=1.0, check=above(0))
     flag(unlearn, "--weight_decay", type=float, default=0.0, check=at_least(0), help="AdamW decoupled weight decay")
@@ -180,9 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     flag(lora, "--lora_targets", nargs="+", default=None,
          help="module names; default q,k,v,o,gate,up,down projections (GPT-2: c_attn c_proj c_fc)")
     flag(lora, "--lora_steps", type=int, default=160, check=at_least(1))
+    flag(lora, "--lora_lr", type=float, default=1e-2, check=above(0), help="learning rate of LoRA unlearning")
 
     reft = parser.add_argument_group("reft")
     flag(reft, "--reft_steps", type=int, default=160, check=at_least(1))
+    flag(reft, "--reft_lr", type=float, default=1e-2, check=above(0), help="learning rate of ReFT unlearning")
     flag(reft, "--reft_rank", type=int, default=8, check=at_least(1))
     flag(reft, "--reft_gated", action="store_true", help="GRUN-style per-token gate on the ReFT edit")
     flag(reft, "--reft_gate_weight", type=float, default=0.1, check=at_least(0),
@@ -225,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag(attack, "--relearn_steps", type=int, default=20, check=at_least(0), help="0 skips the attack")
     flag(attack, "--relearn_lr", type=float, default=1e-3, check=above(0))
     flag(attack, "--relearn_rank", type=int, default=8, check=at_least(1), help="rank of the attacker's LoRA")
+    flag(attack, "--relearn_batch_size", type=int, default=8, check=at_least(1),
+         help="texts per attack step (its own setting: the attack's strength must not follow the unlearning batch)")
 
     stats = parser.add_argument_group("statistics")
     flag(stats, "--n_boot", type=int, default=2000, check=at_least(99), help="bootstrap resamples")
@@ -236,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
         flag(stats, f"--{name}", type=float, default=default, check=check, help=text)
     flag(stats, "--aggregate", type=Path, nargs="+", default=None, metavar="REPORT",
          help="pool reports of the same design (e.g. one per seed) and redo the statistics; see --out")
+
+    auto = parser.add_argument_group("auto-config", "choose every setting not given on the command line (auto_config.py)")
+    flag(auto, "--auto_config", action="store_true",
+         help="choose every setting you do not give by a rule from the model, data and hardware, measured where "
+              "possible; the decisions are printed as a table and recorded in the report")
+    flag(auto, "--no_lr_probe", action="store_true",
+         help="with --auto_config: learning rates from the model-size rule, without the LR range test")
 
     run = parser.add_argument_group("run")
     flag(run, "--arms", nargs="*", default=ALL_ARMS, choices=ALL_ARMS,
@@ -806,13 +821,41 @@ def token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return per_row(chunked(logprob, model, hidden, targets), rows, n_rows), count
 
 
-def token_kl(model, batch: dict, reference: Callable, reference_batch: dict | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed KL(base || edited) of each text's scored next-token distributions [B], scored tokens [B]). The
-    base is read through `reference` (the disabled adapter, or the model without hooks), on reference_batch
-    when the arm sees another input (the prompt arm's instruction; the same text tokens are scored)."""
+def reference_hidden(model, batch: dict, reference: Callable) -> torch.Tensor:
+    """The unedited model's final hidden states at the batch's scored positions, read through `reference` (the
+    disabled adapter, or the model without hooks)."""
     with torch.no_grad(), reference():
-        base_hidden, _, _ = scored_hidden(model, reference_batch or batch)
+        return scored_hidden(model, batch)[0]
+
+
+class ReferenceStates:
+    """The unedited model's scored hidden states of each text of a fixed list, computed once per text (lazily, in
+    batches) and reused: the KL retain objective reads the base model on the same retain texts at every retain
+    step, and every arm's token KL reads it on the same retain-eval texts. Kept as hidden states, not vocabulary
+    distributions (those are [tokens, vocabulary]: gigabytes at Qwen's vocabulary)."""
+
+    def __init__(self, model, tokenizer, texts: list[str], *, max_len: int, batch_size: int):
+        self.model, self.tokenizer, self.texts = model, tokenizer, texts
+        self.max_len, self.batch_size = max_len, batch_size
+        self.states: dict[int, torch.Tensor] = {}
+
+    def get(self, indices: Sequence[int], reference: Callable) -> torch.Tensor:
+        """States of texts[indices], concatenated in that order (the order scored_hidden gives their batch)."""
+        missing = [int(i) for i in dict.fromkeys(int(i) for i in indices) if int(i) not in self.states]
+        device = next(self.model.parameters()).device
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            batch = encode_texts(self.tokenizer, [self.texts[i] for i in chunk], self.max_len, device)
+            counts = batch["score_mask"].sum(1).tolist()
+            for i, states in zip(chunk, reference_hidden(self.model, batch, reference).split(counts)):
+                self.states[i] = states
+        return torch.cat([self.states[int(i)] for i in indices])
+
+
+def token_kl(model, batch: dict, base_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed KL(base || edited) of each text's scored next-token distributions [B], scored tokens [B]), the base
+    given by its hidden states at the same scored text tokens (reference_hidden or ReferenceStates; for the prompt
+    arm, read without its instruction)."""
     hidden, _, rows = scored_hidden(model, batch)
 
     def kl(h, b):
@@ -854,16 +897,18 @@ def text_nll(model, tokenizer, texts: list[str], *, batch_size: int, max_len: in
 
 @torch.no_grad()
 def text_token_kl(model, tokenizer, texts: list[str], reference: Callable, *, batch_size: int, max_len: int,
-                  context: str | None = None) -> list[float]:
+                  context: str | None = None, states: ReferenceStates | None = None) -> list[float]:
     """Per text, the mean over its scored tokens of KL(base || edited) of the next-token distributions; with a
-    context, the edited model reads the texts after it and the base without it."""
+    context, the edited model reads the texts after it and the base without it. `states` (the same texts) saves
+    the base model's forward when it already read them."""
     device = next(model.parameters()).device
     per_text = np.zeros(len(texts))
     for indices in length_batches(tokenizer, texts, batch_size):
         chunk = [texts[i] for i in indices]
         batch = encode_texts(tokenizer, chunk, max_len, device, context)
-        plain = encode_texts(tokenizer, chunk, max_len, device) if context else None
-        summed, n = token_kl(model, batch, reference, plain)
+        base = states.get(indices, reference) if states is not None else \
+            reference_hidden(model, encode_texts(tokenizer, chunk, max_len, device), reference)
+        summed, n = token_kl(model, batch, base)
         per_text[indices] = (summed / n.clamp(min=1)).cpu().numpy()
     return per_text.tolist()
 
@@ -1112,7 +1157,7 @@ def select_layers(model, tokenizer, lid: LIDEnsemble, sets: dict[str, TextSet], 
     """Score every layer representationally (layer_scores) and causally (ES drop on a forget sample when the
     layer's Hindi-minus-English direction is ablated, minus causal_nll_penalty times the retain NLL increase),
     then choose the top layers by the causal score: --select_top_k of them, or as many as `choose_count`
-    (auto-config's elbow rule) says. Warns when every causal score is negative (the choice then means little)."""
+    (auto-config's elbow rule) says. Warns when no causal score is positive (the choice then means little)."""
     n_layers = len(decoder_layers(model))
     layer_indices = list(range(n_layers))
     texts = language_train_texts(sets, eval_sets, args.layer_sample)
@@ -1132,9 +1177,9 @@ def select_layers(model, tokenizer, lid: LIDEnsemble, sets: dict[str, TextSet], 
         es_drop, nll_increase = es_base - es_ablated, float(nll_ablated - nll_base)
         scores[i] = {**layer_scores(pooled, i, args), "es_drop": es_drop, "retain_nll_increase": nll_increase,
                      "causal_score": es_drop - args.causal_nll_penalty * max(0.0, nll_increase)}
-    if all(score["causal_score"] < 0 for score in scores.values()):
-        warn("every layer's causal score is negative (ablating its Hindi direction costs more retain NLL than it "
-             "removes Hindi), so the layer choice means little")
+    if all(score["causal_score"] <= 0 for score in scores.values()):
+        warn("no layer's causal score is positive (ablating its Hindi direction costs at least as much retain NLL "
+             "as it removes Hindi), so the layer choice means little")
     eligible = [i for i in layer_indices if i >= args.min_layer]
     ranked = sorted(eligible, key=lambda i: -scores[i]["causal_score"])
     if args.force_layers:
@@ -1182,14 +1227,14 @@ def forget_losses(objective: str, model, batch: dict, ref_seq_logp: torch.Tensor
     raise InputError(f"--forget_obj {objective!r}: choose ga, npo, simnpo or bounded_ga")
 
 
-def retain_losses(objective: str, model, batch: dict, reference: Callable) -> torch.Tensor:
+def retain_losses(objective: str, model, batch: dict, base_hidden: Callable[[], torch.Tensor]) -> torch.Tensor:
     """Per-sample loss on retain text [B]. nll: mean next-token NLL of each text. kl: mean per-token
-    KL(base || edited) of each text, the base read through `reference` (the disabled adapter, or the model
-    without hooks)."""
+    KL(base || edited) of each text, the base given by base_hidden() (its hidden states at the batch's scored
+    positions: ReferenceStates, read only when needed)."""
     if objective == "nll":
         seq_logp, length = token_logprobs(model, batch)
         return -seq_logp / length.clamp(min=1)
-    summed, length = token_kl(model, batch, reference)
+    summed, length = token_kl(model, batch, base_hidden())
     return summed / length.clamp(min=1)
 
 
@@ -1327,7 +1372,8 @@ class Trainer:
 
 
 def unlearning_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], reference: Callable, *, steps: int,
-                       seed: int, desc: str, retain_penalty: Callable[[], torch.Tensor] | None = None) -> Trainer:
+                       lr: float, seed: int, desc: str, retain_penalty: Callable[[], torch.Tensor] | None = None
+                       ) -> Trainer:
     """The trainer of an unlearning arm: forget and retain steps alternate (forget-train and retain-train texts);
     NPO's reference log-likelihoods come from `reference` (the unedited model). With --adaptive_unlearning the
     AdaptiveUnlearningTrainer of adaptive_unlearning.py, on the same loop."""
@@ -1343,11 +1389,13 @@ def unlearning_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], refe
         ref = None if ref_seq_logp is None else ref_seq_logp[torch.as_tensor(idx, device=ref_seq_logp.device)]
         return forget_losses(args.forget_obj, model, batch, ref, args)
 
+    states = ReferenceStates(model, tokenizer, pools["retain"], max_len=args.max_len, batch_size=args.batch_size)
+
     def retain(batch, idx):
-        losses = retain_losses(args.retain_obj, model, batch, reference)
+        losses = retain_losses(args.retain_obj, model, batch, lambda: states.get(idx, reference))
         return losses + retain_penalty() if retain_penalty is not None else losses
 
-    return Trainer(model, tokenizer, params, pools, {"forget": forget, "retain": retain}, steps=steps, lr=args.lr,
+    return Trainer(model, tokenizer, params, pools, {"forget": forget, "retain": retain}, steps=steps, lr=lr,
                    batch_size=args.train_batch_size, max_len=args.max_len, seed=seed,
                    max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay, warmup_share=args.warmup_share,
                    desc=desc)
@@ -1360,7 +1408,11 @@ DEFAULT_LORA_TARGETS = {
 }
 
 
-def lora_targets(model, requested: list[str] | None) -> list[str]:
+def lora_targets(model, requested: list[str] | None) -> list[str] | str:
+    """The modules LoRA adapts: as requested (["all-linear"] is peft's every-linear-layer shorthand), else every
+    attention and MLP projection."""
+    if requested == ["all-linear"]:
+        return "all-linear"
     if requested:
         return requested
     return DEFAULT_LORA_TARGETS["gpt2" if model.config.model_type == "gpt2" else "default"]
@@ -2000,8 +2052,8 @@ def lora_arm(ctx: "Experiment", seed: int, stage_dir: Path):
             info["weights"] = f"read back from {weights}"
         else:
             params = [p for p in peft_model.parameters() if p.requires_grad]
-            trainer = unlearning_trainer(ctx, params, peft_model.disable_adapter, steps=args.lora_steps, seed=seed,
-                                         desc="lora")
+            trainer = unlearning_trainer(ctx, params, peft_model.disable_adapter, steps=args.lora_steps,
+                                         lr=args.lora_lr, seed=seed, desc="lora")
             info["train_log"], info["train_events"] = trainer.run(), trainer.backoff.events
             peft_model.save_pretrained(stage_dir, selected_adapters=["unlearn"])
         yield ArmEdit(reference=peft_model.disable_adapter, edited_layers=chosen, peft_model=peft_model, info=info)
@@ -2026,7 +2078,7 @@ def reft_arm(ctx: "Experiment", seed: int, stage_dir: Path):
 
             with frozen(ctx.model):
                 trainer = unlearning_trainer(ctx, list(modules.parameters()), arm.reference, steps=args.reft_steps,
-                                             seed=seed, desc="reft",
+                                             lr=args.reft_lr, seed=seed, desc="reft",
                                              retain_penalty=gate_closed_on_retain if args.reft_gated else None)
                 arm.info["train_log"], arm.info["train_events"] = trainer.run(), trainer.backoff.events
             stage_dir.mkdir(parents=True, exist_ok=True)
@@ -2208,7 +2260,8 @@ def layer_probes(ctx: "Experiment", seed: int) -> dict[str, dict[int, float]]:
 
 def relearn_attack(ctx: "Experiment", arm: ArmEdit, prompts: list[str], seed: int) -> list[float]:
     """Recoverability: fine-tune a fresh LoRA adapter (rank --relearn_rank, all projections of all layers) for
-    --relearn_steps steps at a constant --relearn_lr on a small Hindi set that is disjoint from the forget set,
+    --relearn_steps steps of --relearn_batch_size texts at a constant --relearn_lr on a small Hindi set that is
+    disjoint from the forget set,
     on top of the edited model, then measure ES on `prompts` (with the arm's context, as the arm is deployed).
     The adapter is removed afterwards, leaving the arm as it was."""
     from peft import LoraConfig
@@ -2221,10 +2274,10 @@ def relearn_attack(ctx: "Experiment", arm: ArmEdit, prompts: list[str], seed: in
 
     def attack(trainable):
         def nll(batch, idx):
-            return retain_losses("nll", model, batch, nullcontext)
+            return retain_losses("nll", model, batch, base_hidden=None)
 
         Trainer(model, tokenizer, trainable, {"relearn": texts}, {"relearn": nll}, steps=args.relearn_steps,
-                lr=args.relearn_lr, batch_size=args.train_batch_size, max_len=args.max_len, seed=seed,
+                lr=args.relearn_lr, batch_size=args.relearn_batch_size, max_len=args.max_len, seed=seed,
                 schedule="constant", desc="relearn").run()
         return forget_es(model, tokenizer, ctx.lid, prompts, args, instruction=arm.context)
 
@@ -2262,6 +2315,11 @@ class Experiment:
     stage_dir: Callable[[str, int | None], Path]  # (stage, seed) -> its folder under --ckpt_dir
     sae_cache: dict = field(default_factory=dict)  # seed -> (SAEs, features, info), shared by the SAE arms
     sae_acts: dict = field(default_factory=dict)  # seed -> token activations the SAEs were fitted on
+    retain_states: ReferenceStates | None = None  # the base model's states on retain-eval texts, for token KL
+
+    def __post_init__(self):
+        self.retain_states = ReferenceStates(self.model, self.tokenizer, self.eval_sets["scoring"]["retain"],
+                                             max_len=self.args.max_len, batch_size=self.args.batch_size)
 
 
 class PhaseTimer:
@@ -2286,9 +2344,11 @@ def run_arm(ctx: Experiment, name: str, seed: int, stage_dir: Path) -> dict:
         result = evaluate_model(ctx.model, ctx.tokenizer, ctx.lid, ctx.eval_sets, args, instruction=arm.context)
         per_prompt = result["per_prompt"]
         timer.lap("evaluate")
-        per_prompt["token_kl_retain"] = text_token_kl(ctx.model, ctx.tokenizer, ctx.eval_sets["scoring"]["retain"],
-                                                      arm.reference, batch_size=args.batch_size,
-                                                      max_len=args.max_len, context=arm.context)
+        retain = ctx.eval_sets["scoring"]["retain"]
+        unedited = arm.reference is nullcontext and arm.context is None  # the base arm: KL 0 by construction
+        per_prompt["token_kl_retain"] = [0.0] * len(retain) if unedited else text_token_kl(
+            ctx.model, ctx.tokenizer, retain, arm.reference, batch_size=args.batch_size, max_len=args.max_len,
+            context=arm.context, states=ctx.retain_states)
         timer.lap("token_kl")
         if args.relearn_steps > 0:
             per_prompt["es_relearn"] = relearn_attack(ctx, arm, ctx.eval_sets["generation"]["forget_eval"], seed)
@@ -2970,6 +3030,9 @@ def compute_statistics(report: dict, args: argparse.Namespace) -> None:
         if seeds and all(outcome.get("unchanged") for outcome in seeds):
             gates[name] = mark_not_applicable(gates[name], "the arm leaves the model unchanged (its metrics are the "
                                                             "base model's by construction)")
+        for gate, shortfall in underpowered_gates(report.get("auto_config") or {}).items():
+            if gate in gates[name]:
+                gates[name][gate]["underpowered"] = shortfall
         if mia_base is not None and gates[name]["G5"].get("evaluated"):
             gates[name]["G5"]["uninformative"] = True
             gates[name]["G5"]["reason"] = (f"the base model already passes (AUC {mia_base['estimate']:.3f}, "
@@ -2991,6 +3054,27 @@ INFERENCE_NOTE = ("Prompts are the unit of replication (distinct prompts). Inter
 # =============================================================================================
 def warn(message: str) -> None:
     print(f"mmie: warning: {message}", file=sys.stderr)
+
+
+_shown_warnings: set[tuple[str, type]] = set()
+
+
+def show_warnings_once() -> None:
+    """Each distinct library warning is printed once per run, however often it is raised (peft and transformers
+    raise the same deprecation notice for every adapter; the "once" filter is undone whenever a library
+    changes the filters)."""
+    original = warnings.showwarning
+    if getattr(original, "mmie_once", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        key = (str(message), category)
+        if key not in _shown_warnings:
+            _shown_warnings.add(key)
+            original(message, category, filename, lineno, file, line)
+
+    show.mmie_once = True
+    warnings.showwarning = show
 
 
 def progress(iterable, desc: str):
@@ -3993,6 +4077,259 @@ def aggregate_reports(paths: list[Path], args: argparse.Namespace, parser: argpa
     return pooled
 
 
+# --- auto-config resolve step: auto_config.py's rules, measured on this model, data and hardware -----------
+GATES_PER_ARM = 10  # G1, G1S, G2, G3, G4 x 3 related languages, G5, G6, GH: what enters Benjamini-Hochberg
+PILOT_PROMPTS = 32  # base-model outputs per set that the power analysis plans from
+MIN_PROMPTS = 64  # a set is never capped below this: descriptive intervals need some width to be useful (ours)
+SAE_K_CANDIDATES = (8, 16, 32)
+SAE_PROBE_TEXTS = 100  # texts per language for the sparse probes that choose k
+LR_PROBE_STEPS = 30
+
+
+def linear_module_names(model) -> list[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    return [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))
+            and module is not model.get_output_embeddings()]
+
+
+def free_accelerator_gib(device: str) -> float | None:
+    """Free accelerator memory in GiB, or None on a CPU (no memory tier applies there)."""
+    if device != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info()
+    return free / 2**30
+
+
+def auto_static(auto: AutoConfig, model, tokenizer, sets: dict[str, TextSet], args, device: str) -> None:
+    """Settings that follow from the model, the data and the hardware without training anything."""
+    texts = sets["retain"].eval + sets["forget"].texts + sets["mixed"].eval + sets["adversarial"].eval
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    auto.decide("max_len", choose_max_len(lengths, getattr(model.config, "max_position_embeddings", 2048) or 2048))
+    prompts = continuation_prompts(sets["forget"].eval, args.prompt_words)
+    rest = [text[len(prompt):] for text, prompt in zip(sets["forget"].eval, prompts)]
+    auto.decide("max_new_tokens", choose_max_new_tokens([len(ids) for ids in tokenizer(rest, add_special_tokens=False)
+                                                         ["input_ids"]]))
+    auto.record("generation", generation_rule())
+    n_params, n_forget = sum(p.numel() for p in model.parameters()), len(sets["forget"].train)
+    rank = auto.decide("rank", lora_rank(n_params, n_forget))
+    auto.decide("lora_alpha", lora_alpha(rank))
+    auto.decide("lora_dropout", lora_dropout(n_forget + len(sets["retain"].train)))
+    targets = lora_targets_rule(linear_module_names(model), free_accelerator_gib(device), model.config.model_type)
+    auto.decide("lora_targets", Decision(targets.value if isinstance(targets.value, list) else [targets.value],
+                                         targets.rule, targets.inputs))
+    auto.decide("reft_rank", reft_rank(n_forget))
+    depth = len(decoder_layers(model))
+    auto.decide("min_layer", first_eligible_layer(depth))
+    budget = (free_accelerator_gib(device) or psutil_free_gib()) * 2**30 * SAE_MEMORY_SHARE
+    auto.decide("sae_expansion", sae_expansion_from_memory(model.config.hidden_size, math.ceil(depth / 4), budget,
+                                                           batch_tokens=args.sae_batch_size))
+    auto.decide("n_boot", choose_n_boot(args.fdr_q, GATES_PER_ARM * max(1, len(args.arms))))
+
+
+SAE_MEMORY_SHARE = 0.25  # of free memory for the SAEs' training (the model and activations need the rest; ours)
+
+
+def psutil_free_gib() -> float:
+    """Available host memory in GiB (for a CPU run's SAE width)."""
+    pages, page_size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    return pages * page_size / 2**30
+
+
+def auto_batch_sizes(auto: AutoConfig, model, tokenizer, eval_sets: dict, args, device: str) -> None:
+    """Generation/scoring and training batch sizes: on CUDA the largest worst-case batch that fits (binary
+    search up to out-of-memory, with a safety margin); on a CPU the smallest within 10% of the best
+    throughput, measured."""
+    prompts = [p for ps in eval_sets["generation"].values() for p in ps]
+    longest = sorted(eval_sets["scoring"]["retain"] + eval_sets["scoring"]["forget_eval_text"], key=len)[-1]
+    chat = uses_chat_template(tokenizer, args)
+
+    def generate_seconds_per_prompt(batch: int) -> float:
+        sample = (prompts * (batch // max(1, len(prompts)) + 1))[:batch]
+        started = time.perf_counter()
+        generate(model, tokenizer, sample, max_new_tokens=8, batch_size=batch, max_len=args.max_len, chat=chat)
+        return (time.perf_counter() - started) / batch
+
+    def train_seconds_per_text(batch: int) -> float:
+        return lora_probe_step_seconds(model, tokenizer, [longest] * batch, args)
+
+    if device == "cuda":
+        def score_worst_case(batch: int) -> None:
+            with torch.no_grad():
+                token_logprobs(model, encode_texts(tokenizer, [longest] * batch, args.max_len, model.device))
+
+        auto.decide("batch_size", lambda: search_batch_size_cuda(score_worst_case, max_batch=512))
+        auto.decide("train_batch_size", lambda: search_batch_size_cuda(
+            lambda batch: lora_probe_step_seconds(model, tokenizer, [longest] * batch, args), max_batch=64))
+    else:
+        auto.decide("batch_size", lambda: choose_batch_size_cpu(generate_seconds_per_prompt, (16, 32, 64, 128, 256)))
+        auto.decide("train_batch_size", lambda: choose_batch_size_cpu(train_seconds_per_text, (8, 16, 32)))
+
+
+def lora_probe_step_seconds(model, tokenizer, texts: list[str], args) -> float:
+    """Seconds per text of one training step (forward and backward through a temporary LoRA adapter)."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, target_modules=lora_targets(model, args.lora_targets))
+    with lora_adapter(model, config, "probe") as peft_model:
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        batch = encode_texts(tokenizer, texts, args.max_len, next(model.parameters()).device)
+        started = time.perf_counter()
+        retain_losses("nll", model, batch, None).mean().backward()
+        seconds = (time.perf_counter() - started) / len(texts)
+        for p in params:
+            p.grad = None
+    return seconds
+
+
+# Which gate each prompt set serves, for the power analysis: set -> (gate, per-prompt metric, planning spec).
+def planned_gates(args, eval_sets: dict) -> dict[str, tuple[str, str, dict]]:
+    gates = {"forget_eval": ("G1", "es_forget_eval", {"kind": "ratio", "rho": args.gate_es_forget_ratio}),
+             "forget_roman": ("G1S", "es_forget_roman", {"kind": "ratio", "rho": args.gate_es_forget_ratio}),
+             "mixed": ("G3", "es_mixed", {"kind": "ratio", "rho": args.gate_es_mixed_ratio}),
+             "adversarial": ("G6", "es_adversarial", {"kind": "ratio", "rho": args.gate_es_adv_ratio}),
+             "retain": ("G2", "nll_retain", {"kind": "nll", "ppl_ratio": args.gate_ppl_ratio})}
+    for name, lang in eval_sets["related"].items():
+        gates[name] = (f"G4_{lang}", f"fidelity_{lang}", {"kind": "fidelity", "max_drop": args.gate_fidelity_drop})
+    return gates
+
+
+def auto_sample_sizes(auto: AutoConfig, model, tokenizer, lid, eval_sets: dict, args) -> dict[str, int]:
+    """Power analysis (auto_config.plan_sample_sizes): the base model's outputs on the first PILOT_PROMPTS of each
+    set give each gate's per-prompt spread; each set is capped at the prompts its gate needs for power 0.8 at
+    level q/m (never below MIN_PROMPTS), and a set with fewer says which gate is underpowered. forget_train
+    (no gate) follows forget_eval; the MIA texts are never capped (G5 is planned, and short, at full size)."""
+    pilot_sets = {"generation": {name: prompts[:PILOT_PROMPTS] for name, prompts in eval_sets["generation"].items()},
+                  "scoring": {"retain": eval_sets["scoring"]["retain"][:PILOT_PROMPTS]},
+                  "related": eval_sets["related"]}
+    pilot = evaluate_model(model, tokenizer, lid, pilot_sets, args)["per_prompt"]
+    gates = planned_gates(args, eval_sets)
+    specs = {name: {**spec, "n_available": len(eval_sets["scoring"]["retain"] if name == "retain" else
+                                               eval_sets["generation"][name])} for name, (_, _, spec) in gates.items()}
+    specs["mia"] = {"kind": "mia", "margin": args.gate_mia_margin,
+                    "n_members": len(eval_sets["scoring"]["forget_train_text"]),
+                    "n_nonmembers": len(eval_sets["scoring"]["forget_eval_text"])}
+    alpha = args.fdr_q / (GATES_PER_ARM * max(1, len(args.arms)))
+    plans = plan_sample_sizes({name: pilot[metric] for name, (_, metric, _) in gates.items()}, specs, alpha)
+    caps = {}
+    for name, plan in plans.items():
+        auto.record(f"prompts_{name}", plan)
+        if name != "mia":
+            caps[name] = max(int(plan.value), min(MIN_PROMPTS, specs[name]["n_available"]))
+    caps["forget_train"] = caps["forget_eval"]
+    return caps
+
+
+def apply_prompt_caps(eval_sets: dict, caps: dict[str, int]) -> None:
+    """Cap each set's prompts (its first ones, so the pilot prompts stay in) at the power analysis's count."""
+    for name, cap in caps.items():
+        if name == "retain":
+            eval_sets["scoring"]["retain"] = eval_sets["scoring"]["retain"][:cap]
+        eval_sets["generation"][name] = eval_sets["generation"][name][:cap]
+
+
+PLANNED_SET_GATES = {"forget_eval": "G1", "forget_roman": "G1S", "mixed": "G3", "adversarial": "G6", "retain": "G2",
+                     "mia": "G5"}
+
+
+def underpowered_gates(auto_report: dict) -> dict[str, dict]:
+    """Gate name -> {"n", "n_needed"} for the gates the power analysis found short of prompts."""
+    short = {}
+    for name, entry in auto_report.items():
+        if name.startswith("prompts_") and (entry.get("inputs") or {}).get("underpowered"):
+            set_name = name.removeprefix("prompts_")
+            gate = PLANNED_SET_GATES.get(set_name, f"G4_{set_name.removeprefix('xlang_')}")
+            short[gate] = entry["inputs"]["underpowered"]
+    return short
+
+
+def auto_learning_rates(auto: AutoConfig, ctx: "Experiment") -> None:
+    """lora_lr and reft_lr: an LR range test of each arm's own trainable parameters on the retain NLL (the
+    ascent objective has no minimum), clamped around the model-size rule; the model-size rule alone with
+    --no_lr_probe. The probe's adapter is discarded: the arm trains from its own fresh start."""
+    args = ctx.args
+    n_params = sum(p.numel() for p in ctx.model.parameters())
+    for arm, name in (("lora", "lora_lr"), ("reft", "reft_lr")):
+        if arm in args.arms:
+            auto.decide(name, lambda arm=arm: choose_lr(None if args.no_lr_probe else lr_range_probe(ctx, arm),
+                                                        n_params))
+
+
+def lr_range_probe(ctx: "Experiment", arm: str) -> dict:
+    """auto_config.lr_range_test on the arm's own trainable parameters (a fresh LoRA adapter or LoReFT modules at
+    the chosen layers), one retain-NLL step per learning rate; the model is left as it was."""
+    from peft import LoraConfig
+
+    model, tokenizer, args, chosen = ctx.model, ctx.tokenizer, ctx.args, ctx.layers["chosen"]
+
+    def sweep(params: list[torch.nn.Parameter]) -> dict:
+        def nll(batch, idx):
+            return retain_losses("nll", model, batch, None)
+
+        trainer = Trainer(model, tokenizer, params, {"retain": ctx.sets["retain"].train}, {"retain": nll},
+                          steps=LR_PROBE_STEPS, lr=1.0, batch_size=args.train_batch_size, max_len=args.max_len,
+                          seed=args.seeds[0], max_grad_norm=args.max_grad_norm, schedule="constant", desc="lr probe")
+        model.train()
+        try:
+            return lr_range_test(lambda lr, step=iter(range(LR_PROBE_STEPS)): trainer.train_step(next(step), lr)["loss"],
+                                 num_steps=LR_PROBE_STEPS)
+        finally:
+            model.eval()
+
+    if arm == "lora":
+        config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                            target_modules=lora_targets(model, args.lora_targets), layers_to_transform=chosen)
+        with lora_adapter(model, config, "probe") as peft_model:
+            return sweep([p for p in peft_model.parameters() if p.requires_grad])
+    modules = {i: LoReFT(model.config.hidden_size, args.reft_rank, args.reft_gated).to(next(model.parameters()).device)
+               for i in chosen}
+    with frozen(model), hook_arm(model, modules):
+        return sweep([p for m in modules.values() for p in m.parameters()])
+
+
+def auto_sae_k(auto: AutoConfig, ctx: "Experiment") -> None:
+    """sae_k among SAE_K_CANDIDATES by sparse probing: an SAE per candidate on the first chosen layer (fewer
+    steps than the arms' SAEs), its FVU and dead share, and sparse-probe AUCs of its mean-pooled codes for
+    Hindi vs English and Hindi vs Urdu (auto_config.choose_sae_k)."""
+    args = ctx.args
+    if not {"sae_gate", "randgate", "dsg"} & set(args.arms):
+        return
+    layer = ctx.layers["chosen"][0]
+    acts = collect_token_activations(ctx.model, ctx.tokenizer, ctx.sets["forget"].train + ctx.sets["retain"].train,
+                                     [layer], batch_size=args.batch_size, max_len=args.max_len, skip_first=True)[layer]
+    texts = {"hi": ctx.sets["forget"].train[:SAE_PROBE_TEXTS], "en": ctx.sets["retain"].train[:SAE_PROBE_TEXTS]}
+    urdu = [key for key, lang in ctx.eval_sets["related"].items() if lang == "ur"]
+    if urdu:
+        texts["ur"] = ctx.sets[ctx.eval_sets["related_source"][urdu[0]]].train[:SAE_PROBE_TEXTS]
+    candidates = []
+    for k in SAE_K_CANDIDATES:
+        sae, stats_ = train_sae(acts, expansion=args.sae_expansion, k=k, aux_k=args.sae_aux_k,
+                                steps=min(args.train_sae_steps, 100), lr=args.sae_lr, batch_size=args.sae_batch_size,
+                                seed=args.seeds[0], progress=False)
+        codes = {lang: pooled_codes(ctx, sae, layer, t) for lang, t in texts.items()}
+        hi_en = sparse_probe_auc(codes["hi"], codes["en"], k=5)
+        candidates.append({"k": k, "fvu": stats_["fvu"], "dead_fraction": stats_["dead_fraction"],
+                           "probe_auc_hi_en": hi_en,
+                           "probe_auc_hi_ur": sparse_probe_auc(codes["hi"], codes["ur"], k=5) if "ur" in codes else hi_en})
+    auto.decide("sae_k", choose_sae_k(candidates))
+
+
+@torch.no_grad()
+def pooled_codes(ctx: "Experiment", sae: TopKSAE, layer: int, texts: list[str]) -> np.ndarray:
+    """Per text, the mean of its tokens' SAE codes (first position left out): [texts, n_latents]."""
+    args, device = ctx.args, next(ctx.model.parameters()).device
+    pooled = np.zeros((len(texts), sae.n_latents))
+    for batch in length_batches(ctx.tokenizer, texts, args.batch_size):
+        encoded = encode_texts(ctx.tokenizer, [texts[i] for i in batch], args.max_len, device)
+        with record_layer_outputs(ctx.model, [layer]) as outputs:
+            ctx.model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+        content = encoded["attention_mask"].bool()
+        content[:, 0] = False
+        z = sae.encode(outputs[layer].float()) * content[..., None]
+        pooled[batch] = (z.sum(1) / content.sum(1, keepdim=True).clamp(min=1)).cpu().numpy()
+    return pooled
+
+
 # =============================================================================================
 # 9. main()
 # =============================================================================================
@@ -4018,17 +4355,23 @@ def resolve_settings(args: argparse.Namespace, given: set[str], parser: argparse
             if action.dest != "help"}
 
 
-def cached_layers(model, tokenizer, lid, sets, eval_sets, args, folder: Path) -> dict:
-    """Layer selection, read back from its stage folder when it already ran with the same inputs."""
+def cached_layers(model, tokenizer, lid, sets, eval_sets, args, folder: Path, choose_count: Callable | None = None,
+                  auto: AutoConfig | None = None) -> dict:
+    """Layer selection, read back from its stage folder when it already ran with the same inputs (with the
+    auto-config layer count it decided, replayed)."""
     path = folder / "layers.json"
     if path.is_file():
         layers = json.loads(path.read_text(encoding="utf-8"))
         layers["directions"] = {int(i): torch.tensor(v) for i, v in layers["directions"].items()}
         layers["norm_limits"] = {int(i): v for i, v in layers["norm_limits"].items()}
+        if auto is not None and layers.get("count_decision"):
+            replay_decisions(auto, {"select_top_k": layers["count_decision"]})
         print(f"mmie: layer selection read back from {path}")
         return layers
     started = time.time()
-    layers = select_layers(model, tokenizer, lid, sets, eval_sets, args)
+    layers = select_layers(model, tokenizer, lid, sets, eval_sets, args, choose_count)
+    if auto is not None and "select_top_k" in auto.decisions:
+        layers["count_decision"] = auto.decisions["select_top_k"].as_dict()
     write_json_atomic(path, {**layers, "directions": {i: d.tolist() for i, d in layers["directions"].items()}})
     print(f"mmie: layer selection done ({time.time() - started:.0f}s)")
     return layers
@@ -4056,9 +4399,181 @@ def run_stage(ctx: Experiment, name: str, seed: int, folder: Path) -> dict:
     return outcome
 
 
+def auto_stage_file(args, parser, facts: dict, given: set[str]) -> Path:
+    """Where a run's auto-config decisions are kept: keyed by every outcome setting as given (before resolution),
+    the run facts, the flags the user gave and the source code, so a rerun repeats the same decisions without
+    measuring again."""
+    payload = {"settings": group_settings(parser, args, outcome_groups(parser)), "facts": facts,
+               "given": sorted(given), "no_lr_probe": args.no_lr_probe, "arms": args.arms, "q": args.fdr_q,
+               "source": source_hash()}
+    key = hashlib.sha256(json.dumps(json_safe(payload), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return args.ckpt_dir / "auto" / key / "decisions.json"
+
+
+def replay_decisions(auto: AutoConfig, saved: dict) -> None:
+    """Decisions read back from an earlier run of the same command: applied and recorded as then."""
+    for name, entry in saved.items():
+        decision = Decision(entry["value"], entry["rule"], entry["inputs"])
+        if hasattr(auto.settings, name):
+            auto.decide(name, decision)
+        else:
+            auto.record(name, decision)
+
+
+def resolve_before_layers(auto: AutoConfig, model, tokenizer, lid, sets, eval_sets, args, device: str,
+                          saved: dict | None) -> dict[str, int]:
+    """Auto-config's first phase (static rules, batch sizes, the power analysis's prompt caps); the caps."""
+    if saved is not None:
+        replay_decisions(auto, saved["phase1"])
+        return saved["caps"]
+    auto_static(auto, model, tokenizer, sets, args, device)
+    auto_batch_sizes(auto, model, tokenizer, eval_sets, args, device)
+    return auto_sample_sizes(auto, model, tokenizer, lid, eval_sets, args)
+
+
+def resolve_after_layers(auto: AutoConfig, ctx: "Experiment", saved: dict | None) -> None:
+    """Auto-config's second phase, on the chosen layers: learning rates (LR range tests) and the SAE's k."""
+    if saved is not None:
+        replay_decisions(auto, saved["phase2"])
+        return
+    auto_learning_rates(auto, ctx)
+    auto_sae_k(auto, ctx)
+
+
+def layer_count_rule(auto: AutoConfig | None, args, depth: int) -> Callable | None:
+    """With auto-config and no --select_top_k, how many layers to edit is the elbow of the causal scores."""
+    if auto is None or "select_top_k" in auto.given:
+        return None
+    return lambda scores, eligible: auto.decide("select_top_k", elbow_layer_count(scores, depth, args.min_layer))
+
+
+def prepare(args, parser, argv: list[str]) -> dict:
+    """Everything before the first stage: flags, outputs, data, model, run facts; bad input fails here."""
+    device = resolve_device(args.device)  # flags and outputs first: a bad flag fails before any slow work
+    model_name, model_reason = resolve_model_name(args.model, device)
+    dtype, attn = resolve_dtype(args.dtype, device), resolve_attn(args.attn, device)
+    if args.load_in_8bit:
+        check_8bit_support(device)
+    out_path = report_path(args.out, model_name)
+    check_writable(out_path.parent, "--out")
+    check_writable(args.ckpt_dir, "--ckpt_dir")
+    sets = load_sets(args)
+    lid = experiment_lid(sets, args)
+    checks = check_sets(sets, lid, args.max_language_mismatch)
+    eval_sets = build_eval_sets(sets, checks, args)
+    print(f"mmie: model {model_name} ({model_reason}); device {device}, dtype {str(dtype).removeprefix('torch.')}, "
+          f"attention {attn}")
+    model, tokenizer = load_model(model_name, device, dtype, attn, args.load_in_8bit)
+    check_scoring_path(model, tokenizer)
+    check_layer_flags(args, len(decoder_layers(model)))
+    facts = {"model": model_fingerprint(model_name, model), "device": device, "dtype": str(dtype), "attn": attn,
+             "chat_template": uses_chat_template(tokenizer, args), "load_in_8bit": args.load_in_8bit,
+             "data": {name: s.sha256 for name, s in sets.items()}}
+    return {"device": device, "model_name": model_name, "model_reason": model_reason, "dtype": dtype, "attn": attn,
+            "out_path": out_path, "sets": sets, "lid": lid, "checks": checks, "eval_sets": eval_sets, "model": model,
+            "tokenizer": tokenizer, "facts": facts, "given": given_flags(parser, argv)}
+
+
+def new_report(run: dict, args, parser, auto: AutoConfig | None) -> dict:
+    sets, checks, eval_sets = run["sets"], run["checks"], run["eval_sets"]
+    sources = resolve_settings(args, run["given"], parser)
+    if auto is not None:
+        sources.update({name: "auto" for name in auto.decisions if name in sources and name not in auto.given})
+    data = {name: {"path": s.path, "sha256": s.sha256, "n": len(s.texts), "n_lines": s.n_lines,
+                   "n_train": len(s.train), "n_eval": len(s.eval), "check": checks[name]} for name, s in sets.items()}
+    return {
+        "config": {**vars(args), "model_resolved": run["model_name"], "model_reason": run["model_reason"],
+                   "device_resolved": run["device"], "dtype_resolved": str(run["dtype"]).removeprefix("torch."),
+                   "attn_resolved": run["attn"], "chat_template": run["facts"]["chat_template"],
+                   "eval_fraction": EVAL_FRACTION, "lid_languages": list(run["lid"].languages)},
+        "config_sources": sources, "auto_config": auto.report() if auto is not None else {}, "facts": run["facts"],
+        "env": environment(run["device"], run["dtype"]),
+        "data": {**data, "overlaps": {key: checks[key] for key in ("forget_retain_overlap", "forget_relearn_overlap")}},
+        "prompts": {name: {"n": len(p), **eval_sets["prompt_counts"][name], "prompts": p}
+                    for name, p in eval_sets["generation"].items()},
+        "arms": {},
+    }
+
+
+def run_arms(ctx: "Experiment", report: dict, out_path: Path, stage_dir: Callable) -> None:
+    hooks_before = active_hooks(ctx.model)
+    for name in ["base", *ctx.args.arms]:
+        deterministic = ARMS[name].deterministic
+        report["arms"][name] = {"deterministic": deterministic, "seeds": {}}
+        for seed in ctx.args.seeds[:1] if deterministic else ctx.args.seeds:
+            report["arms"][name]["seeds"][str(seed)] = run_stage(ctx, name, seed, stage_dir(name, seed))
+            if active_hooks(ctx.model) != hooks_before:
+                raise RuntimeError(f"arm {name} left hooks on the model; later arms would be contaminated")
+            write_json_atomic(out_path, report)  # progress is on disk after every arm and seed
+
+
+def run_experiment(args, parser, argv: list[str], started: float) -> dict:
+    run = prepare(args, parser, argv)
+    model, tokenizer, lid, sets, eval_sets, facts = (run[k] for k in ("model", "tokenizer", "lid", "sets", "eval_sets",
+                                                                      "facts"))
+    auto, saved, auto_file = None, None, None
+    if args.auto_config:
+        auto = AutoConfig(args, run["given"], {name: getattr(args, name) for name in FIXED_BY_DESIGN
+                                               if hasattr(args, name)})
+        auto_file = auto_stage_file(args, parser, facts, run["given"])
+        saved = json.loads(auto_file.read_text(encoding="utf-8")) if auto_file.is_file() and not args.fresh else None
+        caps = resolve_before_layers(auto, model, tokenizer, lid, sets, eval_sets, args, run["device"], saved)
+        apply_prompt_caps(eval_sets, caps)
+        facts["prompt_caps"] = caps
+        facts["layer_count_rule"] = "elbow" if "select_top_k" not in run["given"] else "user"
+
+    def stage_dir(stage: str, seed: int | None = None) -> Path:
+        folder = args.ckpt_dir / stage / stage_key(parser, args, stage, facts)
+        return folder if seed is None else folder / f"seed{seed}"
+
+    if args.fresh and args.ckpt_dir.is_dir():  # --fresh: this run's stages are redone, others' are kept
+        for stage in ["layers", "sae", "base", *args.arms]:
+            shutil.rmtree(stage_dir(stage), ignore_errors=True)
+    signal.signal(signal.SIGTERM, raise_interrupted)
+    report = new_report(run, args, parser, None)
+    try:
+        layers = cached_layers(model, tokenizer, lid, sets, eval_sets, args, stage_dir("layers"),
+                               layer_count_rule(auto, args, len(decoder_layers(model))), auto)
+        ctx = Experiment(args, model, tokenizer, lid, sets, eval_sets, layers, stage_dir)
+        if auto is not None:
+            resolve_after_layers(auto, ctx, saved)
+            if saved is None:
+                write_json_atomic(auto_file, {"caps": facts["prompt_caps"], **phase_split(auto)})
+            print("\nmmie: auto-config decisions\n" + "\n".join("  " + line for line in auto.table()) + "\n")
+        report = new_report(run, args, parser, auto)
+        report["layers"] = {key: layers[key] for key in ("chosen", "rule", "scores", "es_base_sample")}
+        report["stages"] = {stage: str(stage_dir(stage)) for stage in ["layers", "sae", "base", *args.arms]}
+        print(f"mmie: layers {layers['chosen']} ({layers['rule']})")
+        run_arms(ctx, report, run["out_path"], stage_dir)
+    except (KeyboardInterrupt, Interrupted) as err:
+        report["interrupted"] = f"{type(err).__name__} {err}".strip()
+        write_json_atomic(run["out_path"], report)
+        finished = sum(len(arm["seeds"]) for arm in report["arms"].values())
+        print(f"\nmmie: interrupted; {finished} finished arm/seed outcomes are kept in {args.ckpt_dir} and listed in "
+              f"{run['out_path']}; run the same command again to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    compute_statistics(report, args)
+    report["run_seconds"] = round(time.time() - started, 1)
+    write_json_atomic(run["out_path"], report)
+    figures = write_figures(report, run["out_path"].parent)
+    print_table(report, args.show_outputs)
+    print(f"\nmmie: report written to {run['out_path']} ({report['run_seconds']:.0f}s), {len(figures)} figures beside it")
+    return report
+
+
+def phase_split(auto: AutoConfig) -> dict:
+    """The decisions of each auto-config phase, for replay: the second phase's names are the learning rates, the
+    SAE's k and the layer count (decided in between, at layer selection)."""
+    second = {"lora_lr", "reft_lr", "sae_k", "select_top_k"}
+    return {"phase1": {n: d.as_dict() for n, d in auto.decisions.items() if n not in second},
+            "phase2": {n: d.as_dict() for n, d in auto.decisions.items() if n in second}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     started = time.time()
-    warnings.filterwarnings("once")  # a library warning is shown once, not once per arm
+    show_warnings_once()  # a library warning is shown once, not once per arm
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
@@ -4077,85 +4592,7 @@ def main(argv: list[str] | None = None) -> dict:
         print_table(pooled, args.show_outputs)
         print(f"\nmmie: pooled {len(args.aggregate)} reports into {out_path} ({len(figures)} figures beside it)")
         return pooled
-
-    device = resolve_device(args.device)  # flags and outputs first: a bad flag fails before any slow work
-    model_name, model_reason = resolve_model_name(args.model, device)
-    dtype, attn = resolve_dtype(args.dtype, device), resolve_attn(args.attn, device)
-    if args.load_in_8bit:
-        check_8bit_support(device)
-    out_path = report_path(args.out, model_name)
-    check_writable(out_path.parent, "--out")
-    check_writable(args.ckpt_dir, "--ckpt_dir")
-
-    sets = load_sets(args)
-    lid = experiment_lid(sets, args)
-    checks = check_sets(sets, lid, args.max_language_mismatch)
-    eval_sets = build_eval_sets(sets, checks, args)
-
-    print(f"mmie: model {model_name} ({model_reason}); device {device}, dtype {str(dtype).removeprefix('torch.')}, "
-          f"attention {attn}")
-    model, tokenizer = load_model(model_name, device, dtype, attn, args.load_in_8bit)
-    check_scoring_path(model, tokenizer)
-    check_layer_flags(args, len(decoder_layers(model)))
-    sources = resolve_settings(args, given_flags(parser, argv), parser)
-
-    facts = {"model": model_fingerprint(model_name, model), "device": device, "dtype": str(dtype), "attn": attn,
-             "chat_template": uses_chat_template(tokenizer, args), "load_in_8bit": args.load_in_8bit,
-             "data": {name: s.sha256 for name, s in sets.items()}}
-
-    def stage_dir(stage: str, seed: int | None = None) -> Path:
-        folder = args.ckpt_dir / stage / stage_key(parser, args, stage, facts)
-        return folder if seed is None else folder / f"seed{seed}"
-
-    if args.fresh and args.ckpt_dir.is_dir():  # --fresh: this run's stages are redone, others' are kept
-        for stage in ["layers", "sae", "base", *args.arms]:
-            shutil.rmtree(stage_dir(stage), ignore_errors=True)
-    data = {name: {"path": s.path, "sha256": s.sha256, "n": len(s.texts), "n_lines": s.n_lines,
-                   "n_train": len(s.train), "n_eval": len(s.eval), "check": checks[name]} for name, s in sets.items()}
-    report = {
-        "config": {**vars(args), "model_resolved": model_name, "model_reason": model_reason, "device_resolved": device,
-                   "dtype_resolved": str(dtype).removeprefix("torch."), "attn_resolved": attn,
-                   "chat_template": uses_chat_template(tokenizer, args), "eval_fraction": EVAL_FRACTION,
-                   "lid_languages": list(lid.languages)},
-        "config_sources": sources, "facts": facts, "env": environment(device, dtype),
-        "data": {**data, "overlaps": {key: checks[key] for key in ("forget_retain_overlap", "forget_relearn_overlap")}},
-        "prompts": {name: {"n": len(p), **eval_sets["prompt_counts"][name], "prompts": p}
-                    for name, p in eval_sets["generation"].items()},
-        "arms": {},
-    }
-    signal.signal(signal.SIGTERM, raise_interrupted)
-    try:
-        layers = cached_layers(model, tokenizer, lid, sets, eval_sets, args, stage_dir("layers"))
-        report["layers"] = {key: layers[key] for key in ("chosen", "rule", "scores", "es_base_sample")}
-        report["stages"] = {stage: str(stage_dir(stage)) for stage in ["layers", "sae", "base", *args.arms]}
-        print(f"mmie: layers {layers['chosen']} ({layers['rule']})")
-        ctx = Experiment(args, model, tokenizer, lid, sets, eval_sets, layers, stage_dir)
-        hooks_before = active_hooks(model)
-        for name in ["base", *args.arms]:
-            deterministic = ARMS[name].deterministic
-            report["arms"][name] = {"deterministic": deterministic, "seeds": {}}
-            for seed in args.seeds[:1] if deterministic else args.seeds:
-                report["arms"][name]["seeds"][str(seed)] = run_stage(ctx, name, seed, stage_dir(name, seed))
-                if active_hooks(model) != hooks_before:
-                    raise RuntimeError(f"arm {name} left hooks on the model; later arms would be contaminated")
-                write_json_atomic(out_path, report)  # progress is on disk after every arm and seed
-    except (KeyboardInterrupt, Interrupted) as err:
-        report["interrupted"] = f"{type(err).__name__} {err}".strip()
-        write_json_atomic(out_path, report)
-        finished = sum(len(arm["seeds"]) for arm in report["arms"].values())
-        print(f"\nmmie: interrupted; {finished} finished arm/seed outcomes are kept in {args.ckpt_dir} and listed in "
-              f"{out_path}; run the same command again to resume", file=sys.stderr)
-        raise SystemExit(130) from None
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-    compute_statistics(report, args)
-    report["run_seconds"] = round(time.time() - started, 1)
-    write_json_atomic(out_path, report)
-    figures = write_figures(report, out_path.parent)
-    print_table(report, args.show_outputs)
-    print(f"\nmmie: report written to {out_path} ({report['run_seconds']:.0f}s), {len(figures)} figures beside it")
-    return report
+    return run_experiment(args, parser, argv, started)
 
 
 def failed_arms(report: dict) -> list[str]:

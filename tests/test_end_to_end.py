@@ -1,7 +1,9 @@
-"""The embedded tiny model end to end: its quality bar, the base-evaluation report, resume and
-determinism, and a smoke rebuild of the training script."""
+"""The embedded tiny model end to end: its quality bar, the report, stages read back by what they read,
+determinism, failures and interruptions, pooling, and a smoke rebuild of the training script."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ def reject_constant(name):
 
 
 SMALL = ["--sample_cap", "12", "--n_boot", "200", "--layer_sample", "12", "--lora_steps", "4", "--reft_steps", "4",
-         "--train_sae_steps", "20", "--sae_batch_size", "256", "--relearn_steps", "2"]
+         "--train_sae_steps", "20", "--sae_batch_size", "256", "--relearn_steps", "2", "--probe_folds", "3"]
 
 
 def run_main(tmp_path, *extra, out="run", ckpt="ckpt"):
@@ -44,6 +46,8 @@ def test_report_shape_and_per_prompt_outcomes(first_run):
     assert not list(path.parent.glob("*.tmp"))  # written atomically
     assert set(on_disk) >= {"config", "env", "data", "arms", "summary"}
     assert on_disk["config"]["model_resolved"] == str(mmie.EMBEDDED_MODEL)
+    assert on_disk["config_sources"]["lora_steps"] == "user" and on_disk["config_sources"]["lora_lr"] == "default"
+    assert on_disk["prompts"]["forget_eval"]["n_distinct"] == 12 and on_disk["facts"]["dtype"] == "torch.float32"
     assert on_disk["env"]["packages"]["torch"] and on_disk["env"]["dtype"] == "float32"
     assert on_disk["data"]["forget"]["n"] == on_disk["data"]["forget"]["n_train"] + on_disk["data"]["forget"]["n_eval"]
     assert len(on_disk["data"]["forget"]["sha256"]) == 64
@@ -67,8 +71,9 @@ def test_report_shape_and_per_prompt_outcomes(first_run):
         outcome = on_disk["arms"][arm]["seeds"]["0"]
         assert outcome["status"] == "ok", (arm, outcome.get("error"))
         assert {"token_kl_retain", "es_relearn", "es_forget_eval", "fidelity_pa"} <= set(outcome["per_prompt"])
-        assert len(outcome["probe_auc_by_layer"]) == 4
-        assert set(on_disk["gates"][arm]) >= {"G1", "G1S", "G2", "G3", "G4_ur", "G4_pa", "G4_bn", "G5", "G6"}
+        assert len(outcome["probe_auc_by_layer"]["hi_vs_en"]) == 4 and "hi_vs_ur" in outcome["probe_auc_by_layer"]
+        assert set(outcome["phase_seconds"]) >= {"build", "evaluate", "relearn", "probes"}
+        assert set(on_disk["gates"][arm]) >= {"G1", "G1S", "G2", "G3", "G4_ur", "G4_pa", "G4_bn", "G5", "G6", "GH"}
         assert on_disk["decision"][arm] in ("PROCEED", "STOP")
     assert on_disk["layers"]["chosen"] and len(on_disk["layers"]["scores"]) == 4
     assert on_disk["arms"]["reft"]["seeds"]["0"]["info"]["orthonormality_error"] < 1e-5
@@ -79,26 +84,97 @@ def test_rerun_resumes_and_fresh_run_reproduces(first_run, capsys):
     tmp_path, report = first_run
     again = run_main(tmp_path)
     printed = capsys.readouterr().out
+    assert "layer selection read back" in printed
     assert all(f"{arm} seed 0 read back" in printed for arm in ["base", *mmie.ALL_ARMS])
     assert again["summary"] == report["summary"] and again["gates"] == report["gates"]
-    fresh = run_main(tmp_path, "--fresh")
-    for arm in report["arms"]:
+    fresh = run_main(tmp_path, "--fresh", "--arms", "lora", "sae_gate", "dim", out="fresh")  # only these are redone
+    printed = capsys.readouterr().out
+    assert "base seed 0 read back" not in printed and "lora seed 0 read back" not in printed
+    for arm in fresh["arms"]:
         assert fresh["arms"][arm]["seeds"]["0"]["per_prompt"] == report["arms"][arm]["seeds"]["0"]["per_prompt"], arm
-    assert fresh["summary"] == report["summary"]
 
 
-def test_a_failing_arm_is_recorded_and_the_others_run(tmp_path, monkeypatch):
+def test_changing_lora_steps_redoes_the_lora_arm_alone(first_run, capsys):
+    tmp_path, report = first_run
+    run_main(tmp_path, "--lora_steps", "5", "--arms", "lora", "reft", "dim", out="steps5")
+    printed = capsys.readouterr().out
+    assert "layer selection read back" in printed
+    assert all(f"{arm} seed 0 read back" in printed for arm in ("base", "reft", "dim"))
+    assert "lora seed 0 read back" not in printed and "lora seed 0: ok" in printed
+
+
+def test_stage_keys_follow_what_each_stage_reads():
+    """A stage is keyed by the settings of the parser groups it reads, the resolved run facts and the source code:
+    --lora_steps changes the lora stage alone, a statistics flag none, a dtype or a source file every one."""
+    parser = mmie.build_parser()
+    facts = {"model": "m", "device": "cpu", "dtype": "torch.float32", "data": {"forget": "x"}}
+    stages = ["layers", "sae", "base", *mmie.ALL_ARMS]
+
+    def keys(argv, facts=facts):
+        return {stage: mmie.stage_key(parser, parser.parse_args(argv), stage, facts) for stage in stages}
+
+    base = keys([])
+    assert [s for s in stages if keys(["--lora_steps", "9"])[s] != base[s]] == ["lora"]
+    assert [s for s in stages if keys(["--n_boot", "999", "--fdr_q", "0.05"])[s] != base[s]] == []
+    assert all(keys([], {**facts, "dtype": "torch.bfloat16"})[s] != base[s] for s in stages)
+    assert [s for s in stages if keys(["--dsg_top_n", "30"])[s] != base[s]] == ["dsg"]
+    assert {s for s in stages if keys(["--train_sae_steps", "9"])[s] != base[s]} == {"sae", "sae_gate", "randgate", "dsg"}
+    mmie.source_hash.cache_clear()
+    try:
+        original = mmie.SOURCE_FILES
+        mmie.SOURCE_FILES = original[:1]  # a different set of source bytes, as after editing a file
+        assert all(keys([])[s] != base[s] for s in stages)
+    finally:
+        mmie.SOURCE_FILES = original
+        mmie.source_hash.cache_clear()
+
+
+def test_a_failing_arm_is_recorded_the_others_run_and_the_exit_status_says_so(tmp_path, monkeypatch, capsys):
     class Broken(mmie.LoReFT):
         def forward(self, hidden):
             raise RuntimeError("broken intervention")
 
     monkeypatch.setattr(mmie, "LoReFT", Broken)
-    report = run_main(tmp_path, "--arms", "reft", "dim")
+    status = mmie.cli([*SMALL, "--out", str(tmp_path / "run"), "--ckpt_dir", str(tmp_path / "ckpt"), "--arms", "reft",
+                       "dim"])
+    assert status == 1  # a shell sweep notices (it was 0)
+    assert "1 arm/seed runs failed (reft seed 0)" in capsys.readouterr().err
+    report = json.loads((tmp_path / "run" / "report.json").read_text(encoding="utf-8"))
     failed = report["arms"]["reft"]["seeds"]["0"]
     assert failed["status"] == "failed" and "broken intervention" in failed["error"]
     assert report["arms"]["dim"]["seeds"]["0"]["status"] == "ok"
     assert report["decision"]["reft"] == "STOP"
     assert all(gate["p"] is None and gate["pass"] is False for gate in report["gates"]["reft"].values())
+
+
+def test_an_interrupted_run_keeps_what_finished_and_resumes(tmp_path):
+    """Ctrl-C printed a raw KeyboardInterrupt traceback. Now one line says what was kept and how to resume, the
+    report lists the finished stages, and the same command does only what was left."""
+    command = [sys.executable, str(REPO / "mmie.py"), *SMALL, "--arms", "dim", "lape", "--out", str(tmp_path / "run"),
+               "--ckpt_dir", str(tmp_path / "ckpt")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    seen = []
+    for line in process.stdout:  # wait until the base arm has finished, then interrupt
+        seen.append(line)
+        if "base seed 0: ok" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err and "run the same command again to resume" in err
+    report = json.loads((tmp_path / "run" / "report.json").read_text(encoding="utf-8"))
+    assert report["interrupted"] and report["arms"]["base"]["seeds"]["0"]["status"] == "ok"
+    assert oct((tmp_path / "run" / "report.json").stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
+    resumed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "base seed 0 read back" in resumed.stdout and "dim seed 0: ok" in resumed.stdout
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_aggregate_of_single_seed_reports_equals_a_two_seed_run(tmp_path):
@@ -108,6 +184,7 @@ def test_aggregate_of_single_seed_reports_equals_a_two_seed_run(tmp_path):
     both = run_main(tmp_path, *arms, "--seeds", "0", "1", out="both.json", ckpt="ckpt_both")  # computed afresh
     pooled = mmie.main(["--aggregate", str(tmp_path / "seed0.json"), str(tmp_path / "seed1.json"),
                         "--n_boot", "200", "--out", str(tmp_path / "pooled.json")])
+    assert (tmp_path / "forget_vs_utility.png").is_file()  # figures beside every report, pooled ones too
     assert sorted(pooled["arms"]["lora"]["seeds"]) == ["0", "1"]
     assert list(pooled["arms"]["dim"]["seeds"]) == ["0"]  # deterministic: evaluated once
     assert pooled["summary"] == both["summary"]

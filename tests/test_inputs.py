@@ -173,6 +173,7 @@ def test_arms_flag_with_no_names_is_the_base_evaluation_alone():
 
 def test_given_flags_are_what_the_command_line_names():
     parser = mmie.build_parser()
-    assert mmie.given_flags(parser, ["--lr", "0.1", "--seeds", "0", "1", "--fresh"]) == {"lr", "seeds", "fresh"}
-    assert mmie.given_flags(parser, ["--lr=0.1"]) == {"lr"}
+    assert mmie.given_flags(parser, ["--lora_lr", "0.1", "--seeds", "0", "1", "--fresh"]) == {"lora_lr", "seeds",
+                                                                                               "fresh"}
+    assert mmie.given_flags(parser, ["--lora_lr=0.1"]) == {"lora_lr"}
     assert mmie.given_flags(parser, []) == set()

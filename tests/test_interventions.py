@@ -132,8 +132,9 @@ def test_forget_objectives_have_their_published_values(model, tokenizer):
 def test_kl_retain_loss_is_zero_against_itself(model, tokenizer):
     batch = mmie.encode_texts(tokenizer, TEXTS, 64, "cpu")
     with torch.no_grad():
-        assert mmie.retain_losses("kl", model, batch, mmie.nullcontext).tolist() == pytest.approx([0.0] * 4, abs=1e-6)
-        assert (mmie.retain_losses("nll", model, batch, mmie.nullcontext) > 0).all()
+        base = mmie.reference_hidden(model, batch, mmie.nullcontext)
+        assert mmie.retain_losses("kl", model, batch, lambda: base).tolist() == pytest.approx([0.0] * 4, abs=1e-6)
+        assert (mmie.retain_losses("nll", model, batch, None) > 0).all()
 
 
 def test_lape_finds_planted_hindi_neurons():
@@ -236,7 +237,7 @@ def test_trainer_keeps_the_batch_after_out_of_memory_and_stops_on_a_non_finite_l
         calls["n"] += 1
         if len(idx) > 2:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return mmie.retain_losses("nll", model, batch, mmie.nullcontext)
+        return mmie.retain_losses("nll", model, batch, None)
 
     trainer = mmie.Trainer(model, tokenizer, params, {"retain": TEXTS * 2}, {"retain": objective}, steps=2, lr=1e-3,
                            batch_size=8, max_len=64, seed=0)
@@ -251,3 +252,15 @@ def test_trainer_keeps_the_batch_after_out_of_memory_and_stops_on_a_non_finite_l
                        batch_size=4, max_len=64, seed=0, desc="lora")
     with pytest.raises(mmie.NonFiniteLoss, match="lora: the forget loss is nan at step 0"):
         bad.run()
+
+
+def test_reference_states_equal_a_fresh_read_of_the_base_model(model, tokenizer):
+    states = mmie.ReferenceStates(model, tokenizer, TEXTS, max_len=64, batch_size=3)
+    switch = mmie.HookSwitch()
+    with mmie.edit_layer_outputs(model, {1: lambda h: h * 0.5}, switch):
+        cached = states.get([2, 0, 3], switch.off)
+        batch = mmie.encode_texts(tokenizer, [TEXTS[2], TEXTS[0], TEXTS[3]], 64, "cpu")
+        torch.testing.assert_close(cached, mmie.reference_hidden(model, batch, switch.off))
+        kl = mmie.text_token_kl(model, tokenizer, TEXTS, switch.off, batch_size=2, max_len=64, states=states)
+        fresh = mmie.text_token_kl(model, tokenizer, TEXTS, switch.off, batch_size=2, max_len=64)
+    assert kl == pytest.approx(fresh, rel=1e-4) and all(value > 0 for value in kl)  # batches differ: float noise
