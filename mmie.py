@@ -226,6 +226,69 @@ def build_parser() -> argparse.ArgumentParser:
     flag(attack, "--relearn_lr", type=float, default=1e-3, check=above(0))
     flag(attack, "--relearn_rank", type=int, default=8, check=at_least(1), help="rank of the attacker's LoRA")
 
+    adapt = parser.add_argument_group(
+        "adaptive unlearning", "--adaptive_unlearning: the lora and reft arms train with adaptive_unlearning.py's "
+        "AdaptiveUnlearningTrainer and the dsg arm uses a dynamic clamp; every component is on unless switched off, "
+        "and records what it did in the arm's info['adaptive']")
+    flag(adapt, "--adaptive_unlearning", action="store_true", help="turn the adaptive components on")
+    flag(adapt, "--no_sine_lora", action="store_true",
+         help="lora arm: standard peft LoRA instead of sine-bounded LoRA on the MLP projections (Stable Forgetting)")
+    flag(adapt, "--no_reweight", action="store_true", help="no loss-based reweighting of forget samples (LoReUn)")
+    flag(adapt, "--no_dualoptim", action="store_true", help="one AdamW state for forget and retain steps, alternating")
+    flag(adapt, "--no_curriculum", action="store_true", help="uniform sampling of forget samples (no easy-first MRD)")
+    flag(adapt, "--no_stages", action="store_true",
+         help="--forget_obj throughout instead of bounded ascent -> NPO -> retain-only recovery")
+    flag(adapt, "--no_dual_ascent", action="store_true", help="fixed retain weight (no PDU-style dual ascent)")
+    flag(adapt, "--no_early_stop", action="store_true", help="no early stopping or best-step restore")
+    flag(adapt, "--no_dynamic_gate", action="store_true", help="dsg arm: the static published clamp")
+    flag(adapt, "--no_script_blind", action="store_true",
+         help="forget Devanagari Hindi only (script-blind: also the romanized-Hindi train split)")
+    flag(adapt, "--sine_omega", type=float, default=None, check=above(0),
+         help="sine-LoRA frequency w in dW = (alpha/r) sin(w B A)/sqrt(d_in); default sqrt(d_in) per module, so small "
+              "updates match peft LoRA at the same --lr (the reference code ships no default)")
+    flag(adapt, "--reweight_temperature", type=float, default=1.0, check=above(0),
+         help="T in w_i ~ exp(-NLL_i / T), NLL in nats per token: each nat lower -> e x more weight")
+    flag(adapt, "--reweight_every", type=int, default=10, check=at_least(1),
+         help="steps between batched NLL refreshes over the whole forget pool")
+    flag(adapt, "--reweight_clip", type=float, default=5.0, check=at_least(1),
+         help="weights relative to the pool mean are clipped to [1/this, this]")
+    flag(adapt, "--dualoptim_forget_steps", type=int, default=1, check=at_least(1),
+         help="forget steps per DualOptim cycle (DualOptim's LLM scripts: 1)")
+    flag(adapt, "--dualoptim_retain_steps", type=int, default=5, check=at_least(1),
+         help="retain steps per DualOptim cycle (DualOptim's LLM scripts: 5)")
+    flag(adapt, "--dualoptim_lr_ratio", type=float, default=1.0, check=above(0),
+         help="forget lr / retain lr (retain lr = --lr; DualOptim's LLM scripts: 1)")
+    flag(adapt, "--curriculum_strength", type=float, default=1.0, check=at_least(0),
+         help="s0 in p_i ~ exp(s(t) z_i), z the standardised start NLL (higher = easier to forget)")
+    flag(adapt, "--curriculum_share", type=float, default=0.5, check=between(0, 1, low_open=True),
+         help="share of the steps over which s(t) anneals linearly to 0 (uniform sampling)")
+    flag(adapt, "--stage_forget_margin", type=float, default=1.0, check=above(0),
+         help="bounded ascent -> NPO once forget-val NLL has risen this many nats above the base's")
+    flag(adapt, "--stage_ascent_max_share", type=float, default=0.3, check=between(0, 1, low_open=True),
+         help="fallback: bounded ascent ends after this share of the steps even if the margin is not reached")
+    flag(adapt, "--adaptive_retain_eps", type=float, default=0.02, check=above(0),
+         help="soft retain budget NLL <= base x (1 + eps): dual ascent and the recovery stage steer by it (0.02 "
+              "stays inside G2's log 1.10 = 0.095 nats for a base NLL up to 4.7 nats)")
+    flag(adapt, "--dual_init", type=float, default=1.0, check=at_least(0), help="initial lambda of dual ascent")
+    flag(adapt, "--dual_step", type=float, default=1.0, check=above(0),
+         help="eta in lambda <- clip(lambda + eta (NLL_retain - limit), 0, max) (PDU's dual_step_size: 1)")
+    flag(adapt, "--dual_max", type=float, default=10.0, check=above(0), help="cap of lambda")
+    flag(adapt, "--adaptive_eval_every", type=int, default=10, check=at_least(1),
+         help="steps between validations (stages, dual ascent, early stopping)")
+    flag(adapt, "--adaptive_val_share", type=float, default=0.1, check=between(0, 1, low_open=True, high_open=True),
+         help="share of the forget- and retain-train splits held out of training as validation slices")
+    flag(adapt, "--adaptive_patience", type=int, default=5, check=at_least(1),
+         help="early stopping: validations without forget-val NLL improving by more than the min delta")
+    flag(adapt, "--adaptive_min_delta", type=float, default=0.01, check=at_least(0), help="nats")
+    flag(adapt, "--adaptive_max_retain_ppl_ratio", type=float, default=1.10, check=above(1),
+         help="hard retain budget NLL <= base + log(this), gate G2's form: a step past it is never the best one")
+    flag(adapt, "--adaptive_minutes", type=float, default=None, check=above(0),
+         help="wall-clock budget of each arm's adaptive training (default none)")
+    flag(adapt, "--dyn_gate_min_scale", type=float, default=0.5, check=between(0, 1),
+         help="dynamic gate: clamp scale of a gated input with no Hindi words")
+    flag(adapt, "--dyn_gate_max_scale", type=float, default=2.0, check=above(0),
+         help="dynamic gate: cap of the per-sequence clamp scale")
+
     stats = parser.add_argument_group("statistics")
     flag(stats, "--n_boot", type=int, default=2000, check=at_least(99), help="bootstrap resamples")
     flag(stats, "--ci_level", type=float, default=0.95, check=between(0, 1, low_open=True, high_open=True))
@@ -1170,6 +1233,13 @@ def forget_losses(objective: str, model, batch: dict, ref_seq_logp: torch.Tensor
     sequence log-likelihoods, as in the paper's code (beta 0.1 there). simnpo (Fan et al. 2024):
     reference-free, length-normalised: -(2/beta) log sigmoid(-(beta/|y|) log pi - gamma)."""
     seq_logp, length = token_logprobs(model, batch)
+    return forget_losses_from_logprobs(objective, seq_logp, length, ref_seq_logp, args)
+
+
+def forget_losses_from_logprobs(objective: str, seq_logp: torch.Tensor, length: torch.Tensor,
+                                ref_seq_logp: torch.Tensor | None, args) -> torch.Tensor:
+    """forget_losses from one forward's summed log-likelihoods and token counts (the adaptive trainer also keeps
+    the per-sample NLL of the same forward)."""
     nll = -seq_logp / length.clamp(min=1)
     if objective == "ga":
         return -nll
