@@ -1397,11 +1397,15 @@ class Trainer:
 
 
 def unlearning_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], reference: Callable, *, steps: int,
-                       seed: int, desc: str, retain_penalty: Callable[[], torch.Tensor] | None = None) -> Trainer:
+                       seed: int, desc: str, retain_penalty: Callable[[], torch.Tensor] | None = None,
+                       bounded_parameterisation: bool = False) -> Trainer:
     """The trainer of an unlearning arm: forget and retain steps alternate (forget-train and retain-train texts);
     NPO's reference log-likelihoods come from `reference` (the unedited model). With --adaptive_unlearning the
-    AdaptiveUnlearningTrainer of adaptive_unlearning.py, on the same loop."""
+    AdaptiveUnlearningTrainer of adaptive_unlearning.py, on the same loop (adaptive_trainer)."""
     model, tokenizer, args = ctx.model, ctx.tokenizer, ctx.args
+    if args.adaptive_unlearning:
+        return adaptive_trainer(ctx, params, reference, steps=steps, seed=seed, desc=desc,
+                                retain_penalty=retain_penalty, bounded_parameterisation=bounded_parameterisation)
     pools = {"forget": ctx.sets["forget"].train, "retain": ctx.sets["retain"].train}
     ref_seq_logp = None
     if args.forget_obj == "npo":
@@ -1421,6 +1425,56 @@ def unlearning_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], refe
                    batch_size=args.train_batch_size, max_len=args.max_len, seed=seed,
                    max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay, warmup_share=args.warmup_share,
                    desc=desc)
+
+
+def adaptive_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], reference: Callable, *, steps: int,
+                     seed: int, desc: str, retain_penalty: Callable[[], torch.Tensor] | None,
+                     bounded_parameterisation: bool) -> Trainer:
+    """The AdaptiveUnlearningTrainer (adaptive_unlearning.py) over Trainer, given mmie's objectives and scoring.
+    The forget pool is script-blind unless --no_script_blind; validation slices are held out of the train splits
+    when a component reads them. The forget objective returns each sample's loss and NLL from one forward."""
+    import adaptive_unlearning as adaptive
+
+    model, tokenizer, args = ctx.model, ctx.tokenizer, ctx.args
+    settings = adaptive.AdaptiveSettings.from_args(args)
+    pools = {"forget": adaptive.forget_pool(ctx.sets["forget"].train, ctx.sets["forget_roman"].train,
+                                            settings.script_blind), "retain": list(ctx.sets["retain"].train)}
+    validation = {kind: [] for kind in pools}
+    if settings.validates:
+        for kind in pools:
+            pools[kind], validation[kind] = adaptive.carve_validation(pools[kind], settings.adaptive_val_share)
+    ref_seq_logp = None
+    if settings.stages or args.forget_obj == "npo":
+        with reference():
+            ref_seq_logp = sequence_logprobs(model, tokenizer, pools["forget"], batch_size=args.batch_size,
+                                             max_len=args.max_len)
+    device = next(model.parameters()).device
+
+    def forget(objective, batch, idx):
+        seq_logp, length = token_logprobs(model, batch)
+        ref = None if ref_seq_logp is None else ref_seq_logp[torch.as_tensor(idx, device=ref_seq_logp.device)]
+        return forget_losses_from_logprobs(objective, seq_logp, length, ref, args), -seq_logp / length.clamp(min=1)
+
+    def retain(batch, idx):
+        losses = retain_losses(args.retain_obj, model, batch, reference)
+        return losses + retain_penalty() if retain_penalty is not None else losses
+
+    roman = set(ctx.sets["forget_roman"].train) - set(ctx.sets["forget"].train)
+    groups = ["romanized" if text in roman else "devanagari" for text in pools["forget"]]
+    trainer_class = type("AdaptiveTrainer", (adaptive.AdaptiveUnlearningTrainer, Trainer), {})
+    trainer = trainer_class(
+        model, tokenizer, params, pools, settings=settings, validation=validation, forget_groups=groups,
+        forget_objective=forget,
+        retain_objective=retain, encode=lambda texts: encode_texts(tokenizer, texts, args.max_len, device),
+        score_nll=lambda texts: text_nll(model, tokenizer, texts, batch_size=args.batch_size, max_len=args.max_len)[0],
+        reference=reference, static_objective=args.forget_obj, bounded_parameterisation=bounded_parameterisation,
+        steps=steps, lr=args.lr, batch_size=args.train_batch_size, max_len=args.max_len, seed=seed,
+        max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay, warmup_share=args.warmup_share, desc=desc)
+    trainer.pool_sizes = {"forget_train": len(pools["forget"]), "forget_val": len(validation["forget"]),
+                          "retain_train": len(pools["retain"]), "retain_val": len(validation["retain"]),
+                          "forget_devanagari": len(ctx.sets["forget"].train),
+                          "forget_roman": len(ctx.sets["forget_roman"].train) if settings.script_blind else 0}
+    return trainer
 
 
 # --- LoRA (peft) -------------------------------------------------------------------------------
