@@ -2107,13 +2107,17 @@ def base_arm(ctx: "Experiment", seed: int, stage_dir: Path):
     yield ArmEdit()
 
 
-@register_arm("lora", deterministic=False, reads=("layer selection", "unlearning", "lora"))
+@register_arm("lora", deterministic=False, reads=("layer selection", "unlearning", "lora", "adaptive unlearning"))
 def lora_arm(ctx: "Experiment", seed: int, stage_dir: Path):
-    """peft LoRA on the chosen layers, trained to forget (weights kept in the stage folder)."""
+    """peft LoRA on the chosen layers, trained to forget (weights kept in the stage folder). With
+    --adaptive_unlearning: sine-bounded LoRA on the MLP projections instead (sine_lora_arm) unless --no_sine_lora."""
     from peft import LoraConfig, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     args, chosen = ctx.args, ctx.layers["chosen"]
+    if args.adaptive_unlearning and not args.no_sine_lora:
+        yield from sine_lora_arm(ctx, seed, stage_dir)
+        return
     config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=lora_targets(ctx.model, args.lora_targets), layers_to_transform=chosen)
     with lora_adapter(ctx.model, config, "unlearn") as peft_model:
@@ -2127,11 +2131,69 @@ def lora_arm(ctx: "Experiment", seed: int, stage_dir: Path):
             trainer = unlearning_trainer(ctx, params, peft_model.disable_adapter, steps=args.lora_steps, seed=seed,
                                          desc="lora")
             info["train_log"], info["train_events"] = trainer.run(), trainer.backoff.events
+            if args.adaptive_unlearning:
+                adaptive_record(stage_dir, trainer)  # before the weights, which mark the stage finished
             peft_model.save_pretrained(stage_dir, selected_adapters=["unlearn"])
+        if args.adaptive_unlearning:
+            info["adaptive"] = {**adaptive_record(stage_dir), "max_abs_dW": peft_max_abs_delta(peft_model)}
         yield ArmEdit(reference=peft_model.disable_adapter, edited_layers=chosen, peft_model=peft_model, info=info)
 
 
-@register_arm("reft", deterministic=False, reads=("layer selection", "unlearning", "reft"))
+SINE_LORA_VARIANT = ("Stable Forgetting (arXiv 2509.24166): sine-bounded LoRA, dW = (alpha/r) sin(omega B A)/sqrt(d_in) "
+                     "(Sine-LoRA's form), on the MLP projections of the chosen layers; attention has no adapter "
+                     "(whether the paper keeps plain LoRA there is unverified), so every trained update is bounded")
+
+
+def sine_lora_arm(ctx: "Experiment", seed: int, stage_dir: Path):
+    """The lora arm under --adaptive_unlearning: adaptive_unlearning.sine_lora on the chosen layers' MLP projections,
+    trained to forget with the model frozen (weights kept in the stage folder). The projections stay nn.Linear with
+    a hook, so the relearning attack's own peft adapter wraps them on top (peft_model stays None)."""
+    import adaptive_unlearning as adaptive
+
+    args, chosen = ctx.args, ctx.layers["chosen"]
+    layers = decoder_layers(ctx.model)
+    targets = adaptive.mlp_projections({i: layers[i] for i in chosen})
+    with adaptive.sine_lora(targets, rank=args.rank, alpha=args.lora_alpha, omega=args.sine_omega,
+                            dropout=args.lora_dropout) as (adapters, switch):
+        weights = stage_dir / "sine_lora.pt"
+        info = {"variant": SINE_LORA_VARIANT, "targets": sorted(targets)}
+        if weights.is_file():
+            adapters.load_state_dict(torch.load(weights, weights_only=True))
+            info["weights"] = f"read back from {weights}"
+        else:
+            with frozen(ctx.model):
+                trainer = unlearning_trainer(ctx, list(adapters.parameters()), switch.off, steps=args.lora_steps,
+                                             seed=seed, desc="lora", bounded_parameterisation=True)
+                info["train_log"], info["train_events"] = trainer.run(), trainer.backoff.events
+            adaptive_record(stage_dir, trainer)  # before the weights, which mark the stage finished
+            torch.save(adapters.state_dict(), weights)
+        for p in adapters.parameters():
+            p.requires_grad_(False)
+        info["adaptive"] = {**adaptive_record(stage_dir), "max_abs_dW": adaptive.max_abs_delta(adapters)}
+        yield ArmEdit(reference=switch.off, edited_layers=chosen, info=info)
+
+
+def adaptive_record(stage_dir: Path, trainer=None) -> dict:
+    """What the adaptive trainer did (its report and pool sizes): written to adaptive.json in the stage folder when
+    a trainer is given, else read back from there, so a resumed run reports the same stages, weights and stops."""
+    path = stage_dir / "adaptive.json"
+    if trainer is None:
+        return json.loads(path.read_text(encoding="utf-8"))
+    record = json_safe({**trainer.report(), "pools": trainer.pool_sizes})
+    write_json_atomic(path, record)
+    return record
+
+
+@torch.no_grad()
+def peft_max_abs_delta(peft_model, adapter: str = "unlearn") -> dict:
+    """The largest |dW_ij| of a peft LoRA adapter (unbounded: the comparison for the sine-bounded one)."""
+    values = {name: float(module.get_delta_weight(adapter).abs().max()) for name, module in peft_model.named_modules()
+              if hasattr(module, "get_delta_weight") and adapter in getattr(module, "lora_A", {})}
+    name = max(values, key=values.get)
+    return {"value": values[name], "bound": None, "module": name}
+
+
+@register_arm("reft", deterministic=False, reads=("layer selection", "unlearning", "reft", "adaptive unlearning"))
 def reft_arm(ctx: "Experiment", seed: int, stage_dir: Path):
     """LoReFT at the chosen layers (identity start), trained to forget."""
     args, chosen = ctx.args, ctx.layers["chosen"]
@@ -2153,10 +2215,14 @@ def reft_arm(ctx: "Experiment", seed: int, stage_dir: Path):
                                              seed=seed, desc="reft",
                                              retain_penalty=gate_closed_on_retain if args.reft_gated else None)
                 arm.info["train_log"], arm.info["train_events"] = trainer.run(), trainer.backoff.events
+            if args.adaptive_unlearning:
+                adaptive_record(stage_dir, trainer)  # before the weights, which mark the stage finished
             stage_dir.mkdir(parents=True, exist_ok=True)
             torch.save(modules.state_dict(), weights)
         for p in modules.parameters():
             p.requires_grad_(False)
+        if args.adaptive_unlearning:  # LoReFT edits activations: there is no weight update to bound
+            arm.info["adaptive"] = {**adaptive_record(stage_dir), "max_abs_dW": None}
         arm.info["variant"] = "LoReFT, identity start (W = R, b = 0)"
         arm.info["orthonormality_error"] = max(
             float((m.rotate.weight @ m.rotate.weight.T - torch.eye(args.reft_rank, device=m.rotate.weight.device))
