@@ -1911,8 +1911,10 @@ def dsg_gate(model, saes: dict[int, TopKSAE], features: dict[int, list[int]],
     its threshold is gated; in gated sequences, at each counted token where a chosen feature fires,
     h -> h + sum_{i in F} (-c - z_i) d_i. Ungated sequences are left bit-for-bit unchanged. `threshold` is one
     number, one per layer, or one per layer for each kind of input ({"prompt": {...}, "text": {...}});
-    `clamp_value` c likewise one number or one per layer. `clamp_scale(z_chosen, layer)` -> [batch] multiplies
-    c per sequence (the adaptive gate's hook; None keeps c). Yields a DSGState. All hooks are removed on exit."""
+    `clamp_value` c likewise one number or one per layer. `clamp_scale(z_chosen, layer, input_ids=,
+    attention_mask=, counted=)` -> [batch] multiplies c per sequence, called on each deciding forward with that
+    forward's token ids and masks (the dynamic gate's hook, adaptive_unlearning.DynamicClamp; None keeps c).
+    Yields a DSGState. All hooks are removed on exit."""
     clamps = clamp_value if isinstance(clamp_value, dict) else {layer: clamp_value for layer in features}
     if any(c < 0 for c in clamps.values()):
         raise ValueError(f"clamp_value={clamp_value}: give c >= 0, features are clamped to -c")
@@ -1933,7 +1935,7 @@ def dsg_gate(model, saes: dict[int, TopKSAE], features: dict[int, list[int]],
         mask, cache = passed.get("attention_mask"), passed.get("cache", passed.get("past_key_values"))
         if mask is not None and mask.dim() != 2:
             raise ValueError(f"dsg_gate needs a 2-D attention mask [batch, seq], got shape {tuple(mask.shape)}")
-        batch["mask"] = mask
+        batch["mask"], batch["input_ids"] = mask, passed.get("input_ids")
         batch["kind"] = "text" if cache is None else "prompt" if cache.get_seq_length() == 0 else None
 
     def edit_for(layer: int, sae: TopKSAE, index: torch.Tensor, directions: torch.Tensor) -> Callable:
@@ -1946,7 +1948,8 @@ def dsg_gate(model, saes: dict[int, TopKSAE], features: dict[int, list[int]],
                 fraction = fire_fraction(z, counted)
                 state.fraction[layer], state.gated[layer] = fraction, fraction > by_kind[batch["kind"]][layer]
                 state.history[layer] += zip(fraction.tolist(), state.gated[layer].tolist())
-                state.scale[layer] = None if clamp_scale is None else clamp_scale(z, layer)
+                state.scale[layer] = None if clamp_scale is None else clamp_scale(
+                    z, layer, input_ids=batch["input_ids"], attention_mask=full, counted=counted)
             elif len(state.gated.get(layer, ())) != len(h):
                 raise RuntimeError(f"dsg_gate: a cached decoding step at layer {layer} with no prompt decision "
                                    "for this batch (was the prompt run outside the block?)")
@@ -2252,9 +2255,10 @@ def randgate_arm(ctx: "Experiment", seed: int, stage_dir: Path):
                       info={**info, "random_features": features, "alpha": ctx.args.sae_gate_alpha})
 
 
-@register_arm("dsg", deterministic=False, reads=("layer selection", "sae", "dsg"))
+@register_arm("dsg", deterministic=False, reads=("layer selection", "sae", "dsg", "adaptive unlearning"))
 def dsg_arm(ctx: "Experiment", seed: int, stage_dir: Path):
-    """Dynamic SAE Guardrails as published (see DSG_DEVIATIONS), on the seed's SAEs."""
+    """Dynamic SAE Guardrails as published (see DSG_DEVIATIONS), on the seed's SAEs; with --adaptive_unlearning
+    (unless --no_dynamic_gate) the same trigger with a per-sequence clamp (dynamic_clamp)."""
     saes, _, info = sae_features(ctx, seed)
     args, model, tokenizer = ctx.args, ctx.model, ctx.tokenizer
     features, table = {}, {}
@@ -2268,17 +2272,47 @@ def dsg_arm(ctx: "Experiment", seed: int, stage_dir: Path):
              "text": text_batches(tokenizer, retain, args, model)}
     threshold = {kind: calibrate_dsg_threshold(model, saes, features, batches, quantile=args.dsg_quantile)
                  for kind, batches in kinds.items()}
-    clamp = {layer: args.dsg_clamp_scale * mean_firing_activation(saes[layer], features[layer],
-                                                                  ctx.sae_acts[seed]["forget"][layer])
-             for layer in features}
+    strength = {layer: mean_firing_activation(saes[layer], features[layer], ctx.sae_acts[seed]["forget"][layer])
+                for layer in features}
+    clamp = {layer: args.dsg_clamp_scale * strength[layer] for layer in features}
+    dynamic = dynamic_clamp(ctx, strength) if args.adaptive_unlearning and not args.no_dynamic_gate else None
     switch = HookSwitch()
-    with dsg_gate(model, saes, features, threshold, clamp, switch) as state:
+    with dsg_gate(model, saes, features, threshold, clamp, switch, clamp_scale=dynamic) as state:
         arm = ArmEdit(reference=switch.off, edited_layers=ctx.layers["chosen"],
                       info={**info, "dsg_features": features, "dsg_feature_scores": table, "threshold": threshold,
                             "clamp_value": clamp, "criterion": args.dsg_features, "deviations": DSG_DEVIATIONS})
         yield arm
         arm.info["gated_share"] = {layer: float(np.mean([gated for _, gated in history])) if history else None
                                    for layer, history in state.history.items()}
+        if args.adaptive_unlearning:
+            arm.info["adaptive"] = {"components": {"dynamic_gate": dynamic is not None},
+                                    "dynamic_gate": dynamic.report(state.history, clamp) if dynamic else None}
+
+
+def dynamic_clamp(ctx: "Experiment", strength: dict[int, float]):
+    """adaptive_unlearning.DynamicClamp for this run: the Hindi share of an input's words from the LID ensemble
+    (Devanagari or romanized), the prompt read back from its token ids with the chat template stripped."""
+    import adaptive_unlearning as adaptive
+
+    args, tokenizer = ctx.args, ctx.tokenizer
+    marker = "@@mmie-prompt@@"
+    template = format_prompts(tokenizer, [marker], uses_chat_template(tokenizer, args))[0]
+    plain = tokenizer.decode(tokenizer(template, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
+    prefix, found, suffix = plain.partition(marker)
+    if not found:  # the tokenizer does not round-trip the marker: shares are then diluted by the template's words
+        warn(f"dsg: cannot locate the prompt inside {type(tokenizer).__name__}'s chat template; the dynamic gate's "
+             "Hindi share is taken over the whole formatted prompt")
+        prefix = suffix = ""
+
+    def decode(rows: list[list[int]]) -> list[str]:
+        return [adaptive.strip_template(text, prefix, suffix)
+                for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+    def hindi_share(texts: list[str]) -> list[float]:
+        return [share_true(mask) for mask in ctx.lid.hindi_word_masks(texts)]
+
+    return adaptive.DynamicClamp(strength, hindi_share, decode, min_scale=args.dyn_gate_min_scale,
+                                 max_scale=args.dyn_gate_max_scale)
 
 
 @register_arm("prompt", deterministic=True)

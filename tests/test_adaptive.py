@@ -422,6 +422,25 @@ def test_dynamic_gate_scale_grows_with_hindi_share_and_activation_strength(lid):
     assert report["layers"][1]["gated"] == 4 and report["prompts_identified"] == 3
 
 
+def test_dynamic_gate_runs_inside_dsg_on_a_model_and_strips_the_chat_template(model, tokenizer):
+    torch.manual_seed(0)
+    sae = mmie.TopKSAE(32, 128, k=8, seed=0)
+    features = {1: list(range(128))}  # every latent: the chosen ones fire on every token
+    prompts = ["आज मौसम बहुत अच्छा है", "The weather is nice today"]
+    shares = {"आज मौसम बहुत अच्छा है": 1.0, "The weather is nice today": 0.0}
+    clamp = ad.DynamicClamp({1: 1.0}, lambda texts: [shares[t.strip()] for t in texts],
+                            lambda rows: tokenizer.batch_decode(rows, skip_special_tokens=True),
+                            min_scale=0.25, max_scale=1e9)
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad(), mmie.dsg_gate(model, {1: sae}, features, -1.0, 1.0, clamp_scale=clamp) as state:
+        model.generate(**encoded, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    share_part = torch.tensor([h for h, _, _ in clamp.history[1]])
+    torch.testing.assert_close(share_part, torch.tensor([1.0, 0.0]))  # read from the prompt ids, pads dropped
+    assert state.scale[1].shape == (2,) and state.scale[1][0] > state.scale[1][1]
+    assert ad.strip_template("<s>user: आज\nassistant:", "<s>user: ", "\nassistant:") == "आज"
+    assert ad.strip_template("plain text", "<s>user: ", "\nassistant:") == "plain text"
+
+
 # ---------------------------------------------------------------------------------------------
 # Pools, settings and the mmie wiring
 # ---------------------------------------------------------------------------------------------
@@ -452,6 +471,8 @@ def test_settings_follow_the_flags_and_every_setting_has_a_flag():
     assert unchecked == []
     with pytest.raises(mmie.InputError, match="--reweight_clip"):
         mmie.check_args(parser.parse_args(["--reweight_clip", "0.5"]), parser)
+    for arm in ("lora", "reft", "dsg"):
+        assert "adaptive unlearning" in mmie.ARMS[arm].reads
 
 
 def forward_counter(model):
