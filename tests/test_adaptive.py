@@ -441,6 +441,22 @@ def test_dynamic_gate_runs_inside_dsg_on_a_model_and_strips_the_chat_template(mo
     assert ad.strip_template("plain text", "<s>user: ", "\nassistant:") == "plain text"
 
 
+def test_dynamic_gate_reads_the_prompt_without_the_chat_template():
+    """The Hindi share is taken over the user's prompt: the template's English words would dilute it."""
+    chat = AutoTokenizer.from_pretrained(mmie.EMBEDDED_MODEL)
+    chat.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\nYou are helpful. {{ m.content }}"
+                          "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    seen = []
+    lid = SimpleNamespace(hindi_word_masks=lambda texts: seen.extend(texts) or [[True] for _ in texts])
+    ctx = SimpleNamespace(args=mmie.build_parser().parse_args([]), tokenizer=chat, lid=lid)
+    clamp = mmie.dynamic_clamp(ctx, {1: 1.0})
+    prompt = "आज मौसम बहुत अच्छा है"
+    formatted = mmie.format_prompts(chat, [prompt], chat=True)[0]
+    ids = torch.tensor([chat(formatted, add_special_tokens=False)["input_ids"]])
+    clamp.shares(ids, torch.ones_like(ids))
+    assert seen == [prompt]
+
+
 # ---------------------------------------------------------------------------------------------
 # Pools, settings and the mmie wiring
 # ---------------------------------------------------------------------------------------------
@@ -536,6 +552,15 @@ def test_adaptive_trainer_end_to_end_on_a_tiny_model(model, tokenizer, sine):
     assert report["dual"]["trajectory"][-1]["step"] == 18
     assert report["pools"]["forget_roman"] == len(ctx.sets["forget_roman"].train)
     assert ad.max_abs_delta(adapters)["value"] <= ad.max_abs_delta(adapters)["bound"] * (1 + 1e-6)
+
+
+def test_a_non_finite_loss_stops_the_adaptive_trainer_naming_the_step(model, tokenizer, sine):
+    adapters, _ = sine
+    s = settings(dual_ascent=True, reweight=True)
+    trainer = make_trainer(model, tokenizer, list(adapters.parameters()), s, steps=4,
+                           retain_objective=lambda batch, idx: torch.full((len(idx),), float("inf")))
+    with pytest.raises(mmie.NonFiniteLoss, match="the combined loss is inf at step 0"):
+        trainer.run()
 
 
 def test_without_the_master_switch_the_static_trainer_runs(model, tokenizer, sine):
