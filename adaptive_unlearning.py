@@ -33,6 +33,7 @@ encoding as callables and composes the trainer: type("AdaptiveTrainer", (Adaptiv
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -121,8 +122,6 @@ def carve_validation(texts: Sequence[str], share: float) -> tuple[list[str], lis
     """(train, validation) of a train split: the round(share x n) texts (at least 1, and never all) with the lowest
     content hash are held out. Content-based like the data splits, so the slice does not depend on line order; the
     eval splits the gates use are never touched."""
-    import hashlib
-
     texts = list(texts)
     if len(texts) < 2:
         raise ValueError(f"need at least 2 train texts to carve a validation slice, got {len(texts)}")
