@@ -234,6 +234,69 @@ def build_parser() -> argparse.ArgumentParser:
     flag(attack, "--relearn_batch_size", type=int, default=8, check=at_least(1),
          help="texts per attack step (its own setting: the attack's strength must not follow the unlearning batch)")
 
+    adapt = parser.add_argument_group(
+        "adaptive unlearning", "--adaptive_unlearning: the lora and reft arms train with adaptive_unlearning.py's "
+        "AdaptiveUnlearningTrainer and the dsg arm uses a dynamic clamp; every component is on unless switched off, "
+        "and records what it did in the arm's info['adaptive']")
+    flag(adapt, "--adaptive_unlearning", action="store_true", help="turn the adaptive components on")
+    flag(adapt, "--no_sine_lora", action="store_true",
+         help="lora arm: standard peft LoRA instead of sine-bounded LoRA on the MLP projections (Stable Forgetting)")
+    flag(adapt, "--no_reweight", action="store_true", help="no loss-based reweighting of forget samples (LoReUn)")
+    flag(adapt, "--no_dualoptim", action="store_true", help="one AdamW state for forget and retain steps, alternating")
+    flag(adapt, "--no_curriculum", action="store_true", help="uniform sampling of forget samples (no easy-first MRD)")
+    flag(adapt, "--no_stages", action="store_true",
+         help="--forget_obj throughout instead of bounded ascent -> NPO -> retain-only recovery")
+    flag(adapt, "--no_dual_ascent", action="store_true", help="fixed retain weight (no PDU-style dual ascent)")
+    flag(adapt, "--no_early_stop", action="store_true", help="no early stopping or best-step restore")
+    flag(adapt, "--no_dynamic_gate", action="store_true", help="dsg arm: the static published clamp")
+    flag(adapt, "--no_script_blind", action="store_true",
+         help="forget Devanagari Hindi only (script-blind: also the romanized-Hindi train split)")
+    flag(adapt, "--sine_omega", type=float, default=None, check=above(0),
+         help="sine-LoRA frequency w in dW = (alpha/r) sin(w B A)/sqrt(d_in); default sqrt(d_in) per module, so small "
+              "updates match peft LoRA at the same --lr (the reference code ships no default)")
+    flag(adapt, "--reweight_temperature", type=float, default=1.0, check=above(0),
+         help="T in w_i ~ exp(-NLL_i / T), NLL in nats per token: each nat lower -> e x more weight")
+    flag(adapt, "--reweight_every", type=int, default=10, check=at_least(1),
+         help="steps between batched NLL refreshes over the whole forget pool")
+    flag(adapt, "--reweight_clip", type=float, default=5.0, check=at_least(1),
+         help="weights relative to the pool mean are clipped to [1/this, this]")
+    flag(adapt, "--dualoptim_forget_steps", type=int, default=1, check=at_least(1),
+         help="forget steps per DualOptim cycle (DualOptim's LLM scripts: 1)")
+    flag(adapt, "--dualoptim_retain_steps", type=int, default=5, check=at_least(1),
+         help="retain steps per DualOptim cycle (DualOptim's LLM scripts: 5)")
+    flag(adapt, "--dualoptim_lr_ratio", type=float, default=1.0, check=above(0),
+         help="forget lr / retain lr (retain lr = --lr; DualOptim's LLM scripts: 1)")
+    flag(adapt, "--curriculum_strength", type=float, default=1.0, check=at_least(0),
+         help="s0 in p_i ~ exp(s(t) z_i), z the standardised start NLL (higher = easier to forget)")
+    flag(adapt, "--curriculum_share", type=float, default=0.5, check=between(0, 1, low_open=True),
+         help="share of the steps over which s(t) anneals linearly to 0 (uniform sampling)")
+    flag(adapt, "--stage_forget_margin", type=float, default=1.0, check=above(0),
+         help="bounded ascent -> NPO once forget-val NLL has risen this many nats above the base's")
+    flag(adapt, "--stage_ascent_max_share", type=float, default=0.3, check=between(0, 1, low_open=True),
+         help="fallback: bounded ascent ends after this share of the steps even if the margin is not reached")
+    flag(adapt, "--adaptive_retain_eps", type=float, default=0.02, check=above(0),
+         help="soft retain budget NLL <= base x (1 + eps): dual ascent and the recovery stage steer by it (0.02 "
+              "stays inside G2's log 1.10 = 0.095 nats for a base NLL up to 4.7 nats)")
+    flag(adapt, "--dual_init", type=float, default=1.0, check=at_least(0), help="initial lambda of dual ascent")
+    flag(adapt, "--dual_step", type=float, default=1.0, check=above(0),
+         help="eta in lambda <- clip(lambda + eta (NLL_retain - limit), 0, max) (PDU's dual_step_size: 1)")
+    flag(adapt, "--dual_max", type=float, default=10.0, check=above(0), help="cap of lambda")
+    flag(adapt, "--adaptive_eval_every", type=int, default=10, check=at_least(1),
+         help="steps between validations (stages, dual ascent, early stopping)")
+    flag(adapt, "--adaptive_val_share", type=float, default=0.1, check=between(0, 1, low_open=True, high_open=True),
+         help="share of the forget- and retain-train splits held out of training as validation slices")
+    flag(adapt, "--adaptive_patience", type=int, default=5, check=at_least(1),
+         help="early stopping: validations without forget-val NLL improving by more than the min delta")
+    flag(adapt, "--adaptive_min_delta", type=float, default=0.01, check=at_least(0), help="nats")
+    flag(adapt, "--adaptive_max_retain_ppl_ratio", type=float, default=1.10, check=above(1),
+         help="hard retain budget NLL <= base + log(this), gate G2's form: a step past it is never the best one")
+    flag(adapt, "--adaptive_minutes", type=float, default=None, check=above(0),
+         help="wall-clock budget of each arm's adaptive training (default none)")
+    flag(adapt, "--dyn_gate_min_scale", type=float, default=0.5, check=between(0, 1),
+         help="dynamic gate: clamp scale of a gated input with no Hindi words")
+    flag(adapt, "--dyn_gate_max_scale", type=float, default=2.0, check=above(0),
+         help="dynamic gate: cap of the per-sequence clamp scale")
+
     stats = parser.add_argument_group("statistics")
     flag(stats, "--n_boot", type=int, default=2000, check=at_least(99), help="bootstrap resamples")
     flag(stats, "--ci_level", type=float, default=0.95, check=between(0, 1, low_open=True, high_open=True))
@@ -1215,6 +1278,13 @@ def forget_losses(objective: str, model, batch: dict, ref_seq_logp: torch.Tensor
     sequence log-likelihoods, as in the paper's code (beta 0.1 there). simnpo (Fan et al. 2024):
     reference-free, length-normalised: -(2/beta) log sigmoid(-(beta/|y|) log pi - gamma)."""
     seq_logp, length = token_logprobs(model, batch)
+    return forget_losses_from_logprobs(objective, seq_logp, length, ref_seq_logp, args)
+
+
+def forget_losses_from_logprobs(objective: str, seq_logp: torch.Tensor, length: torch.Tensor,
+                                ref_seq_logp: torch.Tensor | None, args) -> torch.Tensor:
+    """forget_losses from one forward's summed log-likelihoods and token counts (the adaptive trainer also keeps
+    the per-sample NLL of the same forward)."""
     nll = -seq_logp / length.clamp(min=1)
     if objective == "ga":
         return -nll
@@ -1372,12 +1442,15 @@ class Trainer:
 
 
 def unlearning_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], reference: Callable, *, steps: int,
-                       lr: float, seed: int, desc: str, retain_penalty: Callable[[], torch.Tensor] | None = None
-                       ) -> Trainer:
+                       lr: float, seed: int, desc: str, retain_penalty: Callable[[], torch.Tensor] | None = None,
+                       bounded_parameterisation: bool = False) -> Trainer:
     """The trainer of an unlearning arm: forget and retain steps alternate (forget-train and retain-train texts);
     NPO's reference log-likelihoods come from `reference` (the unedited model). With --adaptive_unlearning the
-    AdaptiveUnlearningTrainer of adaptive_unlearning.py, on the same loop."""
+    AdaptiveUnlearningTrainer of adaptive_unlearning.py, on the same loop (adaptive_trainer)."""
     model, tokenizer, args = ctx.model, ctx.tokenizer, ctx.args
+    if args.adaptive_unlearning:
+        return adaptive_trainer(ctx, params, reference, steps=steps, lr=lr, seed=seed, desc=desc,
+                                retain_penalty=retain_penalty, bounded_parameterisation=bounded_parameterisation)
     pools = {"forget": ctx.sets["forget"].train, "retain": ctx.sets["retain"].train}
     ref_seq_logp = None
     if args.forget_obj == "npo":
@@ -1399,6 +1472,58 @@ def unlearning_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], refe
                    batch_size=args.train_batch_size, max_len=args.max_len, seed=seed,
                    max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay, warmup_share=args.warmup_share,
                    desc=desc)
+
+
+def adaptive_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], reference: Callable, *, steps: int,
+                     lr: float, seed: int, desc: str, retain_penalty: Callable[[], torch.Tensor] | None,
+                     bounded_parameterisation: bool) -> Trainer:
+    """The AdaptiveUnlearningTrainer (adaptive_unlearning.py) over Trainer, given mmie's objectives and scoring.
+    The forget pool is script-blind unless --no_script_blind; validation slices are held out of the train splits
+    when a component reads them. The forget objective returns each sample's loss and NLL from one forward."""
+    import adaptive_unlearning as adaptive
+
+    model, tokenizer, args = ctx.model, ctx.tokenizer, ctx.args
+    settings = adaptive.AdaptiveSettings.from_args(args)
+    pools = {"forget": adaptive.forget_pool(ctx.sets["forget"].train, ctx.sets["forget_roman"].train,
+                                            settings.script_blind), "retain": list(ctx.sets["retain"].train)}
+    validation = {kind: [] for kind in pools}
+    if settings.validates:
+        for kind in pools:
+            pools[kind], validation[kind] = adaptive.carve_validation(pools[kind], settings.adaptive_val_share)
+    ref_seq_logp = None
+    if settings.stages or args.forget_obj == "npo":
+        with reference():
+            ref_seq_logp = sequence_logprobs(model, tokenizer, pools["forget"], batch_size=args.batch_size,
+                                             max_len=args.max_len)
+    device = next(model.parameters()).device
+
+    def forget(objective, batch, idx):
+        seq_logp, length = token_logprobs(model, batch)
+        ref = None if ref_seq_logp is None else ref_seq_logp[torch.as_tensor(idx, device=ref_seq_logp.device)]
+        return forget_losses_from_logprobs(objective, seq_logp, length, ref, args), -seq_logp / length.clamp(min=1)
+
+    states = ReferenceStates(model, tokenizer, pools["retain"], max_len=args.max_len, batch_size=args.batch_size)
+
+    def retain(batch, idx):
+        losses = retain_losses(args.retain_obj, model, batch, lambda: states.get(idx, reference))
+        return losses + retain_penalty() if retain_penalty is not None else losses
+
+    roman = set(ctx.sets["forget_roman"].train) - set(ctx.sets["forget"].train)
+    groups = ["romanized" if text in roman else "devanagari" for text in pools["forget"]]
+    trainer_class = type("AdaptiveTrainer", (adaptive.AdaptiveUnlearningTrainer, Trainer), {})
+    trainer = trainer_class(
+        model, tokenizer, params, pools, settings=settings, validation=validation, forget_groups=groups,
+        forget_objective=forget,
+        retain_objective=retain, encode=lambda texts: encode_texts(tokenizer, texts, args.max_len, device),
+        score_nll=lambda texts: text_nll(model, tokenizer, texts, batch_size=args.batch_size, max_len=args.max_len)[0],
+        reference=reference, static_objective=args.forget_obj, bounded_parameterisation=bounded_parameterisation,
+        steps=steps, lr=lr, batch_size=args.train_batch_size, max_len=args.max_len, seed=seed,
+        max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay, warmup_share=args.warmup_share, desc=desc)
+    trainer.pool_sizes = {"forget_train": len(pools["forget"]), "forget_val": len(validation["forget"]),
+                          "retain_train": len(pools["retain"]), "retain_val": len(validation["retain"]),
+                          "forget_devanagari": len(ctx.sets["forget"].train),
+                          "forget_roman": len(ctx.sets["forget_roman"].train) if settings.script_blind else 0}
+    return trainer
 
 
 # --- LoRA (peft) -------------------------------------------------------------------------------
@@ -1839,8 +1964,10 @@ def dsg_gate(model, saes: dict[int, TopKSAE], features: dict[int, list[int]],
     its threshold is gated; in gated sequences, at each counted token where a chosen feature fires,
     h -> h + sum_{i in F} (-c - z_i) d_i. Ungated sequences are left bit-for-bit unchanged. `threshold` is one
     number, one per layer, or one per layer for each kind of input ({"prompt": {...}, "text": {...}});
-    `clamp_value` c likewise one number or one per layer. `clamp_scale(z_chosen, layer)` -> [batch] multiplies
-    c per sequence (the adaptive gate's hook; None keeps c). Yields a DSGState. All hooks are removed on exit."""
+    `clamp_value` c likewise one number or one per layer. `clamp_scale(z_chosen, layer, input_ids=,
+    attention_mask=, counted=)` -> [batch] multiplies c per sequence, called on each deciding forward with that
+    forward's token ids and masks (the dynamic gate's hook, adaptive_unlearning.DynamicClamp; None keeps c).
+    Yields a DSGState. All hooks are removed on exit."""
     clamps = clamp_value if isinstance(clamp_value, dict) else {layer: clamp_value for layer in features}
     if any(c < 0 for c in clamps.values()):
         raise ValueError(f"clamp_value={clamp_value}: give c >= 0, features are clamped to -c")
@@ -1861,7 +1988,7 @@ def dsg_gate(model, saes: dict[int, TopKSAE], features: dict[int, list[int]],
         mask, cache = passed.get("attention_mask"), passed.get("cache", passed.get("past_key_values"))
         if mask is not None and mask.dim() != 2:
             raise ValueError(f"dsg_gate needs a 2-D attention mask [batch, seq], got shape {tuple(mask.shape)}")
-        batch["mask"] = mask
+        batch["mask"], batch["input_ids"] = mask, passed.get("input_ids")
         batch["kind"] = "text" if cache is None else "prompt" if cache.get_seq_length() == 0 else None
 
     def edit_for(layer: int, sae: TopKSAE, index: torch.Tensor, directions: torch.Tensor) -> Callable:
@@ -1874,7 +2001,8 @@ def dsg_gate(model, saes: dict[int, TopKSAE], features: dict[int, list[int]],
                 fraction = fire_fraction(z, counted)
                 state.fraction[layer], state.gated[layer] = fraction, fraction > by_kind[batch["kind"]][layer]
                 state.history[layer] += zip(fraction.tolist(), state.gated[layer].tolist())
-                state.scale[layer] = None if clamp_scale is None else clamp_scale(z, layer)
+                state.scale[layer] = None if clamp_scale is None else clamp_scale(
+                    z, layer, input_ids=batch["input_ids"], attention_mask=full, counted=counted)
             elif len(state.gated.get(layer, ())) != len(h):
                 raise RuntimeError(f"dsg_gate: a cached decoding step at layer {layer} with no prompt decision "
                                    "for this batch (was the prompt run outside the block?)")
@@ -2035,13 +2163,17 @@ def base_arm(ctx: "Experiment", seed: int, stage_dir: Path):
     yield ArmEdit()
 
 
-@register_arm("lora", deterministic=False, reads=("layer selection", "unlearning", "lora"))
+@register_arm("lora", deterministic=False, reads=("layer selection", "unlearning", "lora", "adaptive unlearning"))
 def lora_arm(ctx: "Experiment", seed: int, stage_dir: Path):
-    """peft LoRA on the chosen layers, trained to forget (weights kept in the stage folder)."""
+    """peft LoRA on the chosen layers, trained to forget (weights kept in the stage folder). With
+    --adaptive_unlearning: sine-bounded LoRA on the MLP projections instead (sine_lora_arm) unless --no_sine_lora."""
     from peft import LoraConfig, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     args, chosen = ctx.args, ctx.layers["chosen"]
+    if args.adaptive_unlearning and not args.no_sine_lora:
+        yield from sine_lora_arm(ctx, seed, stage_dir)
+        return
     config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=lora_targets(ctx.model, args.lora_targets), layers_to_transform=chosen)
     with lora_adapter(ctx.model, config, "unlearn") as peft_model:
@@ -2055,11 +2187,69 @@ def lora_arm(ctx: "Experiment", seed: int, stage_dir: Path):
             trainer = unlearning_trainer(ctx, params, peft_model.disable_adapter, steps=args.lora_steps,
                                          lr=args.lora_lr, seed=seed, desc="lora")
             info["train_log"], info["train_events"] = trainer.run(), trainer.backoff.events
+            if args.adaptive_unlearning:
+                adaptive_record(stage_dir, trainer)  # before the weights, which mark the stage finished
             peft_model.save_pretrained(stage_dir, selected_adapters=["unlearn"])
+        if args.adaptive_unlearning:
+            info["adaptive"] = {**adaptive_record(stage_dir), "max_abs_dW": peft_max_abs_delta(peft_model)}
         yield ArmEdit(reference=peft_model.disable_adapter, edited_layers=chosen, peft_model=peft_model, info=info)
 
 
-@register_arm("reft", deterministic=False, reads=("layer selection", "unlearning", "reft"))
+SINE_LORA_VARIANT = ("Stable Forgetting (arXiv 2509.24166): sine-bounded LoRA, dW = (alpha/r) sin(omega B A)/sqrt(d_in) "
+                     "(Sine-LoRA's form), on the MLP projections of the chosen layers; attention has no adapter "
+                     "(whether the paper keeps plain LoRA there is unverified), so every trained update is bounded")
+
+
+def sine_lora_arm(ctx: "Experiment", seed: int, stage_dir: Path):
+    """The lora arm under --adaptive_unlearning: adaptive_unlearning.sine_lora on the chosen layers' MLP projections,
+    trained to forget with the model frozen (weights kept in the stage folder). The projections stay nn.Linear with
+    a hook, so the relearning attack's own peft adapter wraps them on top (peft_model stays None)."""
+    import adaptive_unlearning as adaptive
+
+    args, chosen = ctx.args, ctx.layers["chosen"]
+    layers = decoder_layers(ctx.model)
+    targets = adaptive.mlp_projections({i: layers[i] for i in chosen})
+    with adaptive.sine_lora(targets, rank=args.rank, alpha=args.lora_alpha, omega=args.sine_omega,
+                            dropout=args.lora_dropout) as (adapters, switch):
+        weights = stage_dir / "sine_lora.pt"
+        info = {"variant": SINE_LORA_VARIANT, "targets": sorted(targets)}
+        if weights.is_file():
+            adapters.load_state_dict(torch.load(weights, weights_only=True))
+            info["weights"] = f"read back from {weights}"
+        else:
+            with frozen(ctx.model):
+                trainer = unlearning_trainer(ctx, list(adapters.parameters()), switch.off, steps=args.lora_steps,
+                                             lr=args.lora_lr, seed=seed, desc="lora", bounded_parameterisation=True)
+                info["train_log"], info["train_events"] = trainer.run(), trainer.backoff.events
+            adaptive_record(stage_dir, trainer)  # before the weights, which mark the stage finished
+            torch.save(adapters.state_dict(), weights)
+        for p in adapters.parameters():
+            p.requires_grad_(False)
+        info["adaptive"] = {**adaptive_record(stage_dir), "max_abs_dW": adaptive.max_abs_delta(adapters)}
+        yield ArmEdit(reference=switch.off, edited_layers=chosen, info=info)
+
+
+def adaptive_record(stage_dir: Path, trainer=None) -> dict:
+    """What the adaptive trainer did (its report and pool sizes): written to adaptive.json in the stage folder when
+    a trainer is given, else read back from there, so a resumed run reports the same stages, weights and stops."""
+    path = stage_dir / "adaptive.json"
+    if trainer is None:
+        return json.loads(path.read_text(encoding="utf-8"))
+    record = json_safe({**trainer.report(), "pools": trainer.pool_sizes})
+    write_json_atomic(path, record)
+    return record
+
+
+@torch.no_grad()
+def peft_max_abs_delta(peft_model, adapter: str = "unlearn") -> dict:
+    """The largest |dW_ij| of a peft LoRA adapter (unbounded: the comparison for the sine-bounded one)."""
+    values = {name: float(module.get_delta_weight(adapter).abs().max()) for name, module in peft_model.named_modules()
+              if hasattr(module, "get_delta_weight") and adapter in getattr(module, "lora_A", {})}
+    name = max(values, key=values.get)
+    return {"value": values[name], "bound": None, "module": name}
+
+
+@register_arm("reft", deterministic=False, reads=("layer selection", "unlearning", "reft", "adaptive unlearning"))
 def reft_arm(ctx: "Experiment", seed: int, stage_dir: Path):
     """LoReFT at the chosen layers (identity start), trained to forget."""
     args, chosen = ctx.args, ctx.layers["chosen"]
@@ -2081,10 +2271,14 @@ def reft_arm(ctx: "Experiment", seed: int, stage_dir: Path):
                                              lr=args.reft_lr, seed=seed, desc="reft",
                                              retain_penalty=gate_closed_on_retain if args.reft_gated else None)
                 arm.info["train_log"], arm.info["train_events"] = trainer.run(), trainer.backoff.events
+            if args.adaptive_unlearning:
+                adaptive_record(stage_dir, trainer)  # before the weights, which mark the stage finished
             stage_dir.mkdir(parents=True, exist_ok=True)
             torch.save(modules.state_dict(), weights)
         for p in modules.parameters():
             p.requires_grad_(False)
+        if args.adaptive_unlearning:  # LoReFT edits activations: there is no weight update to bound
+            arm.info["adaptive"] = {**adaptive_record(stage_dir), "max_abs_dW": None}
         arm.info["variant"] = "LoReFT, identity start (W = R, b = 0)"
         arm.info["orthonormality_error"] = max(
             float((m.rotate.weight @ m.rotate.weight.T - torch.eye(args.reft_rank, device=m.rotate.weight.device))
@@ -2114,9 +2308,10 @@ def randgate_arm(ctx: "Experiment", seed: int, stage_dir: Path):
                       info={**info, "random_features": features, "alpha": ctx.args.sae_gate_alpha})
 
 
-@register_arm("dsg", deterministic=False, reads=("layer selection", "sae", "dsg"))
+@register_arm("dsg", deterministic=False, reads=("layer selection", "sae", "dsg", "adaptive unlearning"))
 def dsg_arm(ctx: "Experiment", seed: int, stage_dir: Path):
-    """Dynamic SAE Guardrails as published (see DSG_DEVIATIONS), on the seed's SAEs."""
+    """Dynamic SAE Guardrails as published (see DSG_DEVIATIONS), on the seed's SAEs; with --adaptive_unlearning
+    (unless --no_dynamic_gate) the same trigger with a per-sequence clamp (dynamic_clamp)."""
     saes, _, info = sae_features(ctx, seed)
     args, model, tokenizer = ctx.args, ctx.model, ctx.tokenizer
     features, table = {}, {}
@@ -2130,17 +2325,47 @@ def dsg_arm(ctx: "Experiment", seed: int, stage_dir: Path):
              "text": text_batches(tokenizer, retain, args, model)}
     threshold = {kind: calibrate_dsg_threshold(model, saes, features, batches, quantile=args.dsg_quantile)
                  for kind, batches in kinds.items()}
-    clamp = {layer: args.dsg_clamp_scale * mean_firing_activation(saes[layer], features[layer],
-                                                                  ctx.sae_acts[seed]["forget"][layer])
-             for layer in features}
+    strength = {layer: mean_firing_activation(saes[layer], features[layer], ctx.sae_acts[seed]["forget"][layer])
+                for layer in features}
+    clamp = {layer: args.dsg_clamp_scale * strength[layer] for layer in features}
+    dynamic = dynamic_clamp(ctx, strength) if args.adaptive_unlearning and not args.no_dynamic_gate else None
     switch = HookSwitch()
-    with dsg_gate(model, saes, features, threshold, clamp, switch) as state:
+    with dsg_gate(model, saes, features, threshold, clamp, switch, clamp_scale=dynamic) as state:
         arm = ArmEdit(reference=switch.off, edited_layers=ctx.layers["chosen"],
                       info={**info, "dsg_features": features, "dsg_feature_scores": table, "threshold": threshold,
                             "clamp_value": clamp, "criterion": args.dsg_features, "deviations": DSG_DEVIATIONS})
         yield arm
         arm.info["gated_share"] = {layer: float(np.mean([gated for _, gated in history])) if history else None
                                    for layer, history in state.history.items()}
+        if args.adaptive_unlearning:
+            arm.info["adaptive"] = {"components": {"dynamic_gate": dynamic is not None},
+                                    "dynamic_gate": dynamic.report(state.history, clamp) if dynamic else None}
+
+
+def dynamic_clamp(ctx: "Experiment", strength: dict[int, float]):
+    """adaptive_unlearning.DynamicClamp for this run: the Hindi share of an input's words from the LID ensemble
+    (Devanagari or romanized), the prompt read back from its token ids with the chat template stripped."""
+    import adaptive_unlearning as adaptive
+
+    args, tokenizer = ctx.args, ctx.tokenizer
+    marker = "@@mmie-prompt@@"
+    template = format_prompts(tokenizer, [marker], uses_chat_template(tokenizer, args))[0]
+    plain = tokenizer.decode(tokenizer(template, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
+    prefix, found, suffix = plain.partition(marker)
+    if not found:  # the tokenizer does not round-trip the marker: shares are then diluted by the template's words
+        warn(f"dsg: cannot locate the prompt inside {type(tokenizer).__name__}'s chat template; the dynamic gate's "
+             "Hindi share is taken over the whole formatted prompt")
+        prefix = suffix = ""
+
+    def decode(rows: list[list[int]]) -> list[str]:
+        return [adaptive.strip_template(text, prefix, suffix)
+                for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+    def hindi_share(texts: list[str]) -> list[float]:
+        return [share_true(mask) for mask in ctx.lid.hindi_word_masks(texts)]
+
+    return adaptive.DynamicClamp(strength, hindi_share, decode, min_scale=args.dyn_gate_min_scale,
+                                 max_scale=args.dyn_gate_max_scale)
 
 
 @register_arm("prompt", deterministic=True)
