@@ -86,16 +86,19 @@ class AdaptiveSettings:
     adaptive_patience: int = 5
     adaptive_min_delta: float = 0.01
     adaptive_max_retain_ppl_ratio: float = 1.10
-    adaptive_minutes: float | None = None
+    budget_minutes: float | None = None
     dyn_gate_min_scale: float = 0.5
     dyn_gate_max_scale: float = 2.0
 
     @classmethod
     def from_args(cls, args) -> "AdaptiveSettings":
         """Components are on with --adaptive_unlearning unless their --no_<component> flag is given; all off without
-        it (an args namespace without the adaptive flags, as older callers build, is "off")."""
+        it (an args namespace without the adaptive flags, as older callers build, is "off"), except early stopping
+        under --auto_config, whose rule for the number of training steps it is."""
         active = bool(getattr(args, "adaptive_unlearning", False))
         values = {name: active and not getattr(args, f"no_{name}") for name in COMPONENTS}
+        if not active and getattr(args, "auto_config", False):  # auto-config's step rule: early stopping alone
+            active, values["early_stop"] = True, not getattr(args, "no_early_stop", False)
         hyper = {f.name: getattr(args, f.name) for f in fields(cls)
                  if f.name not in COMPONENTS and f.name != "active" and hasattr(args, f.name)}
         return cls(active=active, **values, **hyper)
@@ -461,7 +464,7 @@ class AdaptiveUnlearningTrainer:
                            if s.reweight else None)
         self.curriculum = (Curriculum(start_nll, s.curriculum_strength, round(s.curriculum_share * self.steps),
                                       self.forget_groups) if s.curriculum else None)
-        self.deadline, self.curve, self.stop = Deadline(s.adaptive_minutes), [], None
+        self.deadline, self.curve, self.stop = Deadline(s.budget_minutes), [], None
         self.stages = self.dual = self.early = self.best = None
         if not s.validates:
             return
@@ -573,7 +576,7 @@ class AdaptiveUnlearningTrainer:
             if done % s.reweight_every == 0 and done < self.steps:
                 self.reweighter.refresh(self.score(self.pools[FORGET]), done)
         self._seen.clear()
-        reason = f"wall-clock budget of {s.adaptive_minutes:g} min spent" if self.deadline.expired() else None
+        reason = f"wall-clock budget of {s.budget_minutes:g} min spent" if self.deadline.expired() else None
         if s.validates and (reason or done % s.adaptive_eval_every == 0 or done == self.steps):
             reason = self.evaluate(done, last=reason is not None or done == self.steps) or reason
         if self.stages is not None and reason is None and done < self.steps:  # after the validation, so a

@@ -144,6 +144,18 @@ def lr_at_minimum_over_10(lrs: np.ndarray, smoothed: np.ndarray) -> float:
     return float(lrs[int(np.argmin(smoothed))] / 10)
 
 
+RISE_FACTOR = 1.5  # a loss this many times the plateau's median has left the plateau (ours)
+
+
+def rise_lr(lrs: np.ndarray, losses: np.ndarray) -> float | None:
+    """The first lr whose loss leaves the plateau: exceeds RISE_FACTOR x the median of the first half of the
+    sweep (the lrs too small to move the model), or is not finite; None when the loss never rises."""
+    plateau = float(np.median(losses[: max(1, len(losses) // 2)][np.isfinite(losses[: max(1, len(losses) // 2)])]))
+    risen = np.nonzero(~np.isfinite(losses) | (losses > RISE_FACTOR * plateau))[0]
+    risen = risen[risen >= len(losses) // 2]
+    return float(lrs[risen[0]]) if len(risen) else None
+
+
 def suggest_lr(curve: dict, skip_begin: int = 10, skip_end: int = 1, half_width: int = 2) -> Decision:
     """The lr of steepest descent of the smoothed loss against log10(lr), as Lightning's suggestion() did
     before 2.5.3 and as PR #21171 restores: since 2.5.3 Lightning differentiates against the lr itself, and
@@ -153,8 +165,10 @@ def suggest_lr(curve: dict, skip_begin: int = 10, skip_end: int = 1, half_width:
 
     Fallbacks (the rule says which): fewer than 2*half_width + 3 usable points ("too short": a sweep that
     diverged early) gives fastai's minimum/10 on every finite point; a smoothed loss that never falls by more
-    than 3 standard errors of the smoothed points (noise from successive differences) or 0.1% ("flat": the
-    sweep never started learning) gives value None, and choose_lr then uses the model-size rule."""
+    than 3 standard errors of the smoothed points (noise from successive differences) or 0.1% ("flat") gives
+    one decade below the lr where the loss rises off its plateau (rise_lr: the objective was at its minimum
+    already, as a trained model's retain NLL is, so only the stability limit is informative), or value None
+    when it never rises, and choose_lr then uses the model-size rule."""
     lrs, losses = np.asarray(curve["lr"], float), np.asarray(curve["loss"], float)
     stop = curve.get("stop")
     window = slice(skip_begin, len(lrs) - skip_end)
@@ -177,7 +191,12 @@ def suggest_lr(curve: dict, skip_begin: int = 10, skip_end: int = 1, half_width:
               "half_width": half_width, "skip_begin": skip_begin, "skip_end": skip_end, "stop": stop,
               "curve_lr": lrs, "curve_loss": losses}
     if drop <= needed:
-        return Decision(None, "no LR suggestion: flat curve (the loss never fell beyond its noise)", inputs)
+        rise = rise_lr(lrs, losses)
+        if rise is None:
+            return Decision(None, "no LR suggestion: flat curve (the loss never fell beyond its noise)", inputs)
+        return Decision(rise / 10, "flat curve, then a rise: one decade below where the loss starts rising (the "
+                        "objective is already at its minimum, as a trained model's retain NLL is; Smith 2017's "
+                        "maximum useful lr, divided by 10)", {**inputs, "rise_lr": rise})
     slopes = np.gradient(smooth, x)
     best = int(np.argmin(slopes))
     return Decision(float(10 ** x[best]), "LR range test: steepest descent of the smoothed loss vs log10(lr) "

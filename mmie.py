@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag(unlearn, "--simnpo_gamma", type=float, default=0.0, check=at_least(0), help="SimNPO reward margin")
     flag(unlearn, "--ga_bound", type=float, default=5.0, check=above(0),
          help="B of bounded_ga: the forget NLL enters as B*tanh(NLL/B)")
+    flag(unlearn, "--budget_minutes", type=float, default=None, check=above(0),
+         help="wall-clock budget of each arm's training with early stopping (--auto_config or --adaptive_unlearning);"
+              " the best step so far is kept (default none)")
 
     lora = parser.add_argument_group("lora")
     flag(lora, "--rank", type=int, default=8, check=at_least(1), help="LoRA rank")
@@ -290,8 +293,6 @@ def build_parser() -> argparse.ArgumentParser:
     flag(adapt, "--adaptive_min_delta", type=float, default=0.01, check=at_least(0), help="nats")
     flag(adapt, "--adaptive_max_retain_ppl_ratio", type=float, default=1.10, check=above(1),
          help="hard retain budget NLL <= base + log(this), gate G2's form: a step past it is never the best one")
-    flag(adapt, "--adaptive_minutes", type=float, default=None, check=above(0),
-         help="wall-clock budget of each arm's adaptive training (default none)")
     flag(adapt, "--dyn_gate_min_scale", type=float, default=0.5, check=between(0, 1),
          help="dynamic gate: clamp scale of a gated input with no Hindi words")
     flag(adapt, "--dyn_gate_max_scale", type=float, default=2.0, check=above(0),
@@ -1446,9 +1447,10 @@ def unlearning_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], refe
                        bounded_parameterisation: bool = False) -> Trainer:
     """The trainer of an unlearning arm: forget and retain steps alternate (forget-train and retain-train texts);
     NPO's reference log-likelihoods come from `reference` (the unedited model). With --adaptive_unlearning the
-    AdaptiveUnlearningTrainer of adaptive_unlearning.py, on the same loop (adaptive_trainer)."""
+    AdaptiveUnlearningTrainer of adaptive_unlearning.py, on the same loop (adaptive_trainer); with --auto_config
+    alone the same trainer with early stopping as its only component (auto-config's rule for the step count)."""
     model, tokenizer, args = ctx.model, ctx.tokenizer, ctx.args
-    if args.adaptive_unlearning:
+    if args.adaptive_unlearning or args.auto_config:  # auto-config's step rule is the trainer's early stopping
         return adaptive_trainer(ctx, params, reference, steps=steps, lr=lr, seed=seed, desc=desc,
                                 retain_penalty=retain_penalty, bounded_parameterisation=bounded_parameterisation)
     pools = {"forget": ctx.sets["forget"].train, "retain": ctx.sets["retain"].train}
@@ -4350,6 +4352,13 @@ def auto_static(auto: AutoConfig, model, tokenizer, sets: dict[str, TextSet], ar
     auto.decide("sae_expansion", sae_expansion_from_memory(model.config.hidden_size, math.ceil(depth / 4), budget,
                                                            batch_tokens=args.sae_batch_size))
     auto.decide("n_boot", choose_n_boot(args.fdr_q, GATES_PER_ARM * max(1, len(args.arms))))
+    for name in ("lora_steps", "reft_steps"):
+        auto.decide(name, Decision(getattr(args, name), "training steps: a maximum; early stopping on validation "
+                                   "slices of the train splits picks and restores the best step (auto_config."
+                                   "EarlyStopping in the trainer; the curve and the step are in the arm's info)",
+                                   {"eval_every": args.adaptive_eval_every, "patience": args.adaptive_patience,
+                                    "validation_share": args.adaptive_val_share,
+                                    "budget_minutes": args.budget_minutes}))
 
 
 SAE_MEMORY_SHARE = 0.25  # of free memory for the SAEs' training (the model and activations need the rest; ours)
@@ -4746,6 +4755,7 @@ def run_experiment(args, parser, argv: list[str], started: float) -> dict:
         apply_prompt_caps(eval_sets, caps)
         facts["prompt_caps"] = caps
         facts["layer_count_rule"] = "elbow" if "select_top_k" not in run["given"] else "user"
+        facts["auto_config"] = True  # its trainers stop early (the step rule) even where a setting comes out equal
 
     def stage_dir(stage: str, seed: int | None = None) -> Path:
         folder = args.ckpt_dir / stage / stage_key(parser, args, stage, facts)

@@ -388,7 +388,7 @@ def test_early_stopping_stops_when_retain_leaves_its_budget_and_honours_the_dead
     stop = trainer.report()["early_stop"]
     assert stop["stopped_at"] == 2 and stop["best_step"] == 1 and "left its budget" in stop["reason"]
     assert stop["curve"][-1]["eligible"] is False
-    late = make_trainer(model, tokenizer, list(adapters.parameters()), settings(adaptive_minutes=1e-9), steps=10)
+    late = make_trainer(model, tokenizer, list(adapters.parameters()), settings(budget_minutes=1e-9), steps=10)
     assert len(late.run()) == 1 and "wall-clock" in late.stop["reason"]
 
 
@@ -528,12 +528,12 @@ def experiment(model, tokenizer, argv):
 
 def test_adaptive_trainer_end_to_end_on_a_tiny_model(model, tokenizer, sine):
     adapters, switch = sine
-    argv = ["--adaptive_unlearning", "--lr", "5e-2", "--train_batch_size", "4", "--max_len", "48",
+    argv = ["--adaptive_unlearning", "--train_batch_size", "4", "--max_len", "48",
             "--adaptive_eval_every", "3", "--reweight_every", "4", "--adaptive_val_share", "0.2",
             "--stage_forget_margin", "0.05", "--adaptive_patience", "20"]
     ctx = experiment(model, tokenizer, argv)
-    trainer = mmie.unlearning_trainer(ctx, list(adapters.parameters()), switch.off, steps=18, seed=0, desc="lora",
-                                      bounded_parameterisation=True)
+    trainer = mmie.unlearning_trainer(ctx, list(adapters.parameters()), switch.off, steps=18, lr=5e-2, seed=0,
+                                      desc="lora", bounded_parameterisation=True)
     assert type(trainer).__mro__[1:3] == (ad.AdaptiveUnlearningTrainer, mmie.Trainer)
     roman = set(ctx.sets["forget_roman"].train)
     assert roman & set(trainer.pools["forget"]) and roman <= set(trainer.pools["forget"]) | set(trainer.validation["forget"])
@@ -566,7 +566,7 @@ def test_a_non_finite_loss_stops_the_adaptive_trainer_naming_the_step(model, tok
 def test_without_the_master_switch_the_static_trainer_runs(model, tokenizer, sine):
     adapters, switch = sine
     ctx = experiment(model, tokenizer, ["--train_batch_size", "4", "--max_len", "48"])
-    trainer = mmie.unlearning_trainer(ctx, list(adapters.parameters()), switch.off, steps=2, seed=0, desc="lora")
+    trainer = mmie.unlearning_trainer(ctx, list(adapters.parameters()), switch.off, steps=2, lr=1e-2, seed=0, desc="lora")
     assert type(trainer) is mmie.Trainer and trainer.pools["forget"] == ctx.sets["forget"].train
 
 
@@ -583,7 +583,7 @@ def test_with_every_component_off_the_adaptive_trainer_is_the_static_one(model, 
                 p.copy_(initial)
         ctx = experiment(model, tokenizer, ["--train_batch_size", "4", "--max_len", "48", "--forget_obj", "ga",
                                             "--retain_obj", "nll", *argv])
-        trainer = mmie.unlearning_trainer(ctx, params, switch.off, steps=4, seed=0, desc="lora")
+        trainer = mmie.unlearning_trainer(ctx, params, switch.off, steps=4, lr=1e-2, seed=0, desc="lora")
         logs.append([(row["kind"], row["loss"]) for row in trainer.run()])
         weights.append([p.detach().clone() for p in params])
     assert logs[0] == logs[1]

@@ -121,6 +121,17 @@ def test_flat_curve_gives_no_suggestion_and_choose_lr_falls_back_to_model_size()
     assert decision.value == 3e-4 and "model-size" in decision.rule and "flat" in decision.rule
 
 
+def test_flat_curve_that_rises_gives_one_decade_below_the_rise():
+    """A trained model's retain NLL is already at its minimum: the sweep is flat until the lr breaks the model."""
+    rng = np.random.default_rng(2)
+    lrs = ac.lr_ladder(1e-7, 1.0, 30)
+    loss = 3.0 + rng.normal(0, 0.08, 30)
+    loss[26:] = [4.6, 16.9, 14.0, 46.8]  # leaves the plateau at lrs[26]
+    decision = ac.suggest_lr({"lr": lrs, "loss": loss, "smoothed": loss})
+    assert decision.value == pytest.approx(lrs[26] / 10) and "rise" in decision.rule
+    assert ac.choose_lr({"lr": lrs, "loss": loss, "smoothed": loss}, n_params=4_000_000).value == pytest.approx(3e-3)
+
+
 def test_short_curve_falls_back_to_fastai_minimum_over_10():
     lrs = ac.lr_ladder(1e-7, 1e-2, 12)  # diverged early: 12 points, 1 left after skipping 10 + 1
     smoothed = [3.0] * 6 + [2.5, 2.0, 1.8, 2.2, 4.0, 9.0]

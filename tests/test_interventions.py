@@ -263,4 +263,4 @@ def test_reference_states_equal_a_fresh_read_of_the_base_model(model, tokenizer)
         torch.testing.assert_close(cached, mmie.reference_hidden(model, batch, switch.off))
         kl = mmie.text_token_kl(model, tokenizer, TEXTS, switch.off, batch_size=2, max_len=64, states=states)
         fresh = mmie.text_token_kl(model, tokenizer, TEXTS, switch.off, batch_size=2, max_len=64)
-    assert kl == pytest.approx(fresh, rel=1e-4) and all(value > 0 for value in kl)  # batches differ: float noise
+    assert kl == pytest.approx(fresh, rel=1e-3, abs=1e-6) and all(value > 0 for value in kl)  # batches differ: float noise

@@ -288,13 +288,23 @@ def test_dsg_decision_taken_on_the_prompt_persists_through_cached_decoding(model
     saes, features = {LAYER: sae}, {LAYER: [frequent]}
     fractions = sequence_fire_fractions(model, saes, features, [left_padded(tokenizer, TEXTS)])[LAYER]
     threshold = split_threshold(fractions)
-    gated_prompt, open_prompt = TEXTS[int(np.argmax(fractions))], TEXTS[int(np.argmin(fractions))]
-    encoded = tokenizer([gated_prompt, open_prompt], return_tensors="pt", padding=True)
-    n_new, width = 8, encoded["input_ids"].shape[1]
+    gated_prompt = TEXTS[int(np.argmax(fractions))]
+    n_new = 8
     generate = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, use_cache=True,
                     pad_token_id=tokenizer.pad_token_id)
+    # An ungated prompt whose own continuation has tokens where the feature fires: re-deciding at each decoding
+    # step would clamp those, deciding once on the prompt must not.
+    for index in np.argsort(fractions):
+        if fractions[index] > threshold:
+            pytest.fail("no ungated prompt whose continuation makes the feature fire")
+        encoded = tokenizer([gated_prompt, TEXTS[int(index)]], return_tensors="pt", padding=True)
+        width = encoded["input_ids"].shape[1]
+        with torch.no_grad():
+            plain = model.generate(**encoded, **generate)
+        continuation = plain[1][torch.cat([encoded["attention_mask"][1].bool(), torch.ones(n_new, dtype=torch.bool)])]
+        if hidden_fires(model, sae, frequent, continuation)[-n_new:].any():
+            break
     with torch.no_grad():
-        plain = model.generate(**encoded, **generate)
         with dsg_gate(model, saes, features, threshold, clamp_value=1.0) as state:
             cached = model.generate(**encoded, **generate)
     assert state.gated[LAYER].tolist() == [True, False]
