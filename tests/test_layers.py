@@ -2,7 +2,6 @@
 planted first-token activation 40x a typical token's and a massive dimension on every token (what real models
 show: Sun et al. 2024). Difference-in-means directions and their ablation must not be driven by them."""
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -16,7 +15,7 @@ HINDI = ["मैं कल सुबह बाज़ार गया था औ�
 ENGLISH = ["The weather was lovely today and we walked to the market.", "My grandmother never measured anything.",
            "The children are playing football in the park.", "We will travel to Delhi next week by train.",
            "The book is on the table and the door is open.", "Made lentil soup tonight with the leftovers."] * 2
-LAYER, SINK_SCALE, MASSIVE_DIM, MASSIVE_VALUE = 1, 40.0, 3, 25.0
+LAYER, SINK_SCALE, MASSIVE_DIM, MASSIVE_SCALE = 1, 40.0, 3, 40.0
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +23,8 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(mmie.EMBEDDED_MODEL)
 
 
-def plant_sinks(model, sink: torch.Tensor):
-    """Add `sink` to the first token of every sequence after layer 0 (an attention sink) and a constant to one
+def plant_sinks(model, sink: torch.Tensor, massive: float):
+    """Add `sink` to the first token of every sequence after layer 0 (an attention sink) and `massive` to one
     dimension of every token (a massive activation), as forward hooks; returns the handles."""
     mask = {}
 
@@ -35,7 +34,7 @@ def plant_sinks(model, sink: torch.Tensor):
     def add(module, inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
         hidden = hidden.clone()
-        hidden[..., MASSIVE_DIM] += MASSIVE_VALUE
+        hidden[..., MASSIVE_DIM] += massive
         if mask["m"] is not None and mask["m"].shape[1] == hidden.shape[1]:  # prompt or scored text, not a decode step
             first = mask["m"].long().argmax(1)  # the first real token, with left or right padding
             hidden[torch.arange(len(hidden)), first] += sink
@@ -68,12 +67,12 @@ def retain_nll_increase(model, tokenizer, edit) -> float:
 def test_directions_ignore_attention_sinks_and_massive_dimensions(family, tokenizer):
     model = tiny(family, len(tokenizer), tokenizer.eos_token_id)
     with torch.no_grad():
-        typical = mmie.content_activations(model, tokenizer, ENGLISH, [LAYER], batch_size=12, max_len=64,
-                                           massive_ratio=4.0)[LAYER].pooled
+        tokens = mmie.collect_token_activations(model, tokenizer, ENGLISH, [LAYER], batch_size=12, max_len=64)[LAYER]
+    dim_rms = float(tokens.pow(2).mean(0).sqrt().median())
     sink = torch.zeros(32)
     sink[7], sink[11] = 1.0, -1.0
-    sink = SINK_SCALE * float(np.linalg.norm(typical, axis=1).mean()) * sink / sink.norm()
-    handles = plant_sinks(model, sink)
+    sink = SINK_SCALE * float(tokens.norm(dim=1).median()) * sink / sink.norm()  # 40x a typical token's norm
+    handles = plant_sinks(model, sink, MASSIVE_SCALE * dim_rms)  # relative: Gemma's states are larger than Llama's
     try:
         old = naive_direction(model, tokenizer, LAYER)
         acts = {lang: mmie.content_activations(model, tokenizer, texts, [LAYER], batch_size=12, max_len=64,
@@ -85,22 +84,32 @@ def test_directions_ignore_attention_sinks_and_massive_dimensions(family, tokeni
               f"{abs(float(new @ massive_unit)):.3f}")
         assert MASSIVE_DIM in acts["hi"].massive_dims and float(new[MASSIVE_DIM]) == 0.0
         assert abs(float(new @ sink_unit)) < 0.2 < abs(float(old @ sink_unit))
-        damage_old = retain_nll_increase(model, tokenizer, mmie.project_out(old))
-        damage_new = retain_nll_increase(model, tokenizer, mmie.project_out(new, acts["hi"].norm_limit))
-        print(f"{family}: retain NLL increase when ablated: old {damage_old:.3f} -> new {damage_new:.3f} nats")
-        assert damage_new < damage_old
+        # The edit: the old ablation removes most of the sink from the first token; the new one leaves sink tokens
+        # alone (and, with no massive-dimension component, every token's massive dimension).
+        batch = mmie.encode_texts(tokenizer, ENGLISH, 64, "cpu")
+        with torch.no_grad(), mmie.record_layer_outputs(model, [LAYER]) as out:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        first = out[LAYER][:, 0]
+        moved_old = (mmie.project_out(old)(first) - first).norm(dim=-1).mean()
+        moved_new = (mmie.project_out(new, acts["hi"].norm_limit)(first) - first).norm(dim=-1).mean()
+        print(f"{family}: change of the first token's state: old {float(moved_old):.2f} -> new {float(moved_new):.2f} "
+              f"(its norm {float(first.norm(dim=-1).mean()):.2f}); retain NLL increase when ablated: old "
+              f"{retain_nll_increase(model, tokenizer, mmie.project_out(old)):.3f} -> new "
+              f"{retain_nll_increase(model, tokenizer, mmie.project_out(new, acts['hi'].norm_limit)):.3f} nats")
+        assert float(moved_new) == 0.0 and float(moved_old) > 0.5 * float(first.norm(dim=-1).mean())
     finally:
         for handle in handles:
             handle.remove()
 
 
-def test_warns_when_no_causal_score_is_positive(tokenizer, lid, capsys):
-    """A random-init model produces no Hindi, so ablating a direction cannot remove any: no causal score is
+def test_warns_when_no_causal_score_is_positive(tokenizer, lid, capsys, monkeypatch):
+    """When ablating no layer's direction lowers Hindi (here: ES forced to 0 everywhere), no causal score is
     positive, and the run says that the layer choice then means little."""
     model = tiny("qwen2", len(tokenizer), tokenizer.eos_token_id)
-    args = mmie.build_parser().parse_args(["--layer_sample", "6", "--max_new_tokens", "4"])
-    sets = mmie.load_sets(args)
-    eval_sets = {"related": {}, "related_source": {}}
-    layers = mmie.select_layers(model, tokenizer, lid, sets, eval_sets, args)
+    monkeypatch.setattr(mmie, "forget_es", lambda model, tokenizer, lid, prompts, args, instruction=None:
+                        [0.0] * len(prompts))
+    args = mmie.build_parser().parse_args(["--layer_sample", "6"])
+    layers = mmie.select_layers(model, tokenizer, lid, mmie.load_sets(args), {"related": {}, "related_source": {}},
+                                args)
     assert all(score["causal_score"] <= 0 for score in layers["scores"].values())
     assert "no layer's causal score is positive" in capsys.readouterr().err
