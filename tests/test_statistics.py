@@ -2,6 +2,7 @@
 shipped sample sizes, Benjamini-Hochberg, and not-evaluated gates. Simulations are seeded, so every
 asserted rate is reproducible; the rates come from the real gate functions, not from an approximation."""
 
+import copy
 import functools
 import math
 import warnings
@@ -143,7 +144,7 @@ def test_mia_power_at_shipped_sizes_is_near_the_best_possible():
 # Data shaped like ours: most per-prompt values exactly 0 or 1, near-constant columns (real models have
 # base ES and fidelity near 1). At least 1,000 replications; the bound is nominal + 2 Monte Carlo SDs.
 # ---------------------------------------------------------------------------------------------
-OURS_REPS, OURS_BOOT = 1000, 999
+OURS_REPS, OURS_BOOT = 1000, 499
 
 
 def lumpy_es(rng, reps, n, rho, base_one, base_zero):
@@ -369,6 +370,10 @@ def per_prompt_set(rng, n_scale=1, es_ratio=1.0, with_fidelity=True, shift=0.0):
             pp[f"fidelity_{lang}"] = [1.0] * N_RELATED
     pp["nll_forget_train_text"] = (3 + rng.normal(0, 1, 2000 * n_scale)).tolist()
     pp["nll_forget_eval_text"] = (3 + rng.normal(0, 1, 2000 * n_scale)).tolist()
+    for name, n in (("forget_eval", N_FORGET), ("retain", N_RETAIN)) + tuple((f"xlang_{lang}", N_RELATED)
+                                                                            for lang in ("ur", "pa", "bn")):
+        pp[f"empty_rate_{name}"] = [0.0] * n
+        pp[f"repetition_{name}"] = (0.02 * np.random.default_rng(n).random(n)).tolist()
     return pp
 
 
@@ -377,7 +382,7 @@ def test_evaluate_gates_names_thresholds_and_a_proceeding_arm():
     base = per_prompt_set(rng)
     arm_seeds = [per_prompt_set(rng, es_ratio=0.05, shift=0.01) for _ in range(2)]
     gates = evaluate_gates(base, arm_seeds, {"gate_es_forget_ratio": 0.4}, n_boot=499, seed=0)
-    assert list(gates) == ["G1", "G1S", "G2", "G3", "G4_bn", "G4_pa", "G4_ur", "G5", "G6"]
+    assert list(gates) == ["G1", "G1S", "G2", "G3", "G4_bn", "G4_pa", "G4_ur", "G5", "G6", "GH"]
     assert gates["G1"]["threshold"] == 0.4 and gates["G3"]["threshold"] == 0.7 and gates["G2"]["threshold"] == 1.10
     assert all(g["evaluated"] and 0 < g["p"] <= 1 for g in gates.values())
     again = evaluate_gates(base, arm_seeds, {"gate_es_forget_ratio": 0.4}, n_boot=499, seed=0)
@@ -418,3 +423,50 @@ def test_empty_inputs_to_the_gate_functions_are_not_evaluated():
     for result in (ratio_gate([], [], rho=0.5), utility_gate([], []), fidelity_gate([1.0], [1.0]),
                    mia_gate([], [1.0, 2.0])):
         assert result["p"] is None and not result["evaluated"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output health, uninformative and not-applicable gates
+# ---------------------------------------------------------------------------------------------
+def test_a_collapsed_arm_fails_output_health_and_stops():
+    """An arm whose outputs are 71% empty "forgot" Hindi by saying nothing: without the health gate it passed
+    G1S, G3 and G6. GH now fails it, naming the set and the measure."""
+    rng = np.random.default_rng(3)
+    base = per_prompt_set(rng)
+    collapsed = per_prompt_set(rng, es_ratio=0.0)
+    for name, n in (("forget_eval", N_FORGET), ("retain", N_RETAIN)):
+        collapsed[f"empty_rate_{name}"] = (np.random.default_rng(n).random(n) < 0.71).astype(float).tolist()
+    gates = apply_fdr({"collapsed": evaluate_gates(base, [collapsed], {}, n_boot=499, seed=0)})
+    health = gates["collapsed"]["GH"]
+    assert health["pass"] is False and health["worst"].endswith("/empty_rate")
+    assert health["components"]["forget_eval/empty_rate"]["increase"] == pytest.approx(0.71, abs=0.06)
+    assert gates["collapsed"]["G1S"]["pass"] and decide(gates) == {"collapsed": "STOP"}
+    healthy = apply_fdr({"healthy": evaluate_gates(base, [per_prompt_set(rng, es_ratio=0.0)], {}, n_boot=499)})
+    assert healthy["healthy"]["GH"]["pass"] is True
+
+
+def test_gates_the_base_model_already_passes_are_marked_uninformative():
+    from mmie import base_passes_mia
+
+    rng = np.random.default_rng(5)
+    base = per_prompt_set(rng)  # members and non-members from one distribution: AUC ~0.5 already
+    assert base_passes_mia(base, 0.05, 0.10, 499, 0) is not None
+    low = dict(base, es_adversarial=[0.0] * (N_ADV - 3) + [1.0] * 3)  # the base rarely produces Hindi here
+    gates = evaluate_gates(low, [per_prompt_set(rng, es_ratio=0.05)], {}, n_boot=499, seed=0)
+    assert gates["G6"].get("uninformative") is True and "little Hindi" in gates["G6"]["reason"]
+    assert not gates["G1"].get("uninformative")
+
+
+def test_an_arm_that_leaves_the_model_unchanged_has_no_applicable_gate():
+    from mmie import mark_not_applicable
+
+    rng = np.random.default_rng(6)
+    base = per_prompt_set(rng)
+    other = evaluate_gates(base, [per_prompt_set(rng, es_ratio=0.05)], {}, n_boot=199)
+    alone = apply_fdr({"other": copy.deepcopy(other)})
+    gates = apply_fdr({"noop": mark_not_applicable(evaluate_gates(base, [base], {}, n_boot=199), "unchanged"),
+                       "other": other})
+    assert all(g["applicable"] is False and g["p"] is None and g["pass"] is False for g in gates["noop"].values())
+    assert decide(gates)["noop"] == "STOP"
+    # left out of Benjamini-Hochberg: the other arm's adjusted p-values are those of its own gates alone
+    assert [g["p_adj"] for g in gates["other"].values()] == [g["p_adj"] for g in alone["other"].values()]
