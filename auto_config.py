@@ -478,20 +478,31 @@ def sae_training_bytes(d_model: int, expansion: int, n_layers: int, bytes_per_pa
     return n_layers * (4 * params + 3 * batch_tokens * n_latents) * bytes_per_param
 
 
+MIN_TOKENS_PER_LATENT = 16  # ours: below this the training text cannot keep every latent alive
+
+
 def sae_expansion_from_memory(d_model: int, n_layers: int, budget_bytes: float, bytes_per_param: int = 4,
-                              batch_tokens: int = 0) -> Decision:
-    """The largest power of two in [4, 32] whose SAEs fit budget_bytes (sae_training_bytes). 32 is sparsify's
-    default expansion_factor and the top of the range; Gao et al.'s GPT-2 SAEs are wider still (2^15 latents
-    for d_model 768, ~43x; notes section 3); 4 is the narrowest we consider useful (ours). If even 4 does not
-    fit, the decision is 4 and says so (inputs["fits"] is False): shrink batch_tokens or train layers in turn."""
+                              batch_tokens: int = 0, n_tokens: int | None = None) -> Decision:
+    """The largest power of two in [4, 32] whose SAEs fit budget_bytes (sae_training_bytes) and, when n_tokens
+    (the SAE's training tokens) is given, that leaves at least MIN_TOKENS_PER_LATENT tokens per latent (ours:
+    dead latents grow as tokens per latent shrink, Gao et al. 2024; a width the data cannot feed only costs
+    compute). 32 is sparsify's default expansion_factor and the top of the range; Gao et al.'s GPT-2 SAEs are
+    wider still (2^15 latents for d_model 768, ~43x; notes section 3); 4 is the narrowest we consider useful
+    (ours). If even 4 does not fit, the decision is 4 and says so (inputs["fits"] is False)."""
     needs = {e: sae_training_bytes(d_model, e, n_layers, bytes_per_param, batch_tokens) for e in SAE_EXPANSIONS}
     fitting = [e for e in SAE_EXPANSIONS if needs[e] <= budget_bytes]
+    fed = [e for e in fitting if n_tokens is None or e * d_model * MIN_TOKENS_PER_LATENT <= n_tokens]
     inputs = {"d_model": d_model, "n_layers": n_layers, "budget_bytes": budget_bytes, "bytes_needed": needs,
-              "bytes_per_param": bytes_per_param, "batch_tokens": batch_tokens, "fits": bool(fitting)}
+              "bytes_per_param": bytes_per_param, "batch_tokens": batch_tokens, "fits": bool(fitting),
+              "n_tokens": n_tokens, "min_tokens_per_latent": MIN_TOKENS_PER_LATENT}
     if not fitting:
         return Decision(SAE_EXPANSIONS[0], "SAE width: even the narrowest does not fit the memory budget", inputs)
-    return Decision(max(fitting), "SAE width from memory: widest power of two in [4, 32] that fits (params, "
-                    "grads, Adam states)", inputs)
+    if not fed:
+        return Decision(SAE_EXPANSIONS[0], "SAE width: the narrowest (the training text is too small for more)",
+                        inputs)
+    limit = "memory and data" if n_tokens is not None else "memory"
+    return Decision(max(fed), f"SAE width from {limit}: widest power of two in [4, 32] that fits (params, grads, "
+                    f"Adam states) with >= {MIN_TOKENS_PER_LATENT} training tokens per latent", inputs)
 
 
 def sparse_probe_auc(z_pos: np.ndarray, z_neg: np.ndarray, k: int, *, test_fraction: float = 0.2,

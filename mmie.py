@@ -299,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="dynamic gate: cap of the per-sequence clamp scale")
 
     stats = parser.add_argument_group("statistics")
-    flag(stats, "--n_boot", type=int, default=2000, check=at_least(99), help="bootstrap resamples")
+    flag(stats, "--n_boot", type=int, default=2000, check=at_least(99), help="bootstrap resamples of the intervals")
+    flag(stats, "--n_boot_gates", type=int, default=2000, check=at_least(99),
+         help="bootstrap resamples of each gate test (its smallest p-value is 1/(this + 1))")
     flag(stats, "--ci_level", type=float, default=0.95, check=between(0, 1, low_open=True, high_open=True))
     flag(stats, "--stats_seed", type=int, default=0, check=at_least(0), help="seed of the bootstrap (not of the model)")
     flag(stats, "--fdr_q", type=float, default=0.10, check=between(0, 1, low_open=True, high_open=True),
@@ -3247,12 +3249,13 @@ def compute_statistics(report: dict, args: argparse.Namespace) -> None:
     report["summary"] = {name: summarise(ok_per_prompt(arm), base_seeds if name != "base" else [], args)
                          for name, arm in report["arms"].items() if ok_per_prompt(arm)}
     thresholds = {flag: getattr(args, flag) for flag in DEFAULT_GATE_THRESHOLDS}
-    mia_base = base_passes_mia(base, args.gate_mia_margin, args.fdr_q, args.n_boot, args.stats_seed)
+    mia_base = base_passes_mia(base, args.gate_mia_margin, args.fdr_q, args.n_boot_gates, args.stats_seed)
     gates = {}
     for name, arm in report["arms"].items():
         if name == "base":
             continue
-        gates[name] = evaluate_gates(base, ok_per_prompt(arm), thresholds, n_boot=args.n_boot, seed=args.stats_seed)
+        gates[name] = evaluate_gates(base, ok_per_prompt(arm), thresholds, n_boot=args.n_boot_gates,
+                                     seed=args.stats_seed)
         seeds = [outcome for outcome in arm["seeds"].values() if outcome["status"] == "ok"]
         if seeds and all(outcome.get("unchanged") for outcome in seeds):
             gates[name] = mark_not_applicable(gates[name], "the arm leaves the model unchanged (its metrics are the "
@@ -3266,7 +3269,8 @@ def compute_statistics(report: dict, args: argparse.Namespace) -> None:
                                            f"p {mia_base['p']:.3g}): it never memorised the forget texts")
     report["gates"] = apply_fdr(gates, q=args.fdr_q)
     report["decision"] = decide(report["gates"])
-    report["statistics_config"] = {"n_boot": args.n_boot, "ci_level": args.ci_level, "stats_seed": args.stats_seed,
+    report["statistics_config"] = {"n_boot": args.n_boot, "n_boot_gates": args.n_boot_gates, "ci_level": args.ci_level,
+                                   "stats_seed": args.stats_seed,
                                    "fdr_q": args.fdr_q, **thresholds, "inference": INFERENCE_NOTE}
 
 
@@ -4349,9 +4353,10 @@ def auto_static(auto: AutoConfig, model, tokenizer, sets: dict[str, TextSet], ar
     depth = len(decoder_layers(model))
     auto.decide("min_layer", first_eligible_layer(depth))
     budget = (free_accelerator_gib(device) or psutil_free_gib()) * 2**30 * SAE_MEMORY_SHARE
+    sae_tokens = sum(len(ids) - 1 for ids in tokenizer(sets["forget"].train + sets["retain"].train)["input_ids"])
     auto.decide("sae_expansion", sae_expansion_from_memory(model.config.hidden_size, math.ceil(depth / 4), budget,
-                                                           batch_tokens=args.sae_batch_size))
-    auto.decide("n_boot", choose_n_boot(args.fdr_q, GATES_PER_ARM * max(1, len(args.arms))))
+                                                           batch_tokens=args.sae_batch_size, n_tokens=sae_tokens))
+    auto.decide("n_boot_gates", choose_n_boot(args.fdr_q, GATES_PER_ARM * max(1, len(args.arms))))
     for name in ("lora_steps", "reft_steps"):
         auto.decide(name, Decision(getattr(args, name), "training steps: a maximum; early stopping on validation "
                                    "slices of the train splits picks and restores the best step (auto_config."
@@ -4447,9 +4452,11 @@ def auto_sample_sizes(auto: AutoConfig, model, tokenizer, lid, eval_sets: dict, 
     plans = plan_sample_sizes({name: pilot[metric] for name, (_, metric, _) in gates.items()}, specs, alpha)
     caps = {}
     for name, plan in plans.items():
-        auto.record(f"prompts_{name}", plan)
         if name != "mia":
             caps[name] = max(int(plan.value), min(MIN_PROMPTS, specs[name]["n_available"]))
+            floor = f" (floor {MIN_PROMPTS})" if caps[name] > plan.value else ""
+            plan = Decision(caps[name], plan.rule + floor, {**plan.inputs, "n_planned": plan.value})
+        auto.record(f"prompts_{name}", plan)
     caps["forget_train"] = caps["forget_eval"]
     return caps
 

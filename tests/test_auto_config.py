@@ -623,3 +623,13 @@ def test_auto_config_report_keeps_the_auto_value_under_a_user_flag():
     assert entries["rank"]["value"] == 16 and entries["rank"]["source"] == "user"
     assert entries["rank"]["auto_value"] == 4 and entries["lr"]["source"] == "auto"
     json.dumps(entries, allow_nan=False)
+
+
+def test_sae_width_is_also_limited_by_the_training_text():
+    """A width the data cannot feed only costs compute (the embedded model's 55k tokens cannot train 8192
+    latents): at least 16 training tokens per latent."""
+    plenty = 64 * 2**30
+    assert ac.sae_expansion_from_memory(256, 1, plenty).value == 32
+    decision = ac.sae_expansion_from_memory(256, 1, plenty, n_tokens=55_000)
+    assert decision.value == 8 and decision.inputs["n_tokens"] == 55_000  # 8 x 256 x 16 = 32,768 <= 55,000
+    assert ac.sae_expansion_from_memory(1536, 1, plenty, n_tokens=30_000).value == 4

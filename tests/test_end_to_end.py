@@ -19,7 +19,7 @@ def reject_constant(name):
     raise ValueError(f"report contains {name}")
 
 
-SMALL = ["--sample_cap", "12", "--n_boot", "200", "--layer_sample", "12", "--lora_steps", "4", "--reft_steps", "4",
+SMALL = ["--sample_cap", "12", "--n_boot", "200", "--n_boot_gates", "200", "--layer_sample", "12", "--lora_steps", "4", "--reft_steps", "4",
          "--train_sae_steps", "20", "--sae_batch_size", "256", "--relearn_steps", "2", "--probe_folds", "3"]
 
 
@@ -183,7 +183,7 @@ def test_aggregate_of_single_seed_reports_equals_a_two_seed_run(tmp_path):
     run_main(tmp_path, *arms, "--seeds", "1", out="seed1.json")
     both = run_main(tmp_path, *arms, "--seeds", "0", "1", out="both.json", ckpt="ckpt_both")  # computed afresh
     pooled = mmie.main(["--aggregate", str(tmp_path / "seed0.json"), str(tmp_path / "seed1.json"),
-                        "--n_boot", "200", "--out", str(tmp_path / "pooled.json")])
+                        "--n_boot", "200", "--n_boot_gates", "200", "--out", str(tmp_path / "pooled.json")])
     assert (tmp_path / "forget_vs_utility.png").is_file()  # figures beside every report, pooled ones too
     assert sorted(pooled["arms"]["lora"]["seeds"]) == ["0", "1"]
     assert list(pooled["arms"]["dim"]["seeds"]) == ["0"]  # deterministic: evaluated once
