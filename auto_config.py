@@ -205,14 +205,15 @@ def suggest_lr(curve: dict, skip_begin: int = 10, skip_end: int = 1, half_width:
 
 
 def model_size_lr(n_params: int) -> Decision:
-    """Starting points by model size (ours): 3e-4 below 500M parameters, 2e-4 below 2B, 1e-4 above. The shape
-    follows GPT-3's pretraining table, where the lr falls with size (Brown et al. 2020, Table 2.1, from memory:
-    350M 3e-4, 1.3B 2e-4, 13B 1e-4); 2e-4 is also Unsloth's LoRA starting point (notes section 4)."""
+    """Starting points by model size (ours): 1e-3 below 50M parameters, 3e-4 below 500M, 2e-4 below 2B, 1e-4
+    above. The shape follows GPT-3's pretraining table, where the lr falls with size (Brown et al. 2020, Table
+    2.1, from memory: 350M 3e-4, 1.3B 2e-4, 13B 1e-4); 2e-4 is also Unsloth's LoRA starting point (notes
+    section 4); tiny models train faster still (nanoGPT's 10.7M-parameter shakespeare_char config uses 1e-3)."""
     if n_params < 1:
         raise ValueError(f"n_params must be positive (got {n_params})")
-    lr = 3e-4 if n_params < 500e6 else 2e-4 if n_params < 2e9 else 1e-4
-    return Decision(lr, "model-size starting point: 3e-4 < 500M params, 2e-4 < 2B, else 1e-4 (ours, GPT-3 Table "
-                    "2.1's shape)", {"n_params": n_params})
+    lr = 1e-3 if n_params < 50e6 else 3e-4 if n_params < 500e6 else 2e-4 if n_params < 2e9 else 1e-4
+    return Decision(lr, "model-size starting point: 1e-3 < 50M params, 3e-4 < 500M, 2e-4 < 2B, else 1e-4 (ours, "
+                    "GPT-3 Table 2.1's shape, nanoGPT's tiny configs)", {"n_params": n_params})
 
 
 def choose_lr(curve: dict | None, n_params: int, band: float = 10.0) -> Decision:

@@ -4643,9 +4643,12 @@ def run_stage(ctx: Experiment, name: str, seed: int, folder: Path) -> dict:
 def auto_stage_file(args, parser, facts: dict, given: set[str]) -> Path:
     """Where a run's auto-config decisions are kept: keyed by every outcome setting as given (before resolution),
     the run facts, the flags the user gave and the source code, so a rerun repeats the same decisions without
-    measuring again."""
-    payload = {"settings": group_settings(parser, args, outcome_groups(parser)), "facts": facts,
-               "given": sorted(given), "no_lr_probe": args.no_lr_probe, "arms": args.arms, "q": args.fdr_q,
+    measuring again. The adaptive-unlearning group is left out (no rule reads it), so an ablation of its
+    components shares one set of decisions."""
+    groups = [group for group in outcome_groups(parser) if group != "adaptive unlearning"]  # no rule reads it
+    adaptive = set(group_dests(parser, ["adaptive unlearning"]))
+    payload = {"settings": group_settings(parser, args, groups), "facts": facts,
+               "given": sorted(given - adaptive), "no_lr_probe": args.no_lr_probe, "arms": args.arms, "q": args.fdr_q,
                "source": source_hash()}
     key = hashlib.sha256(json.dumps(json_safe(payload), sort_keys=True, default=str).encode()).hexdigest()[:16]
     return args.ckpt_dir / "auto" / key / "decisions.json"

@@ -129,7 +129,7 @@ def test_flat_curve_that_rises_gives_one_decade_below_the_rise():
     loss[26:] = [4.6, 16.9, 14.0, 46.8]  # leaves the plateau at lrs[26]
     decision = ac.suggest_lr({"lr": lrs, "loss": loss, "smoothed": loss})
     assert decision.value == pytest.approx(lrs[26] / 10) and "rise" in decision.rule
-    assert ac.choose_lr({"lr": lrs, "loss": loss, "smoothed": loss}, n_params=4_000_000).value == pytest.approx(3e-3)
+    assert ac.choose_lr({"lr": lrs, "loss": loss, "smoothed": loss}, n_params=124_000_000).value == pytest.approx(3e-3)
 
 
 def test_short_curve_falls_back_to_fastai_minimum_over_10():
@@ -140,8 +140,8 @@ def test_short_curve_falls_back_to_fastai_minimum_over_10():
 
 
 def test_model_size_lr_tiers():
-    assert [ac.model_size_lr(n).value for n in (124e6, 499e6, 500e6, 1.5e9, 2e9, 7e9)] == \
-        [3e-4, 3e-4, 2e-4, 2e-4, 1e-4, 1e-4]
+    assert [ac.model_size_lr(n).value for n in (4e6, 49e6, 124e6, 499e6, 500e6, 1.5e9, 2e9, 7e9)] == \
+        [1e-3, 1e-3, 3e-4, 3e-4, 2e-4, 2e-4, 1e-4, 1e-4]
 
 
 def test_choose_lr_clamps_the_suggestion_to_a_decade_around_the_model_size_rule():
