@@ -68,7 +68,7 @@ class AdaptiveSettings:
     script_blind: bool = False
     sine_omega: float | None = None
     reweight_temperature: float = 1.0
-    reweight_every: int = 10
+    reweight_every: int = 40
     reweight_clip: float = 5.0
     dualoptim_forget_steps: int = 1
     dualoptim_retain_steps: int = 5
@@ -81,9 +81,9 @@ class AdaptiveSettings:
     dual_init: float = 1.0
     dual_step: float = 1.0
     dual_max: float = 10.0
-    adaptive_eval_every: int = 10
+    adaptive_eval_every: int = 20
     adaptive_val_share: float = 0.1
-    adaptive_patience: int = 5
+    adaptive_patience: int = 3
     adaptive_min_delta: float = 0.01
     adaptive_max_retain_ppl_ratio: float = 1.10
     budget_minutes: float | None = None

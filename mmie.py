@@ -259,8 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
               "updates match peft LoRA at the same --lr (the reference code ships no default)")
     flag(adapt, "--reweight_temperature", type=float, default=1.0, check=above(0),
          help="T in w_i ~ exp(-NLL_i / T), NLL in nats per token: each nat lower -> e x more weight")
-    flag(adapt, "--reweight_every", type=int, default=10, check=at_least(1),
-         help="steps between batched NLL refreshes over the whole forget pool")
+    flag(adapt, "--reweight_every", type=int, default=40, check=at_least(1),
+         help="steps between batched NLL refreshes over the whole forget pool (a refresh reads every forget text, "
+              "many training batches' worth: rarer refreshes keep the trainer's overhead small; between them the "
+              "training forwards' own losses update the weights of the texts they saw)")
     flag(adapt, "--reweight_clip", type=float, default=5.0, check=at_least(1),
          help="weights relative to the pool mean are clipped to [1/this, this]")
     flag(adapt, "--dualoptim_forget_steps", type=int, default=1, check=at_least(1),
@@ -268,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag(adapt, "--dualoptim_retain_steps", type=int, default=5, check=at_least(1),
          help="retain steps per DualOptim cycle (DualOptim's LLM scripts: 5)")
     flag(adapt, "--dualoptim_lr_ratio", type=float, default=1.0, check=above(0),
-         help="forget lr / retain lr (retain lr = --lr; DualOptim's LLM scripts: 1)")
+         help="forget lr / retain lr (retain lr = --lora_lr or --reft_lr; DualOptim's LLM scripts: 1)")
     flag(adapt, "--curriculum_strength", type=float, default=1.0, check=at_least(0),
          help="s0 in p_i ~ exp(s(t) z_i), z the standardised start NLL (higher = easier to forget)")
     flag(adapt, "--curriculum_share", type=float, default=0.5, check=between(0, 1, low_open=True),
@@ -284,11 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     flag(adapt, "--dual_step", type=float, default=1.0, check=above(0),
          help="eta in lambda <- clip(lambda + eta (NLL_retain - limit), 0, max) (PDU's dual_step_size: 1)")
     flag(adapt, "--dual_max", type=float, default=10.0, check=above(0), help="cap of lambda")
-    flag(adapt, "--adaptive_eval_every", type=int, default=10, check=at_least(1),
+    flag(adapt, "--adaptive_eval_every", type=int, default=20, check=at_least(1),
          help="steps between validations (stages, dual ascent, early stopping)")
     flag(adapt, "--adaptive_val_share", type=float, default=0.1, check=between(0, 1, low_open=True, high_open=True),
          help="share of the forget- and retain-train splits held out of training as validation slices")
-    flag(adapt, "--adaptive_patience", type=int, default=5, check=at_least(1),
+    flag(adapt, "--adaptive_patience", type=int, default=3, check=at_least(1),
          help="early stopping: validations without forget-val NLL improving by more than the min delta")
     flag(adapt, "--adaptive_min_delta", type=float, default=0.01, check=at_least(0), help="nats")
     flag(adapt, "--adaptive_max_retain_ppl_ratio", type=float, default=1.10, check=above(1),
@@ -3427,7 +3429,7 @@ def stage_key(parser: argparse.ArgumentParser, args: argparse.Namespace, stage: 
 # the number gate G2 judges. fidelity_<lang> rows of other related languages are added when present.
 TABLE_METRICS = ["es_forget_train", "es_forget_eval", "es_semantic", "es_forget_roman", "es_mixed", "es_adversarial",
                  "fidelity_ur", "fidelity_pa", "fidelity_bn", "ppl_retain", "ppl_retain_ratio", "token_kl_retain",
-                 "mia_auc", "es_relearn", "empty_rate_forget_eval", "repetition_forget_eval"]
+                 "mia_auc", "es_relearn", "empty_rate_forget_eval", "repetition_forget_eval", "fidelity_en"]
 LANGUAGE_NAMES = {"hi": "Hindi", "en": "English", "ur": "Urdu", "pa": "Punjabi", "bn": "Bengali"}
 _FIDELITY_TEXT = "share of outputs in {language} for {language} prompts (1 = the model still answers in {language})"
 _G4_TEXT = "related language: {language} fidelity drops by less than {gate_fidelity_drop} from base (non-inferiority)"
@@ -3448,9 +3450,11 @@ METRIC_LEGEND = {
     "token_kl_retain": "mean per-token KL(base || arm) on retain texts, in nats (0 = same predictions as base)",
     "mia_auc": "membership-inference AUC, forget-train vs forget-eval texts by loss (0.5 = cannot tell them apart)",
     "es_relearn": "share of Hindi words after a short fine-tune on other Hindi text (does the Hindi come back?)",
-    "empty_rate_forget_eval": "share of outputs with no letters for forget-eval prompts (silence is not forgetting)",
-    "repetition_forget_eval": "share of repeated word 3-grams in outputs for forget-eval prompts (looping is not "
-                              "forgetting)",
+    "empty_rate_forget_eval": "share of outputs with no language (nothing, or punctuation, markup, repeated "
+                              "letters) for forget-eval prompts (silence is not forgetting)",
+    "repetition_forget_eval": "share of an output's character 10-grams that repeat an earlier one, forget-eval prompts "
+                              "(looping, with or without spaces, is not forgetting)",
+    "fidelity_en": "share of outputs in English for English retain-eval prompts (1 = English is kept)",
     "G1": "forget: ES on forget-eval below {gate_es_forget_ratio} x base ES",
     "G1S": "script-blind forget: ES on romanized-Hindi prompts below {gate_es_forget_ratio} x base ES",
     "G2": "utility: retain perplexity below {gate_ppl_ratio} x base perplexity",
@@ -3939,17 +3943,19 @@ def forget_utility_points(report: dict) -> dict[str, tuple[tuple, tuple]]:
 
 
 def place_labels(ax, labels: list[tuple[str, float, float]], fontsize: float = 9) -> None:
-    """Each (text, x, y) beside its point, at the first of four offsets where it stays inside the axes and
-    overlaps no label placed before (sizes estimated from the font size), so that nearby arms stay
-    readable. Call it once the axis limits are final."""
-    offsets = [(6, 4, "left", "bottom"), (6, -4, "left", "top"), (-6, 4, "right", "bottom"), (-6, -4, "right", "top")]
+    """Each (text, x, y) beside its point, at the first offset where it stays inside the axes and overlaps no
+    label placed before (sizes estimated from the font size): next to the point first, then stacked further
+    above and below with a leader line, so that a cluster of arms (unchanged arms sit together at the base's
+    point) stays readable. Call it once the axis limits are final."""
+    offsets = [(dx, sign * rise) for rise in (4, 16, 28, 40, 52, 64, 76, 88) for dx in (6, -6) for sign in (1, -1)]
     to_points = 72 / ax.figure.dpi  # display pixels to points, the unit of the offsets
     (x0, y0), (x1, y1) = ax.bbox.get_points() * to_points
     placed = []
     for text, x, y in labels:
         px, py = ax.transData.transform((x, y)) * to_points
         width, height = 0.62 * fontsize * len(text), 1.3 * fontsize
-        for dx, dy, ha, va in offsets:
+        for dx, dy in offsets:
+            ha, va = ("left" if dx > 0 else "right"), ("bottom" if dy > 0 else "top")
             left, bottom = px + dx - (width if ha == "right" else 0), py + dy - (height if va == "top" else 0)
             box = (left, bottom, left + width, bottom + height)
             inside = x0 <= box[0] and box[2] <= x1 and y0 <= box[1] and box[3] <= y1
@@ -3957,8 +3963,9 @@ def place_labels(ax, labels: list[tuple[str, float, float]], fontsize: float = 9
                                   for o in placed):
                 break  # otherwise the last offset is used
         placed.append(box)
+        leader = {"arrowstyle": "-", "color": "#888888", "lw": 0.6} if abs(dy) > 10 else None
         ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va, fontsize=fontsize,
-                    color="#222222", zorder=4)  # dark text: the lighter palette colours are hard to read as text
+                    color="#222222", zorder=4, arrowprops=leader)  # dark text: light palette colours read badly
 
 
 def draw_forget_utility_gates(ax, report: dict, base_es: float | None) -> None:
@@ -4056,7 +4063,7 @@ def figure_gates(report: dict):
     handles = [Patch(facecolor=GATE_COLOURS["pass"], label="pass"), Patch(facecolor=GATE_COLOURS["fail"], label="fail"),
                Patch(facecolor=GATE_COLOURS["n/a"], label="not applicable"),
                Patch(facecolor=GATE_COLOURS["not evaluated"], label="not evaluated"),
-               Patch(facecolor="white", edgecolor="#444444", hatch="///", label="u: uninformative (base passes too)")]
+               Patch(facecolor="white", edgecolor="#444444", hatch="///", label="u: uninformative (cannot tell the arm from doing nothing)")]
     fig.legend(handles=handles, loc="outside lower center", ncol=5, frameon=False, fontsize=8)
     return fig
 
@@ -4068,7 +4075,7 @@ def figure_related_languages(report: dict):
 
     summary = report.get("summary") or {}
     langs = sorted({key.removeprefix("fidelity_") for rows in summary.values() for key in rows
-                    if key.startswith("fidelity_")})
+                    if key.startswith("fidelity_") and key != "fidelity_en"})  # English: the retain language, no G4
     arms = [arm for arm in summary if any(summary_estimate(summary[arm].get(f"fidelity_{l}")) for l in langs)]
     if not arms:
         return None

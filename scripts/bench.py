@@ -1,0 +1,252 @@
+"""MMIE benchmark: ratios measured side by side in one run (never absolute times compared across runs).
+
+    python scripts/bench.py                       # CPU: the embedded model
+    python scripts/bench.py --report runs/x/report.json   # also the time split of that run by arm and phase
+    python scripts/bench.py --gpu                 # CUDA: a random-init model from Qwen2.5-1.5B's configuration
+
+Sections (each prints its ratio; results go in BENCHMARKS.md):
+  1. one base evaluation (evaluate_model: generation, language identification, scoring) against the model work
+     it cannot avoid: raw batched `generate` on the same prompts plus the scoring forwards;
+  2. our generation (batched, KV cache) against the upstream style (batch 8, no KV cache);
+  3. language identification, texts per second;
+  4. one training step of the adaptive trainer against the plain loop (same batch, same parameters);
+  5. peak memory of one scoring batch on Qwen's 151,936-token vocabulary: the old full log-softmax against the
+     chunked scoring from hidden states (each in a fresh process);
+  6. with --report, the time of a finished run split by arm and phase.
+Run it alone: a second heavy process on two cores slows both by far more than 2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import mmie  # noqa: E402
+
+
+def timed(function, repeats: int = 1) -> float:
+    """Best wall time of `repeats` calls (the first call warms caches when repeats > 1)."""
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def experiment_inputs(args):
+    """The default run's data, prompt sets and settings, as mmie.main prepares them."""
+    parser = mmie.build_parser()
+    settings = parser.parse_args([])
+    sets = mmie.load_sets(settings)
+    lid = mmie.experiment_lid(sets, settings)
+    eval_sets = mmie.build_eval_sets(sets, mmie.check_sets(sets, lid, 1.0), settings)
+    return settings, sets, lid, eval_sets
+
+
+def raw_model_work(model, tokenizer, eval_sets, settings) -> None:
+    """What the evaluation cannot avoid: batched greedy generate (longest prompts first, as ours) and one forward
+    per scored text."""
+    prompts = [p for ps in eval_sets["generation"].values() for p in ps]
+    prompts.sort(key=lambda p: -len(tokenizer(p)["input_ids"]))
+    with torch.no_grad():
+        for start in range(0, len(prompts), settings.batch_size):
+            encoded = tokenizer(prompts[start : start + settings.batch_size], return_tensors="pt", padding=True,
+                                padding_side="left")
+            model.generate(**encoded, max_new_tokens=settings.max_new_tokens, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id)
+        for texts in eval_sets["scoring"].values():
+            for start in range(0, len(texts), settings.batch_size):
+                encoded = tokenizer(texts[start : start + settings.batch_size], return_tensors="pt", padding=True)
+                model(**encoded)
+
+
+def upstream_generation(model, tokenizer, prompts, max_new_tokens) -> None:
+    """The upstream style: batches of 8 and no KV cache (every step recomputes the whole prefix)."""
+    with torch.no_grad():
+        for start in range(0, len(prompts), 8):
+            encoded = tokenizer(prompts[start : start + 8], return_tensors="pt", padding=True, padding_side="left")
+            model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, use_cache=False,
+                           pad_token_id=tokenizer.pad_token_id)
+
+
+def section_evaluation(model, tokenizer, lid, eval_sets, settings) -> None:
+    pipeline = timed(lambda: mmie.evaluate_model(model, tokenizer, lid, eval_sets, settings))
+    raw = timed(lambda: raw_model_work(model, tokenizer, eval_sets, settings))
+    n = sum(map(len, eval_sets["generation"].values()))
+    print(f"1. base evaluation ({n} prompts, {sum(map(len, eval_sets['scoring'].values()))} scored texts): "
+          f"pipeline {pipeline:.1f}s, raw generate + scoring forwards {raw:.1f}s, ratio {pipeline / raw:.2f} "
+          "(target <= 1.15)")
+
+
+def section_generation(model, tokenizer, eval_sets, settings) -> None:
+    prompts = eval_sets["generation"]["forget_eval"][:96]
+    ours = timed(lambda: mmie.generate(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
+                                       batch_size=settings.batch_size, max_len=settings.max_len))
+    upstream = timed(lambda: upstream_generation(model, tokenizer, prompts, settings.max_new_tokens))
+    print(f"2. generation of {len(prompts)} prompts x {settings.max_new_tokens} tokens: ours {ours:.2f}s, upstream "
+          f"(batch 8, no KV cache) {upstream:.2f}s, speed-up {upstream / ours:.1f}x")
+
+
+def section_lid(sets) -> None:
+    texts = list(dict.fromkeys(t for s in sets.values() for t in s.texts))
+    words = [w for t in texts for w in t.split()]
+    rng = np.random.default_rng(0)
+    samples = [" ".join(rng.choice(words, size=int(rng.integers(3, 30)))) for _ in range(20_000)]
+    lid = mmie.LIDEnsemble()
+    seconds = timed(lambda: lid.identify(samples))
+    print(f"3. language identification: {len(samples) / seconds:,.0f} texts/s uncached ({len(samples)} unique "
+          "texts of 3-30 words)")
+
+
+def section_training(model, tokenizer, sets, settings) -> None:
+    """One LoRA training configuration, stepped by the plain Trainer and by the adaptive trainer with every
+    component on (validation and reweighting refreshes included, amortised over the steps)."""
+    from peft import LoraConfig
+
+    import adaptive_unlearning  # noqa: F401  (the adaptive path of unlearning_trainer)
+
+    steps = 30
+    results = {}
+    for name, extra in (("plain", []), ("adaptive", ["--adaptive_unlearning", "--no_sine_lora"])):
+        run_settings = mmie.build_parser().parse_args(["--lora_steps", str(steps), *extra])
+        layers = {"chosen": [1, 3]}
+        ctx = mmie.Experiment(run_settings, model, tokenizer, mmie.LIDEnsemble(), sets,
+                              {"scoring": {"retain": []}, "related": {}, "related_source": {}}, layers,
+                              lambda stage, seed=None: Path("/tmp"))
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=mmie.lora_targets(model, None), layers_to_transform=[1, 3])
+        with mmie.lora_adapter(model, config, "bench") as peft_model:
+            params = [p for p in peft_model.parameters() if p.requires_grad]
+            trainer = mmie.unlearning_trainer(ctx, params, peft_model.disable_adapter, steps=steps, lr=1e-2, seed=0,
+                                              desc=name)
+            results[name] = timed(trainer.run) / steps
+    print(f"4. training step: plain {results['plain'] * 1000:.0f} ms, adaptive (all components but sine-LoRA) "
+          f"{results['adaptive'] * 1000:.0f} ms, overhead {results['adaptive'] / results['plain'] - 1:+.0%} "
+          "(target <= +15%)")
+
+
+MEMORY_PROBE = """
+import resource, sys, torch
+sys.path.insert(0, {repo!r})
+import mmie
+from transformers import Qwen2Config, Qwen2ForCausalLM
+config = Qwen2Config(vocab_size=151936, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+model = Qwen2ForCausalLM(config).eval()
+ids = torch.randint(0, 151936, ({batch}, {length}))
+batch = {{"input_ids": ids, "attention_mask": torch.ones_like(ids),
+          "score_mask": torch.ones({batch}, {length} - 1, dtype=torch.bool)}}
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.no_grad():
+    if {old}:
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])
+    else:
+        mmie.token_logprobs(model, batch)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20)
+"""
+
+
+def section_memory(batch: int = 8, length: int = 256) -> None:
+    peaks = {}
+    for name, old in (("full log-softmax (before)", True), ("chunked from hidden states (after)", False)):
+        code = MEMORY_PROBE.format(repo=str(REPO), batch=batch, length=length, old=old)
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        peaks[name] = float(result.stdout.strip().splitlines()[-1])
+    before, after = peaks.values()
+    full = batch * (length - 1) * 151936 * 4 / 2**30
+    print(f"5. peak memory of one scoring batch ({batch} x {length} tokens, vocabulary 151,936): before "
+          f"{before:.2f} GiB, after {after:.2f} GiB ({before / max(after, 1e-3):.0f}x less); the [batch, length, "
+          f"vocabulary] float32 tensor alone is {full:.2f} GiB here and {full * 64 / batch:.1f} GiB at batch 64")
+
+
+def section_report(path: Path) -> None:
+    report = json.loads(path.read_text(encoding="utf-8"))
+    total = report.get("run_seconds")
+    print(f"6. time of {path} ({total}s in all), by arm and phase (seconds):")
+    phases = ["build", "evaluate", "token_kl", "relearn", "probes"]
+    print(f"   {'arm':10s}{'seed':>6s}{'total':>8s}" + "".join(f"{p:>10s}" for p in phases))
+    for arm, record in report["arms"].items():
+        for seed, outcome in record["seeds"].items():
+            split = outcome.get("phase_seconds", {})
+            print(f"   {arm:10s}{seed:>6s}{outcome.get('seconds', 0):8.0f}" +
+                  "".join(f"{split.get(p, 0):10.1f}" for p in phases))
+
+
+def gpu_sections() -> None:
+    """A random-init model from Qwen2.5-1.5B-Instruct's configuration (no download): generation tokens per
+    second, scoring peak memory (chunked, batch 64 x 256), one LoRA training step."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                         rope_theta=1e6, tie_word_embeddings=True, torch_dtype="bfloat16")
+    model = Qwen2ForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    tokenizer = AutoTokenizer.from_pretrained(mmie.EMBEDDED_MODEL)
+    ids = torch.randint(0, 4096, (64, 16), device="cuda")
+    torch.cuda.synchronize()
+    seconds = timed(lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=64,
+                                           min_new_tokens=64, do_sample=False), repeats=2)
+    print(f"G1. generation: {64 * 64 / seconds:,.0f} new tokens/s (batch 64, 64 new tokens, bf16)")
+    batch = {"input_ids": torch.randint(0, 151936, (64, 256), device="cuda")}
+    batch |= {"attention_mask": torch.ones_like(batch["input_ids"]),
+              "score_mask": torch.ones(64, 255, dtype=torch.bool, device="cuda")}
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        mmie.token_logprobs(model, batch)
+    print(f"G2. scoring peak memory (batch 64 x 256, chunked): {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    from peft import LoraConfig
+
+    with mmie.lora_adapter(model, LoraConfig(r=8, lora_alpha=16, target_modules=mmie.lora_targets(model, None)),
+                           "bench") as peft_model:
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        train = {k: v[:16] for k, v in batch.items()}
+
+        def step():
+            loss = -mmie.token_logprobs(model, train)[0].mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            torch.cuda.synchronize()
+
+        print(f"G3. LoRA training step (batch 16 x 256): {timed(step, repeats=3) * 1000:.0f} ms")
+    del tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--report", type=Path, default=None, help="a finished run's report.json to split by phase")
+    parser.add_argument("--gpu", action="store_true", help="the CUDA sections on a Qwen2.5-1.5B-shaped model")
+    args = parser.parse_args()
+    print(f"mmie benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
+    if args.gpu:
+        gpu_sections()
+        return
+    settings, sets, lid, eval_sets = experiment_inputs(args)
+    model, tokenizer = mmie.load_model(str(mmie.EMBEDDED_MODEL), "cpu", torch.float32, "sdpa", False)
+    section_evaluation(model, tokenizer, lid, eval_sets, settings)
+    section_generation(model, tokenizer, eval_sets, settings)
+    section_lid(sets)
+    section_training(model, tokenizer, sets, settings)
+    section_memory()
+    if args.report:
+        section_report(args.report)
+
+
+if __name__ == "__main__":
+    main()
