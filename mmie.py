@@ -4625,13 +4625,13 @@ def cached_layers(model, tokenizer, lid, sets, eval_sets, args, folder: Path, ch
     return layers
 
 
-def run_stage(ctx: Experiment, name: str, seed: int, folder: Path) -> dict:
-    """One arm and seed, read back from its stage folder when finished before; a failure is recorded with its
-    error and traceback and the run goes on (InputError and interruptions stop it)."""
+def run_stage(ctx: Experiment, name: str, seed: int, folder: Path) -> tuple[dict, bool]:
+    """One arm and seed and whether it was read back from its stage folder (finished before); a failure is
+    recorded with its error and traceback and the run goes on (InputError and interruptions stop it)."""
     done = folder / "outcome.json"
     if done.is_file():
         print(f"mmie: {name} seed {seed} read back from {done}")
-        return json.loads(done.read_text(encoding="utf-8"))
+        return json.loads(done.read_text(encoding="utf-8")), True
     started = time.time()
     try:
         outcome = run_arm(ctx, name, seed, folder)
@@ -4643,8 +4643,7 @@ def run_stage(ctx: Experiment, name: str, seed: int, folder: Path) -> dict:
     outcome["seconds"] = round(time.time() - started, 1)
     if outcome["status"] == "ok":
         write_json_atomic(done, outcome)
-    print(f"mmie: {name} seed {seed}: {outcome['status']} ({outcome['seconds']:.0f}s)")
-    return outcome
+    return outcome, False
 
 
 def auto_stage_file(args, parser, facts: dict, given: set[str]) -> Path:
@@ -4752,10 +4751,13 @@ def run_arms(ctx: "Experiment", report: dict, out_path: Path, stage_dir: Callabl
         deterministic = ARMS[name].deterministic
         report["arms"][name] = {"deterministic": deterministic, "seeds": {}}
         for seed in ctx.args.seeds[:1] if deterministic else ctx.args.seeds:
-            report["arms"][name]["seeds"][str(seed)] = run_stage(ctx, name, seed, stage_dir(name, seed))
+            outcome, read_back = run_stage(ctx, name, seed, stage_dir(name, seed))
+            report["arms"][name]["seeds"][str(seed)] = outcome
             if active_hooks(ctx.model) != hooks_before:
                 raise RuntimeError(f"arm {name} left hooks on the model; later arms would be contaminated")
             write_json_atomic(out_path, report)  # progress is on disk after every arm and seed
+            if not read_back:  # announced once it is on disk, so an interrupt after this line keeps it
+                print(f"mmie: {name} seed {seed}: {outcome['status']} ({outcome['seconds']:.0f}s)")
 
 
 def run_experiment(args, parser, argv: list[str], started: float) -> dict:

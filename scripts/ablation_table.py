@@ -1,0 +1,136 @@
+"""The tables of scripts/ablation.sh's experiments, from their reports.
+
+    python scripts/ablation_table.py runs/exp
+
+Prints (1) the default run against --auto_config, three seeds each, pooled, with wall times; and (2) the
+adaptive-unlearning ablation: the static trainer (--auto_config alone), full --adaptive_unlearning, and full minus
+each component, with each variant's paired difference from the static trainer (prompts paired, seeds resampled
+crossed with prompts; mmie.hierarchical_bootstrap_ci and mmie.ppl_ci).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mmie  # noqa: E402
+
+METRICS = ["es_forget_eval", "es_forget_roman", "es_mixed", "fidelity_ur", "fidelity_pa", "fidelity_bn",
+           "es_relearn", "empty_rate_forget_eval", "repetition_forget_eval"]
+GATES = ["G1", "G1S", "G2", "G3", "G4_ur", "G4_pa", "G4_bn", "G5", "G6", "GH"]
+COMPONENTS = ["sine_lora", "reweight", "dualoptim", "curriculum", "stages", "dual_ascent", "early_stop",
+              "script_blind"]
+
+
+def load(folder: Path, name: str) -> dict | None:
+    path = folder / f"{name}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def seconds(folder: Path, name: str) -> str:
+    path = folder / f"{name}.seconds"
+    return f"{float(path.read_text()):.0f}s" if path.is_file() else "-"
+
+
+def rows(report: dict, arm: str, key: str) -> list[list[float]]:
+    return [outcome["per_prompt"][key] for _, outcome in sorted(report["arms"][arm]["seeds"].items())
+            if outcome["status"] == "ok"]
+
+
+def estimate(row: dict | None, digits: int = 3) -> str:
+    if not row or row.get("mean") is None:
+        return "-"
+    low, high = row["ci"] or (row["mean"], row["mean"])
+    return f"{row['mean']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def gate_cells(report: dict, arm: str) -> str:
+    gates = report["gates"].get(arm, {})
+    return " ".join(f"{name}:{'P' if gates[name]['pass'] else 'f'}" for name in GATES if name in gates)
+
+
+def arm_block(report: dict, arm: str) -> list[str]:
+    summary = report["summary"][arm]
+    lines = [f"    {metric:24s} {estimate(summary.get(metric))}" for metric in METRICS]
+    ppl = summary.get("ppl_retain", {}).get("ratio_vs_base")
+    lines.append(f"    {'ppl_retain / base':24s} {estimate(ppl)}")
+    lines.append(f"    {'mia_auc':24s} {estimate(summary.get('mia_auc'))}")
+    lines.append(f"    gates {gate_cells(report, arm)}   decision {report['decision'].get(arm)}")
+    return lines
+
+
+def paired_difference(variant: dict, static: dict, arm: str, metric: str, options: dict) -> dict:
+    if metric == "ppl_retain":
+        return mmie.ppl_ci(rows(variant, arm, "nll_retain"), rows(variant, arm, "ntok_retain"),
+                           base_nll=rows(static, arm, "nll_retain"), base_ntok=rows(static, arm, "ntok_retain"),
+                           **options)
+    return mmie.hierarchical_bootstrap_ci(rows(variant, arm, metric), base=rows(static, arm, metric), **options)
+
+
+def comparison(folder: Path) -> None:
+    print("== default vs --auto_config (3 seeds, pooled) ==")
+    for name, label in (("default3", "python mmie.py"), ("auto3", "python mmie.py --auto_config")):
+        report = load(folder, name)
+        if report is None:
+            print(f"{label}: missing")
+            continue
+        single = {"default3": "default1", "auto3": "auto1"}[name]
+        print(f"{label}: one seed {seconds(folder, single)} from an empty cache; three seeds {seconds(folder, name)}"
+              " (seed 0 read back)")
+        for arm in report["summary"]:
+            print(f"  {arm}")
+            print("\n".join(arm_block(report, arm)))
+
+
+def ablation(folder: Path) -> None:
+    static, full = load(folder, "auto3"), load(folder, "adaptive3")
+    if static is None or full is None:
+        print("ablation: auto3 or adaptive3 missing")
+        return
+    options = {"n_boot": 2000, "ci_level": 0.95, "seed": 0}
+    variants = {"static trainer (--auto_config)": static, "full adaptive": full}
+    variants |= {f"full minus {part}": load(folder, f"no_{part}") for part in COMPONENTS}
+    print("\n== adaptive unlearning ablation: lora (3 seeds) ==")
+    for label, report in variants.items():
+        if report is None or "lora" not in report["summary"]:
+            print(f"{label}: missing")
+            continue
+        print(f"{label}")
+        print("\n".join(arm_block(report, "lora")))
+        if report is not static:
+            for metric in ("es_forget_eval", "es_forget_roman", "es_mixed", "fidelity_ur", "ppl_retain"):
+                diff = paired_difference(report, static, "lora", metric, options)
+                what = "ratio to static" if metric == "ppl_retain" else "minus static"
+                print(f"      {metric} {what}: {estimate(diff)}")
+    for arm in ("reft", "dsg"):
+        if arm in full["summary"] and arm in static["summary"]:
+            print(f"\n== {arm}: static vs full adaptive (3 seeds) ==")
+            for label, report in (("static", static), ("full adaptive", full)):
+                print(f"{label}")
+                print("\n".join(arm_block(report, arm)))
+            diff = paired_difference(full, static, arm, "es_forget_eval", options)
+            print(f"      es_forget_eval full minus static: {estimate(diff)}")
+    no_gate = load(folder, "no_dynamic_gate")
+    if no_gate is not None and "dsg" in no_gate["summary"]:
+        print("\n== dsg under --adaptive_unlearning without the dynamic gate (the static published clamp) ==")
+        print("\n".join(arm_block(no_gate, "dsg")))
+        diff = paired_difference(full, no_gate, "dsg", "es_forget_eval", options)
+        print(f"      es_forget_eval dynamic minus static clamp: {estimate(diff)}")
+    print("\nnon-finite losses: every variant ran (a NaN or inf stops an arm with NonFiniteLoss, recorded as failed):")
+    for label, report in variants.items():
+        if report is not None:
+            failed = mmie.failed_arms(report)
+            print(f"  {label}: {'none failed' if not failed else failed}")
+
+
+def main() -> None:
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/exp")
+    comparison(folder)
+    ablation(folder)
+
+
+if __name__ == "__main__":
+    main()
