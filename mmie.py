@@ -1446,6 +1446,12 @@ class Trainer:
         return self.log
 
 
+def trains_adaptively(args: argparse.Namespace) -> bool:
+    """Whether the unlearning arms train with the AdaptiveUnlearningTrainer (and record what it did): under
+    --adaptive_unlearning, and under --auto_config, whose step rule is that trainer's early stopping."""
+    return args.adaptive_unlearning or args.auto_config
+
+
 def unlearning_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], reference: Callable, *, steps: int,
                        lr: float, seed: int, desc: str, retain_penalty: Callable[[], torch.Tensor] | None = None,
                        bounded_parameterisation: bool = False) -> Trainer:
@@ -1454,7 +1460,7 @@ def unlearning_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], refe
     AdaptiveUnlearningTrainer of adaptive_unlearning.py, on the same loop (adaptive_trainer); with --auto_config
     alone the same trainer with early stopping as its only component (auto-config's rule for the step count)."""
     model, tokenizer, args = ctx.model, ctx.tokenizer, ctx.args
-    if args.adaptive_unlearning or args.auto_config:  # auto-config's step rule is the trainer's early stopping
+    if trains_adaptively(args):
         return adaptive_trainer(ctx, params, reference, steps=steps, lr=lr, seed=seed, desc=desc,
                                 retain_penalty=retain_penalty, bounded_parameterisation=bounded_parameterisation)
     pools = {"forget": ctx.sets["forget"].train, "retain": ctx.sets["retain"].train}
@@ -2193,10 +2199,10 @@ def lora_arm(ctx: "Experiment", seed: int, stage_dir: Path):
             trainer = unlearning_trainer(ctx, params, peft_model.disable_adapter, steps=args.lora_steps,
                                          lr=args.lora_lr, seed=seed, desc="lora")
             info["train_log"], info["train_events"] = trainer.run(), trainer.backoff.events
-            if args.adaptive_unlearning:
+            if trains_adaptively(args):
                 adaptive_record(stage_dir, trainer)  # before the weights, which mark the stage finished
             peft_model.save_pretrained(stage_dir, selected_adapters=["unlearn"])
-        if args.adaptive_unlearning:
+        if trains_adaptively(args):
             info["adaptive"] = {**adaptive_record(stage_dir), "max_abs_dW": peft_max_abs_delta(peft_model)}
         yield ArmEdit(reference=peft_model.disable_adapter, edited_layers=chosen, peft_model=peft_model, info=info)
 
@@ -2277,13 +2283,13 @@ def reft_arm(ctx: "Experiment", seed: int, stage_dir: Path):
                                              lr=args.reft_lr, seed=seed, desc="reft",
                                              retain_penalty=gate_closed_on_retain if args.reft_gated else None)
                 arm.info["train_log"], arm.info["train_events"] = trainer.run(), trainer.backoff.events
-            if args.adaptive_unlearning:
+            if trains_adaptively(args):
                 adaptive_record(stage_dir, trainer)  # before the weights, which mark the stage finished
             stage_dir.mkdir(parents=True, exist_ok=True)
             torch.save(modules.state_dict(), weights)
         for p in modules.parameters():
             p.requires_grad_(False)
-        if args.adaptive_unlearning:  # LoReFT edits activations: there is no weight update to bound
+        if trains_adaptively(args):  # LoReFT edits activations: there is no weight update to bound
             arm.info["adaptive"] = {**adaptive_record(stage_dir), "max_abs_dW": None}
         arm.info["variant"] = "LoReFT, identity start (W = R, b = 0)"
         arm.info["orthonormality_error"] = max(

@@ -9,26 +9,10 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 import mmie
 
 TEXTS = ["मैं कल सुबह बाज़ार गया था।", "The weather was lovely today.", "ਅੱਜ ਮੀਂਹ ਪਿਆ।", "kal main ghar par tha"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(mmie.EMBEDDED_MODEL)
-
-
-@pytest.fixture()
-def model(tokenizer):
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    config._attn_implementation = "sdpa"
-    return Qwen2ForCausalLM(config).eval()
 
 
 def logits(model, tokenizer, texts=TEXTS):
