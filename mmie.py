@@ -267,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="weights relative to the pool mean are clipped to [1/this, this]")
     flag(adapt, "--dualoptim_forget_steps", type=int, default=1, check=at_least(1),
          help="forget steps per DualOptim cycle (DualOptim's LLM scripts: 1)")
-    flag(adapt, "--dualoptim_retain_steps", type=int, default=5, check=at_least(1),
-         help="retain steps per DualOptim cycle (DualOptim's LLM scripts: 5)")
+    flag(adapt, "--dualoptim_retain_steps", type=int, default=1, check=at_least(1),
+         help="retain steps per DualOptim cycle (DualOptim's LLM scripts: 5; 1 here, so that the forget objective "
+              "gets half of a short run's steps: at 1:5 and 160 steps the embedded model's lora forgot nothing)")
     flag(adapt, "--dualoptim_lr_ratio", type=float, default=1.0, check=above(0),
          help="forget lr / retain lr (retain lr = --lora_lr or --reft_lr; DualOptim's LLM scripts: 1)")
     flag(adapt, "--curriculum_strength", type=float, default=1.0, check=at_least(0),
@@ -4515,6 +4516,7 @@ def lr_range_probe(ctx: "Experiment", arm: str) -> dict:
     from peft import LoraConfig
 
     model, tokenizer, args, chosen = ctx.model, ctx.tokenizer, ctx.args, ctx.layers["chosen"]
+    torch.manual_seed(args.seeds[0])  # the probe's fresh parameters, so the decision does not hang on what ran before
 
     def sweep(params: list[torch.nn.Parameter]) -> dict:
         def nll(batch, idx):

@@ -79,7 +79,7 @@ def comparison(folder: Path) -> None:
             continue
         single = {"default3": "default1", "auto3": "auto1"}[name]
         print(f"{label}: one seed {seconds(folder, single)} from an empty cache; three seeds {seconds(folder, name)}"
-              " (seed 0 read back)")
+              " (stages already in the cache read back)")
         for arm in report["summary"]:
             print(f"  {arm}")
             print("\n".join(arm_block(report, arm)))

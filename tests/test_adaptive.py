@@ -176,7 +176,8 @@ def test_mlp_projections_refuses_layers_without_linear_mlp_projections():
 def test_dualoptim_keeps_two_adam_states_with_their_own_step_counts_and_a_1_to_5_cycle(model, tokenizer, sine):
     adapters, _ = sine
     params = list(adapters.parameters())
-    trainer = make_trainer(model, tokenizer, params, settings(dualoptim=True, dualoptim_lr_ratio=0.5), steps=12)
+    trainer = make_trainer(model, tokenizer, params, settings(dualoptim=True, dualoptim_lr_ratio=0.5,
+                                                                     dualoptim_retain_steps=5), steps=12)
     assert [trainer.kind_at(i) for i in range(12)] == (["forget"] + ["retain"] * 5) * 2
     model.train()
     trainer.train_step(0)
