@@ -3,9 +3,10 @@
     python scripts/ablation_table.py runs/exp
 
 Prints (1) the default run against --auto_config, three seeds each, pooled, with wall times; and (2) the
-adaptive-unlearning ablation: the static trainer (--auto_config alone), full --adaptive_unlearning, and full minus
-each component, with each variant's paired difference from the static trainer (prompts paired, seeds resampled
-crossed with prompts; mmie.hierarchical_bootstrap_ci and mmie.ppl_ci).
+adaptive-unlearning ablation: the static trainer (static3: --auto_config alone, in the adaptive runs' stage cache so
+that it shares their auto-config decisions), full --adaptive_unlearning, and full minus each component, with each
+variant's paired difference from the static trainer (prompts paired, seeds resampled crossed with prompts;
+mmie.hierarchical_bootstrap_ci and mmie.ppl_ci).
 """
 
 from __future__ import annotations
@@ -86,9 +87,9 @@ def comparison(folder: Path) -> None:
 
 
 def ablation(folder: Path) -> None:
-    static, full = load(folder, "auto3"), load(folder, "adaptive3")
+    static, full = load(folder, "static3"), load(folder, "adaptive3")
     if static is None or full is None:
-        print("ablation: auto3 or adaptive3 missing")
+        print("ablation: static3 or adaptive3 missing")
         return
     options = {"n_boot": 2000, "ci_level": 0.95, "seed": 0}
     variants = {"static trainer (--auto_config)": static, "full adaptive": full}
