@@ -36,9 +36,15 @@ def seconds(folder: Path, name: str) -> str:
     return f"{float(path.read_text()):.0f}s" if path.is_file() else "-"
 
 
-def rows(report: dict, arm: str, key: str) -> list[list[float]]:
-    return [outcome["per_prompt"][key] for _, outcome in sorted(report["arms"][arm]["seeds"].items())
-            if outcome["status"] == "ok"]
+def rows(report: dict, arm: str, key: str, seeds: set[str] | None = None) -> list[list[float]]:
+    """Per-prompt outcomes of each finished seed (only `seeds` when given, so that variants run on fewer seeds
+    are paired with the same seeds of the reference)."""
+    return [outcome["per_prompt"][key] for seed, outcome in sorted(report["arms"][arm]["seeds"].items())
+            if outcome["status"] == "ok" and (seeds is None or seed in seeds)]
+
+
+def seeds_of(report: dict, arm: str) -> set[str]:
+    return {seed for seed, outcome in report["arms"][arm]["seeds"].items() if outcome["status"] == "ok"}
 
 
 def estimate(row: dict | None, digits: int = 3) -> str:
@@ -64,23 +70,26 @@ def arm_block(report: dict, arm: str) -> list[str]:
 
 
 def paired_difference(variant: dict, static: dict, arm: str, metric: str, options: dict) -> dict:
+    """The variant against the reference on the variant's seeds, prompts paired."""
+    seeds = seeds_of(variant, arm)
     if metric == "ppl_retain":
         return mmie.ppl_ci(rows(variant, arm, "nll_retain"), rows(variant, arm, "ntok_retain"),
-                           base_nll=rows(static, arm, "nll_retain"), base_ntok=rows(static, arm, "ntok_retain"),
-                           **options)
-    return mmie.hierarchical_bootstrap_ci(rows(variant, arm, metric), base=rows(static, arm, metric), **options)
+                           base_nll=rows(static, arm, "nll_retain", seeds),
+                           base_ntok=rows(static, arm, "ntok_retain", seeds), **options)
+    return mmie.hierarchical_bootstrap_ci(rows(variant, arm, metric), base=rows(static, arm, metric, seeds),
+                                          **options)
 
 
 def comparison(folder: Path) -> None:
-    print("== default vs --auto_config (3 seeds, pooled) ==")
-    for name, label in (("default3", "python mmie.py"), ("auto3", "python mmie.py --auto_config")):
+    print("== python mmie.py against python mmie.py --auto_config ==")
+    runs = (("default1", "python mmie.py, seed 0"), ("auto1", "--auto_config, seed 0"),
+            ("default3", "python mmie.py, seeds 0-2"), ("auto3", "--auto_config, seeds 0-2"))
+    for name, label in runs:
         report = load(folder, name)
         if report is None:
-            print(f"{label}: missing")
+            print(f"{label}: not run")
             continue
-        single = {"default3": "default1", "auto3": "auto1"}[name]
-        print(f"{label}: one seed {seconds(folder, single)} from an empty cache; three seeds {seconds(folder, name)}"
-              " (stages already in the cache read back)")
+        print(f"{label}: {seconds(folder, name)} wall time")
         for arm in report["summary"]:
             print(f"  {arm}")
             print("\n".join(arm_block(report, arm)))
@@ -99,12 +108,13 @@ def ablation(folder: Path) -> None:
         if report is None or "lora" not in report["summary"]:
             print(f"{label}: missing")
             continue
-        print(f"{label}")
+        print(f"{label} (seeds {', '.join(sorted(seeds_of(report, 'lora')))})")
         print("\n".join(arm_block(report, "lora")))
-        if report is not static:
+        references = [("static", static)] + ([("full", full)] if report is not full else [])
+        for name, reference in references if report is not static else []:
             for metric in ("es_forget_eval", "es_forget_roman", "es_mixed", "fidelity_ur", "ppl_retain"):
-                diff = paired_difference(report, static, "lora", metric, options)
-                what = "ratio to static" if metric == "ppl_retain" else "minus static"
+                diff = paired_difference(report, reference, "lora", metric, options)
+                what = f"ratio to {name}" if metric == "ppl_retain" else f"minus {name}"
                 print(f"      {metric} {what}: {estimate(diff)}")
     for arm in ("reft", "dsg"):
         if arm in full["summary"] and arm in static["summary"]:
