@@ -140,7 +140,7 @@ def section_training(model, tokenizer, sets, settings) -> None:
 
 
 MEMORY_PROBE = """
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {repo!r})
 import mmie
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -150,19 +150,22 @@ model = Qwen2ForCausalLM(config).eval()
 ids = torch.randint(0, 151936, ({batch}, {length}))
 batch = {{"input_ids": ids, "attention_mask": torch.ones_like(ids),
           "score_mask": torch.ones({batch}, {length} - 1, dtype=torch.bool)}}
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(field):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current RSS: model building left out
+before = status("VmRSS:")
 with torch.no_grad():
     if {old}:
         logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1].float()
         logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])
     else:
         mmie.token_logprobs(model, batch)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20)
+print((status("VmHWM:") - before) / 2**30)
 """
 
 
 def section_memory(batch: int = 8, length: int = 256) -> None:
-    peaks = {}
+    peaks = {}  # GiB above the resident set before the batch (Linux: /proc/self/clear_refs resets the peak)
     for name, old in (("full log-softmax (before)", True), ("chunked from hidden states (after)", False)):
         code = MEMORY_PROBE.format(repo=str(REPO), batch=batch, length=length, old=old)
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
