@@ -101,7 +101,11 @@ def ablation(folder: Path) -> None:
         print("ablation: static3 or adaptive3 missing")
         return
     options = {"n_boot": 2000, "ci_level": 0.95, "seed": 0}
-    variants = {"static trainer (--auto_config)": static, "full adaptive": full}
+    # the one-seed component variants are compared with one-seed references run with their --arms (auto-config
+    # decisions depend on the arms, and the CPU batch-size rule on the machine's load at the time)
+    static1, full1 = load(folder, "static_lora1") or static, load(folder, "full_lora1") or full
+    variants = {"static trainer (--auto_config)": static, "full adaptive": full,
+                "static trainer, same decisions as the variants": static1, "full adaptive, same decisions": full1}
     variants |= {f"full minus {part}": load(folder, f"no_{part}") for part in COMPONENTS}
     print("\n== adaptive unlearning ablation: lora (3 seeds) ==")
     for label, report in variants.items():
@@ -110,8 +114,10 @@ def ablation(folder: Path) -> None:
             continue
         print(f"{label} (seeds {', '.join(sorted(seeds_of(report, 'lora')))})")
         print("\n".join(arm_block(report, "lora")))
-        references = [("static", static)] + ([("full", full)] if report is not full else [])
-        for name, reference in references if report is not static else []:
+        one_seed = report not in (static, full)
+        references = [("static", static1 if one_seed else static)]
+        references += [("full", full1 if one_seed else full)] if report not in (full, full1) else []
+        for name, reference in references if report not in (static, static1) else []:
             for metric in ("es_forget_eval", "es_forget_roman", "es_mixed", "fidelity_ur", "ppl_retain"):
                 diff = paired_difference(report, reference, "lora", metric, options)
                 what = f"ratio to {name}" if metric == "ppl_retain" else f"minus {name}"
