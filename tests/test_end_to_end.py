@@ -155,7 +155,10 @@ def test_an_interrupted_run_keeps_what_finished_and_resumes(tmp_path):
     command = [sys.executable, str(REPO / "mmie.py"), *SMALL, "--arms", "lora", "--lora_steps", "120",
                "--out", str(tmp_path / "run"), "--ckpt_dir", str(tmp_path / "ckpt")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    # a shell without job control starts background jobs with SIGINT ignored, and Python keeps an inherited
+    # SIG_IGN: give the run the default disposition, as on a terminal, wherever the test itself was started
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in process.stdout:  # wait until the base arm has finished, then interrupt
         seen.append(line)
