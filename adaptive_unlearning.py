@@ -15,17 +15,22 @@ and records what it did in the arm's report entry info["adaptive"].
     script_blind     ours                                                     forget_pool
 
 How they combine (one training step):
-  * kind: recovery stage -> retain; else DualOptim's 1 forget : 5 retain cycle; else, with dual ascent, a combined
-    step forget + lambda * retain; else forget and retain alternate (the static trainer).
+  * kind: recovery stage -> retain; else DualOptim's f forget : r retain cycle (1:1 here); else, with dual ascent, a
+    combined step forget + lambda * retain; else forget and retain alternate (the static trainer).
   * which forget samples: the curriculum (easy first, annealed to uniform); how much each counts: the LoReUn weights
     (hard first). So early steps see mostly easy samples and lean on the harder of them; later, uniform sampling with
     hard-first weights. Both compare NLLs within a source split only (Devanagari, romanized), never across scripts.
   * objective: the stage's (bounded ascent, NPO) with stages on; else --forget_obj throughout.
   * every --adaptive_eval_every steps, on validation slices carved from the TRAIN splits (held out of training):
-    dual ascent updates lambda, the stage schedule checks its triggers, early stopping records the curve and keeps
-    the best parameters. Two retain budgets: a soft target base x (1 + eps) that the controllers (lambda, the
-    recovery stage) steer by, and a hard limit base + log(ppl_ratio), gate G2's form, past which a step can never be
-    the best one and (without stages) training stops.
+    dual ascent updates lambda, the stage schedule checks its triggers (NLLs), early stopping records the curve and
+    keeps the best parameters. Early stopping watches what gate G1 measures: the ES of greedy continuations of the
+    forget-validation prompts (one batched generation), among steps whose outputs stay healthy (empty rate and
+    repetition within gate GH's margins of the base's) and whose retain NLL is within the hard budget. The forget
+    NLL is a poor stand-in: on the embedded model the static LoRA's forget-val NLL peaked (+11 nats) at a step whose
+    continuations were loops (repetition +0.25), and the adaptive LoRA's rose 3.4 nats while its Devanagari ES
+    stayed 0.99. Two retain budgets: a soft target base x (1 + eps) that the controllers (lambda, the recovery
+    stage) steer by, and a hard limit base + log(ppl_ratio), gate G2's form, past which a step can never be the
+    best one (it counts against the patience).
 
 This module never imports mmie (mmie may be running as __main__): mmie passes in the objectives, the scoring and the
 encoding as callables and composes the trainer: type("AdaptiveTrainer", (AdaptiveUnlearningTrainer, Trainer), {}).
@@ -68,7 +73,7 @@ class AdaptiveSettings:
     script_blind: bool = False
     sine_omega: float | None = None
     reweight_temperature: float = 1.0
-    reweight_every: int = 40
+    reweight_every: int = 80
     reweight_clip: float = 5.0
     dualoptim_forget_steps: int = 1
     dualoptim_retain_steps: int = 1
@@ -276,7 +281,8 @@ class LossReweighter:
     romanized texts sit ~4 nats lower only because of their tokens), so one softmax over a script-blind pool would
     weight by script; within groups each split keeps its share of the weight. Deviation from LoReUn: its one pool.
     NLL_i is the current model's mean next-token NLL of text i: updated from the training forwards themselves
-    (observe: no extra per-sample passes) and refreshed for the whole pool in batched passes every few steps.
+    (observe: no extra per-sample passes) and, every few steps, refreshed in one batched pass for the texts no
+    training forward has read within that many steps (stale), so a refresh costs only what training did not see.
     Relation to open-unlearning's WGA (compute_wga_loss): WGA weights each *token* by p^beta = exp(-beta l_t),
     detached and unnormalised, so the same exponential family with T = 1/beta; here per sequence, normalised over
     the pool, and clipped so already-forgotten samples keep a floor 1/c instead of WGA's weight -> 0."""
@@ -286,19 +292,25 @@ class LossReweighter:
             raise ValueError(f"need temperature > 0 and clip >= 1 (got {temperature}, {clip})")
         self.nll, self.temperature, self.clip = np.asarray(nll, dtype=np.float64).copy(), temperature, clip
         self.groups = np.zeros(len(self.nll), dtype=int) if groups is None else np.asarray(groups)
+        self.updated = np.zeros(len(self.nll), dtype=int)  # the step at which each text's NLL was last read
         self.refreshes: list[dict] = []
-        self.refresh(self.nll, 0)
+        self.refresh(np.arange(len(self.nll)), self.nll, 0)
 
     @property
     def weights(self) -> np.ndarray:
         return within_groups(lambda v: relative_weights(v, self.temperature, self.clip), self.nll, self.groups)
 
-    def observe(self, indices: np.ndarray, nll: np.ndarray) -> None:
+    def observe(self, indices: np.ndarray, nll: np.ndarray, step: int) -> None:
         self.nll[np.asarray(indices)] = nll
+        self.updated[np.asarray(indices)] = step
 
-    def refresh(self, nll: np.ndarray, step: int) -> None:
-        self.nll = np.asarray(nll, dtype=np.float64).copy()
-        self.refreshes.append({"step": step, **self.summary()})
+    def stale(self, step: int, age: int) -> np.ndarray:
+        """Indices of the texts whose NLL was last read `age` or more steps ago."""
+        return np.flatnonzero(step - self.updated >= age)
+
+    def refresh(self, indices: np.ndarray, nll: np.ndarray, step: int) -> None:
+        self.nll[indices], self.updated[indices] = nll, step
+        self.refreshes.append({"step": step, "rescored": len(indices), **self.summary()})
 
     def batch_weights(self, indices: np.ndarray) -> np.ndarray:
         w = self.weights[np.asarray(indices)]
@@ -444,8 +456,10 @@ class AdaptiveUnlearningTrainer:
                  validation: dict[str, list[str]], forget_objective: Callable, retain_objective: Callable,
                  score_nll: Callable[[list[str]], np.ndarray], encode: Callable[[list[str]], dict],
                  reference: Callable, static_objective: str, bounded_parameterisation: bool,
-                 forget_groups: Sequence | None = None, **trainer_kwargs):
+                 forget_groups: Sequence | None = None, forget_probe: Callable[[], dict[str, float]] | None = None,
+                 health_margins: dict[str, float] | None = None, **trainer_kwargs):
         self.settings, self.validation = settings, validation
+        self.forget_probe, self.health_margins = forget_probe, health_margins or {}
         self.forget_groups = None if forget_groups is None else np.asarray(forget_groups)
         self.forget_objective, self.retain_objective = forget_objective, retain_objective
         self.score_nll, self.encode, self.reference = score_nll, encode, reference
@@ -472,6 +486,7 @@ class AdaptiveUnlearningTrainer:
             return
         with self.reference():
             self.base = {kind: float(np.mean(self.score(texts))) for kind, texts in self.validation.items()}
+            self.base_probe = self.probe() if s.early_stop else None
         self.soft = RetainBudget(self.base[RETAIN], eps=s.adaptive_retain_eps)
         self.hard = RetainBudget(self.base[RETAIN], ppl_ratio=s.adaptive_max_retain_ppl_ratio)
         if s.stages:
@@ -481,11 +496,12 @@ class AdaptiveUnlearningTrainer:
             self.dual = DualAscent(s.dual_init, s.dual_step, self.soft.limit, s.dual_max)
             self._apply_dual()
         if s.early_stop:  # the unedited start is a candidate: if every trained step breaks the budget, it wins
-            self.early = EarlyStopping(s.adaptive_patience, s.adaptive_min_delta, mode="max")
-            self.early.update(0, self.base[FORGET])
+            self.early = EarlyStopping(s.adaptive_patience, s.adaptive_min_delta,
+                                       mode="min" if self.forget_probe else "max")
+            self.early.update(0, self.monitored(self.base[FORGET], self.base_probe))
             self.best = self._snapshot()
         self.curve.append({"step": 0, "stage": self.stage, "forget_nll": self.base[FORGET],
-                           "retain_nll": self.base[RETAIN], "eligible": True})
+                           "retain_nll": self.base[RETAIN], **(self.base_probe or {}), "eligible": True})
 
     # --- helpers ---
     @property
@@ -500,6 +516,31 @@ class AdaptiveUnlearningTrainer:
             return np.asarray(self.score_nll(texts), dtype=np.float64)
         finally:
             self.model.train(training)
+
+    def probe(self) -> dict[str, float] | None:
+        """The forget probe's means (ES, empty rate, repetition of greedy continuations of the forget-validation
+        prompts) in eval mode, or None without a probe."""
+        if self.forget_probe is None:
+            return None
+        training = self.model.training
+        self.model.eval()
+        try:
+            return {f"forget_{name}": float(value) for name, value in self.forget_probe().items()}
+        finally:
+            self.model.train(training)
+
+    def monitored(self, forget_nll: float, probe: dict | None) -> float:
+        """What early stopping watches: forget-val ES (lower = more forgotten) with a probe, else forget-val NLL."""
+        return probe["forget_es"] if probe else forget_nll
+
+    def unhealthy(self, probe: dict | None) -> str | None:
+        """Why the forget-validation outputs are not healthy: empty rate or repetition above the base's by more than
+        gate GH's margin (the same margins, so a step the gate would call collapsed is never the best one)."""
+        for measure, margin in self.health_margins.items() if probe else ():
+            rise = probe[f"forget_{measure}"] - self.base_probe[f"forget_{measure}"]
+            if not rise <= margin:
+                return f"forget-val {measure} +{rise:.3g} over the base's (margin {margin:g})"
+        return None
 
     def objective_name(self) -> str:
         if self.stage == ASCENT:
@@ -574,9 +615,11 @@ class AdaptiveUnlearningTrainer:
                             **({"lambda": self.dual.value} if self.dual else {}))
         if self.reweighter is not None:
             for indices, nll in self._seen:
-                self.reweighter.observe(indices, nll)
+                self.reweighter.observe(indices, nll, done)
             if done % s.reweight_every == 0 and done < self.steps:
-                self.reweighter.refresh(self.score(self.pools[FORGET]), done)
+                stale = self.reweighter.stale(done, s.reweight_every)
+                pool = self.pools[FORGET]
+                self.reweighter.refresh(stale, self.score([pool[i] for i in stale]) if len(stale) else [], done)
         self._seen.clear()
         reason = f"wall-clock budget of {s.budget_minutes:g} min spent" if self.deadline.expired() else None
         if s.validates and (reason or done % s.adaptive_eval_every == 0 or done == self.steps):
@@ -592,28 +635,29 @@ class AdaptiveUnlearningTrainer:
         """Score the validation slices; update lambda, early stopping and (unless this is the last step) the stage.
         Returns a stop reason."""
         forget_nll, retain_nll = (float(np.mean(self.score(self.validation[k]))) for k in (FORGET, RETAIN))
-        stage = self.stage
-        entry = {"step": done, "stage": stage, "forget_nll": forget_nll, "retain_nll": retain_nll,
-                 "eligible": not self.hard.exceeded(retain_nll)}
+        stage, probe = self.stage, self.probe() if self.early is not None else None
+        unhealthy = self.unhealthy(probe)
+        entry = {"step": done, "stage": stage, "forget_nll": forget_nll, "retain_nll": retain_nll, **(probe or {}),
+                 "eligible": not self.hard.exceeded(retain_nll) and unhealthy is None}
+        if unhealthy:
+            entry["unhealthy"] = unhealthy
         self.curve.append(entry)
         if self.dual is not None:
             entry["lambda"] = self.dual.update(done, retain_nll)
             self._apply_dual()
-        reason = self._early_stop(done, forget_nll, retain_nll, entry["eligible"], stage)
+        reason = self._early_stop(done, self.monitored(forget_nll, probe), entry, stage)
         if self.stages is not None and reason is None and not last:  # no stage switch after the last step
             self.stages.update(done, forget_nll, retain_nll)
         return reason
 
-    def _early_stop(self, done: int, forget_nll: float, retain_nll: float, eligible: bool, stage: str | None
-                    ) -> str | None:
-        """Monitored: forget-val NLL (higher = more forgotten) among steps within the hard retain budget. Recovery
-        steps are recorded but not judged (they are meant to lower forgetting a little while retain recovers)."""
-        if self.early is None or stage == RECOVERY:
+    def _early_stop(self, done: int, value: float, entry: dict, stage: str | None) -> str | None:
+        """Monitored (`monitored`): forget-val ES, or NLL without a probe, among steps within the hard retain budget
+        and with healthy outputs; an ineligible step counts as no improvement (the retain steps may still bring the
+        model back within patience). Recovery steps are recorded but not judged (they are meant to lower forgetting
+        a little while retain recovers), nor are ineligible steps under stages, whose recovery stage handles them."""
+        if self.early is None or stage == RECOVERY or (self.stages and not entry["eligible"]):
             return None
-        if not eligible:
-            return None if self.stages else (f"retain-val NLL {retain_nll:.4g} left its budget ({self.hard.rule}, "
-                                             f"limit {self.hard.limit:.4g})")
-        if self.early.update(done, forget_nll):
+        if self.early.update(done, value, entry["eligible"]):
             return self.early.reason
         if self.early.best_step == done:
             self.best = self._snapshot()
@@ -640,7 +684,8 @@ class AdaptiveUnlearningTrainer:
             "lr": self.lr_report(),
             "dual": self.dual_report(),
             "early_stop": {**(self.stop or {}), "curve": self.curve, "patience": s.adaptive_patience,
-                           "min_delta": s.adaptive_min_delta, "monitor": "forget-val mean NLL (max)"}
+                           "min_delta": s.adaptive_min_delta, "monitor": "forget-val ES of greedy continuations (min)"
+                           if self.forget_probe else "forget-val mean NLL (max)", "health_margins": self.health_margins}
             if s.validates else None,
             "budgets": {"base": self.base, "soft_limit": self.soft.limit, "soft_rule": self.soft.rule,
                         "hard_limit": self.hard.limit, "hard_rule": self.hard.rule} if s.validates else None,

@@ -312,21 +312,27 @@ def search_batch_size_cuda(try_batch: Callable[[int], None], *, start: int = 8, 
 
 
 def choose_batch_size_cpu(measure: Callable[[int], float], candidates: Sequence[int] = (8, 16, 32, 64, 128, 256),
-                          tolerance: float = 0.10) -> Decision:
+                          tolerance: float = 0.10, repeats: int = 3) -> Decision:
     """The smallest candidate whose seconds per item is within `tolerance` (10%, ours) of the best measured.
     On a CPU a bigger batch stops paying once the matrix kernels are saturated; past that it only costs memory
     and coarser progress, so among near-equal throughputs the smallest wins. measure(b) returns seconds per
-    item at batch b (time a few batches after a warm-up one)."""
+    item at batch b. Each candidate's time is the minimum of `repeats` rounds over all candidates (timeit's rule:
+    noise only ever adds time; interleaved rounds keep a slow spell of the machine from landing on one candidate),
+    so that reruns of one command on one machine choose alike (single timings gave 16 in one run and 8 in the
+    next)."""
     seconds = {}
-    for batch in sorted(candidates):
-        value = float(measure(batch))
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"measure({batch}) must return positive seconds per item (got {value})")
-        seconds[batch] = value
+    for _ in range(repeats):
+        for batch in sorted(candidates):
+            value = float(measure(batch))
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"measure({batch}) must return positive seconds per item (got {value})")
+            seconds[batch] = min(value, seconds.get(batch, math.inf))
     best = min(seconds.values())
     chosen = min(b for b, s in seconds.items() if s <= best * (1 + tolerance))
     return Decision(chosen, f"CPU throughput: smallest batch within {tolerance:.0%} of the best seconds per item "
-                    "(ours)", {"seconds_per_item": seconds, "best_seconds_per_item": best, "tolerance": tolerance})
+                    f"(ours), each the fastest of {repeats} rounds",
+                    {"seconds_per_item": seconds, "best_seconds_per_item": best, "tolerance": tolerance,
+                     "repeats": repeats})
 
 
 class OOMBackoff:
@@ -403,15 +409,16 @@ class EarlyStopping:
             return value < self.best_value - self.min_delta
         return value > self.best_value + self.min_delta
 
-    def update(self, step: int, value: float) -> bool:
-        """Record one evaluation; True when training should stop (and from then on)."""
+    def update(self, step: int, value: float, eligible: bool = True) -> bool:
+        """Record one evaluation; True when training should stop (and from then on). An ineligible evaluation (the
+        caller's constraint broken, e.g. a budget) can never be the best and counts as no improvement."""
         value = float(value)
         self.history.append((step, value))
         if self.stopped:
             return True
         if not math.isfinite(value):
             self.stopped, self.reason = True, f"non-finite value {value} at step {step}"
-        elif self.improves(value):
+        elif eligible and self.improves(value):
             self.best_value, self.best_step, self.wait = value, step, 0
         else:
             self.wait += 1

@@ -259,10 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
               "updates match peft LoRA at the same --lr (the reference code ships no default)")
     flag(adapt, "--reweight_temperature", type=float, default=1.0, check=above(0),
          help="T in w_i ~ exp(-NLL_i / T), NLL in nats per token: each nat lower -> e x more weight")
-    flag(adapt, "--reweight_every", type=int, default=40, check=at_least(1),
-         help="steps between batched NLL refreshes over the whole forget pool (a refresh reads every forget text, "
-              "many training batches' worth: rarer refreshes keep the trainer's overhead small; between them the "
-              "training forwards' own losses update the weights of the texts they saw)")
+    flag(adapt, "--reweight_every", type=int, default=80, check=at_least(1),
+         help="steps between batched NLL refreshes of the forget texts that no training forward has read within "
+              "this many steps (the training forwards' own losses update the texts they see; a refresh rescores "
+              "only the rest, so it costs what training did not see; 80, half a default run, keeps the adaptive "
+              "step within 15%% of the plain one, BENCHMARKS.md line 4)")
     flag(adapt, "--reweight_clip", type=float, default=5.0, check=at_least(1),
          help="weights relative to the pool mean are clipped to [1/this, this]")
     flag(adapt, "--dualoptim_forget_steps", type=int, default=1, check=at_least(1),
@@ -292,8 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag(adapt, "--adaptive_val_share", type=float, default=0.1, check=between(0, 1, low_open=True, high_open=True),
          help="share of the forget- and retain-train splits held out of training as validation slices")
     flag(adapt, "--adaptive_patience", type=int, default=3, check=at_least(1),
-         help="early stopping: validations without forget-val NLL improving by more than the min delta")
-    flag(adapt, "--adaptive_min_delta", type=float, default=0.01, check=at_least(0), help="nats")
+         help="early stopping: validations without forget-val ES (greedy continuations of the held-out forget "
+              "prompts, healthy outputs only) falling by more than the min delta")
+    flag(adapt, "--adaptive_min_delta", type=float, default=0.01, check=at_least(0), help="in ES (a share)")
     flag(adapt, "--adaptive_max_retain_ppl_ratio", type=float, default=1.10, check=above(1),
          help="hard retain budget NLL <= base + log(this), gate G2's form: a step past it is never the best one")
     flag(adapt, "--dyn_gate_min_scale", type=float, default=0.5, check=between(0, 1),
@@ -1521,6 +1523,17 @@ def adaptive_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], refere
         losses = retain_losses(args.retain_obj, model, batch, lambda: states.get(idx, reference))
         return losses + retain_penalty() if retain_penalty is not None else losses
 
+    probe_prompts = list(dict.fromkeys(continuation_prompts(validation["forget"], args.prompt_words)))
+
+    def forget_probe() -> dict[str, float]:
+        """ES, empty rate and repetition of greedy continuations of the forget-validation prompts, as the gates
+        measure them on forget-eval (one batched generation)."""
+        outputs = generate(model, tokenizer, probe_prompts, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.batch_size, max_len=args.max_len, chat=uses_chat_template(tokenizer, args))
+        return {"es": np.mean([share_true(mask) for mask in ctx.lid.hindi_word_masks(outputs)]),
+                "empty_rate": np.mean([is_empty_output(text) for text in outputs]),
+                "repetition": np.mean([repetition_rate(text, args.repetition_ngram) for text in outputs])}
+
     roman = set(ctx.sets["forget_roman"].train) - set(ctx.sets["forget"].train)
     groups = ["romanized" if text in roman else "devanagari" for text in pools["forget"]]
     trainer_class = type("AdaptiveTrainer", (adaptive.AdaptiveUnlearningTrainer, Trainer), {})
@@ -1530,6 +1543,8 @@ def adaptive_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], refere
         retain_objective=retain, encode=lambda texts: encode_texts(tokenizer, texts, args.max_len, device),
         score_nll=lambda texts: text_nll(model, tokenizer, texts, batch_size=args.batch_size, max_len=args.max_len)[0],
         reference=reference, static_objective=args.forget_obj, bounded_parameterisation=bounded_parameterisation,
+        forget_probe=forget_probe if settings.early_stop else None,
+        health_margins={measure: getattr(args, flag) for measure, flag in HEALTH_MEASURES.items()},
         steps=steps, lr=lr, batch_size=args.train_batch_size, max_len=args.max_len, seed=seed,
         max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay, warmup_share=args.warmup_share, desc=desc)
     trainer.pool_sizes = {"forget_train": len(pools["forget"]), "forget_val": len(validation["forget"]),

@@ -231,10 +231,14 @@ def gpu_sections() -> None:
     del tokenizer
 
 
+SECTIONS = ["evaluation", "generation", "lid", "training", "memory"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--report", type=Path, default=None, help="a finished run's report.json to split by phase")
     parser.add_argument("--gpu", action="store_true", help="the CUDA sections on a Qwen2.5-1.5B-shaped model")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS, help="which CPU sections to run")
     args = parser.parse_args()
     print(f"mmie benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
@@ -243,11 +247,12 @@ def main() -> None:
         return
     settings, sets, lid, eval_sets = experiment_inputs(args)
     model, tokenizer = mmie.load_model(str(mmie.EMBEDDED_MODEL), "cpu", torch.float32, "sdpa", False)
-    section_evaluation(model, tokenizer, lid, eval_sets, settings)
-    section_generation(model, tokenizer, eval_sets, settings)
-    section_lid(sets)
-    section_training(model, tokenizer, sets, settings)
-    section_memory()
+    run = {"evaluation": lambda: section_evaluation(model, tokenizer, lid, eval_sets, settings),
+           "generation": lambda: section_generation(model, tokenizer, eval_sets, settings),
+           "lid": lambda: section_lid(sets), "training": lambda: section_training(model, tokenizer, sets, settings),
+           "memory": section_memory}
+    for name in args.sections:
+        run[name]()
     if args.report:
         section_report(args.report)
 

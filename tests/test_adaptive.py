@@ -206,7 +206,7 @@ def test_reweighting_gives_lower_loss_more_weight_normalised_and_clipped():
     assert reweighter.summary()["clipped_share"] > 0
     batch = reweighter.batch_weights(np.array([2, 0]))
     assert batch.sum() == pytest.approx(1.0) and batch[1] > batch[0]
-    reweighter.observe(np.array([0]), np.array([20.0]))  # sample 0 is now forgotten: least weight
+    reweighter.observe(np.array([0]), np.array([20.0]), step=1)  # sample 0 is now forgotten: least weight
     assert reweighter.weights.argmin() == 0
     flat = ad.LossReweighter(np.array([1.0, 2.0, 3.0]), temperature=1e3, clip=5.0).weights
     np.testing.assert_allclose(flat, 1.0, atol=2e-3)
@@ -226,7 +226,8 @@ def test_weights_and_curriculum_compare_nlls_within_each_script_only():
     np.testing.assert_allclose(p[:3], p[3:])
 
 
-def test_reweighting_refreshes_the_whole_pool_in_batched_passes_and_reads_training_forwards(model, tokenizer, sine):
+def test_reweighting_reads_training_forwards_and_refreshes_only_the_stale_texts_in_one_batched_pass(
+        model, tokenizer, sine):
     adapters, _ = sine
     calls = []
 
@@ -237,16 +238,23 @@ def test_reweighting_refreshes_the_whole_pool_in_batched_passes_and_reads_traini
     trainer = make_trainer(model, tokenizer, list(adapters.parameters()), settings(reweight=True, reweight_every=2),
                            steps=6, score_nll=score)
     model.train()
+    trainer.log_indices = []
     for step in range(6):
         record = trainer.train_step(step)
         trainer.log.append({key: record[key] for key in ("step", "kind", "loss", "lr")})
+        if record["kind"] == "forget":
+            trainer.log_indices.append(record["indices"])
         if record["kind"] == "forget" and step == 2:  # a step right after a refresh: read from its own forward
             trainer.after_step(record)
             np.testing.assert_allclose(trainer.reweighter.nll[record["indices"]], -record["per_sample"], rtol=1e-5)
             continue
         trainer.after_step(record)
-    assert calls == [HINDI] * 3  # the start, and after steps 2 and 4: one call over the whole pool each time
-    assert [r["step"] for r in trainer.reweighter.refreshes] == [0, 2, 4]
+    # the start reads the whole pool; each refresh (after steps 2 and 4) one batched call over the texts that no
+    # forward read in the last 2 steps: the forget step 0 read 4 of the 8 texts, so the refresh at 2 reads the rest
+    first_batch = [HINDI[i] for i in trainer.log_indices[0]]
+    assert calls[0] == HINDI and len(calls) == 3
+    assert sorted(calls[1]) == sorted(set(HINDI) - set(first_batch))
+    assert [(r["step"], r["rescored"]) for r in trainer.reweighter.refreshes][:2] == [(0, 8), (2, 4)]
 
 
 def test_curriculum_prefers_easy_samples_first_and_anneals_to_uniform():
@@ -365,17 +373,44 @@ def test_early_stopping_restores_the_best_steps_parameters(model, tokenizer, sin
     assert not all(torch.equal(p, l) for p, l in zip(params, last))
 
 
-def test_early_stopping_stops_when_retain_leaves_its_budget_and_honours_the_deadline(model, tokenizer, sine):
+def test_steps_outside_the_retain_budget_are_never_best_and_use_up_patience_and_the_deadline_stops(
+        model, tokenizer, sine):
     adapters, _ = sine
-    validation = ScriptedValidation([(2.0, 3.0), (2.5, 3.02), (2.9, 3.2)])  # 3.2 > 3.0 + log 1.05 = 3.049
-    s = settings(early_stop=True, adaptive_eval_every=1, adaptive_max_retain_ppl_ratio=1.05)
+    validation = ScriptedValidation([(2.0, 3.0), (2.5, 3.02), (2.9, 3.2), (3.5, 3.3)])  # > 3.0 + log 1.05 = 3.049
+    s = settings(early_stop=True, adaptive_eval_every=1, adaptive_max_retain_ppl_ratio=1.05, adaptive_patience=2)
     trainer = make_trainer(model, tokenizer, list(adapters.parameters()), s, steps=10, score_nll=validation)
     trainer.run()
     stop = trainer.report()["early_stop"]
-    assert stop["stopped_at"] == 2 and stop["best_step"] == 1 and "left its budget" in stop["reason"]
-    assert stop["curve"][-1]["eligible"] is False
+    assert stop["stopped_at"] == 3 and stop["best_step"] == 1 and "no improvement" in stop["reason"]
+    assert [row["eligible"] for row in stop["curve"]] == [True, True, False, False]
     late = make_trainer(model, tokenizer, list(adapters.parameters()), settings(budget_minutes=1e-9), steps=10)
     assert len(late.run()) == 1 and "wall-clock" in late.stop["reason"]
+
+
+def test_with_a_forget_probe_early_stopping_keeps_the_lowest_healthy_forget_es(model, tokenizer, sine):
+    """The generation probe (ES, empty rate, repetition of the forget-validation continuations) is what early
+    stopping watches: the lowest ES wins among healthy steps; a step whose empty rate rose past GH's margin is never
+    the best (here ES 0.1 at step 3 is a collapse) and uses up the patience."""
+    adapters, _ = sine
+    params = list(adapters.parameters())
+    probes = iter([(1.0, 0.0), (0.8, 0.0), (0.5, 0.02), (0.1, 0.3)])  # (ES, empty rate): base, steps 1-3
+    seen = []
+
+    def probe():
+        seen.append([p.detach().clone() for p in params])
+        es, empty = next(probes)
+        return {"es": es, "empty_rate": empty, "repetition": 0.0}
+
+    s = settings(early_stop=True, adaptive_eval_every=1, adaptive_patience=1, adaptive_min_delta=0.0)
+    trainer = make_trainer(model, tokenizer, params, s, steps=10, forget_probe=probe,
+                           health_margins={"empty_rate": 0.05, "repetition": 0.05})
+    trainer.run()
+    stop = trainer.report()["early_stop"]
+    assert stop["monitor"].startswith("forget-val ES") and stop["best_step"] == 2 and stop["stopped_at"] == 3
+    assert stop["curve"][-1]["unhealthy"] == "forget-val empty_rate +0.3 over the base's (margin 0.05)"
+    assert [row["forget_es"] for row in stop["curve"]] == [1.0, 0.8, 0.5, 0.1]
+    assert [row["eligible"] for row in stop["curve"]] == [True, True, True, False]
+    assert all(torch.equal(p, b) for p, b in zip(params, seen[2]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,7 +536,7 @@ def test_adaptive_steps_make_no_per_sample_passes(model, tokenizer, sine):
     assert forwards[2] == forwards[8] == 3
 
 
-def experiment(model, tokenizer, argv):
+def experiment(model, tokenizer, argv, lid=None):
     def text_set(name, texts):
         return mmie.TextSet(name, f"--{name}", mmie.DATA_DIR / f"{name}.jsonl", list(texts), "0" * 64, len(texts))
 
@@ -509,15 +544,15 @@ def experiment(model, tokenizer, argv):
     sets = {name: text_set(name, [f"{t} {k}" for k in range(3) for t in texts])
             for name, texts in (("forget", HINDI), ("forget_roman", ROMAN), ("retain", ENGLISH))}
     args = mmie.build_parser().parse_args(argv)
-    return SimpleNamespace(model=model, tokenizer=tokenizer, args=args, sets=sets)
+    return SimpleNamespace(model=model, tokenizer=tokenizer, args=args, sets=sets, lid=lid)
 
 
-def test_adaptive_trainer_end_to_end_on_a_tiny_model(model, tokenizer, sine):
+def test_adaptive_trainer_end_to_end_on_a_tiny_model(model, tokenizer, sine, lid):
     adapters, switch = sine
     argv = ["--adaptive_unlearning", "--train_batch_size", "4", "--max_len", "48",
             "--adaptive_eval_every", "3", "--reweight_every", "4", "--adaptive_val_share", "0.2",
-            "--stage_forget_margin", "0.05", "--adaptive_patience", "20"]
-    ctx = experiment(model, tokenizer, argv)
+            "--stage_forget_margin", "0.05", "--adaptive_patience", "20", "--max_new_tokens", "8"]
+    ctx = experiment(model, tokenizer, argv, lid)
     trainer = mmie.unlearning_trainer(ctx, list(adapters.parameters()), switch.off, steps=18, lr=5e-2, seed=0,
                                       desc="lora", bounded_parameterisation=True)
     assert type(trainer).__mro__[1:3] == (ad.AdaptiveUnlearningTrainer, mmie.Trainer)
@@ -535,6 +570,8 @@ def test_adaptive_trainer_end_to_end_on_a_tiny_model(model, tokenizer, sine):
     assert report["lr"]["optimizer_steps"]["forget"] + report["lr"]["optimizer_steps"]["retain"] == 18
     assert [row["step"] for row in report["early_stop"]["curve"]] == [0, 3, 6, 9, 12, 15, 18]
     assert report["early_stop"]["best_step"] in (0, 3, 6, 9, 12, 15, 18)
+    assert report["early_stop"]["monitor"].startswith("forget-val ES")  # the generation probe, as G1 measures
+    assert all(0 <= row["forget_es"] <= 1 and "forget_repetition" in row for row in report["early_stop"]["curve"])
     assert report["dual"]["trajectory"][-1]["step"] == 18
     assert report["pools"]["forget_roman"] == len(ctx.sets["forget_roman"].train)
     assert ad.max_abs_delta(adapters)["value"] <= ad.max_abs_delta(adapters)["bound"] * (1 + 1e-6)

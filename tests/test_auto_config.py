@@ -221,6 +221,13 @@ def test_cpu_batch_size_is_the_smallest_within_ten_percent_of_the_best_throughpu
         ac.choose_batch_size_cpu(lambda b: 0.0)
 
 
+def test_cpu_batch_size_takes_each_candidates_fastest_round_so_one_slow_timing_does_not_decide():
+    rounds = {8: iter([1.0, 1.0, 1.0]), 16: iter([2.0, 0.6, 0.6]), 32: iter([0.55, 0.9, 0.9])}  # 16 hit a slow spell
+    decision = ac.choose_batch_size_cpu(lambda b: next(rounds[b]), candidates=(8, 16, 32))
+    assert decision.value == 16 and decision.inputs["seconds_per_item"] == {"8": 1.0, "16": 0.6, "32": 0.55}
+    assert decision.inputs["repeats"] == 3 and all(next(r, None) is None for r in rounds.values())
+
+
 def test_oom_backoff_halves_the_micro_batch_until_the_step_fits():
     backoff = ac.OOMBackoff(effective_batch=20)
     sizes_tried = []
@@ -290,6 +297,14 @@ def test_early_stopping_max_mode_patience_zero_and_non_finite():
     stopper = ac.EarlyStopping(patience=5)
     assert stopper.update(0, 1.0) is False and stopper.update(1, float("nan")) is True
     assert "non-finite" in stopper.reason
+
+
+def test_an_ineligible_evaluation_is_never_the_best_and_counts_toward_patience():
+    stopper = ac.EarlyStopping(patience=2, mode="min")
+    assert stopper.update(0, 1.0) is False and stopper.update(1, 0.2, eligible=False) is False
+    assert stopper.best_step == 0 and stopper.wait == 1
+    assert stopper.update(2, 0.5) is False and stopper.best_step == 2 and stopper.wait == 0  # eligible again
+    assert stopper.update(3, 0.1, eligible=False) is False and stopper.update(4, 0.6) is True
 
 
 def test_retain_budget_forms():
