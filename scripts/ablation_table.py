@@ -2,10 +2,11 @@
 
     python scripts/ablation_table.py runs/exp
 
-Prints (1) the default run against --auto_config, three seeds each, pooled, with wall times; and (2) the
-adaptive-unlearning ablation: the static trainer (static3: --auto_config alone, in the adaptive runs' stage cache so
-that it shares their auto-config decisions), full --adaptive_unlearning, and full minus each component, with each
-variant's paired difference from the static trainer (prompts paired, seeds resampled crossed with prompts;
+Prints (1) the default run against --auto_config, three seeds each, pooled, with wall times, and the one-seed
+--auto_config --adaptive_unlearning run against the default run's first seed; and (2) the adaptive-unlearning
+ablation on lora: the static trainer (--auto_config alone), full --adaptive_unlearning, and full minus each
+component, all with --arms lora in one stage cache (so one set of auto-config decisions), with each variant's paired
+difference from the static trainer and from full (prompts paired, seeds resampled crossed with prompts;
 mmie.hierarchical_bootstrap_ci and mmie.ppl_ci).
 """
 
@@ -80,62 +81,57 @@ def paired_difference(variant: dict, static: dict, arm: str, metric: str, option
                                           **options)
 
 
+def first_seed_seconds(report: dict) -> float:
+    """A multi-seed run's wall time without seeds after the first: the run's seconds less every later seed's arm
+    seconds (seeds run one after another; layer selection and set-up are shared), for the one-seed comparisons."""
+    later = sum(outcome.get("seconds", 0.0) for arm in report["arms"].values()
+                for seed, outcome in arm["seeds"].items() if seed != "0")
+    return report["run_seconds"] - later
+
+
 def comparison(folder: Path) -> None:
-    print("== python mmie.py against python mmie.py --auto_config ==")
-    runs = (("default1", "python mmie.py, seed 0"), ("auto1", "--auto_config, seed 0"),
-            ("default3", "python mmie.py, seeds 0-2"), ("auto3", "--auto_config, seeds 0-2"))
-    for name, label in runs:
+    print("== python mmie.py against python mmie.py --auto_config, seeds 0-2 pooled ==")
+    for name, label in (("default3", "python mmie.py"), ("auto3", "--auto_config")):
         report = load(folder, name)
         if report is None:
             print(f"{label}: not run")
             continue
-        print(f"{label}: {seconds(folder, name)} wall time")
+        print(f"{label}: {seconds(folder, name)} wall time (run {report['run_seconds']:.0f}s; seed 0 alone "
+              f"~{first_seed_seconds(report):.0f}s)")
         for arm in report["summary"]:
             print(f"  {arm}")
             print("\n".join(arm_block(report, arm)))
+    adaptive, default = load(folder, "adaptive1"), load(folder, "default3")
+    if adaptive is not None and default is not None:
+        ratio = adaptive["run_seconds"] / first_seed_seconds(default)
+        print(f"\n--auto_config --adaptive_unlearning, seed 0: run {adaptive['run_seconds']:.0f}s = {ratio:.2f}x the "
+              "default run's seed 0 (target <= 1.5x)")
+        for arm in adaptive["summary"]:
+            print(f"  {arm}")
+            print("\n".join(arm_block(adaptive, arm)))
 
 
 def ablation(folder: Path) -> None:
-    static, full = load(folder, "static3"), load(folder, "adaptive3")
+    static, full = load(folder, "static_lora3"), load(folder, "full_lora3")
     if static is None or full is None:
-        print("ablation: static3 or adaptive3 missing")
+        print("ablation: static_lora3 or full_lora3 missing")
         return
     options = {"n_boot": 2000, "ci_level": 0.95, "seed": 0}
-    # the one-seed component variants are compared with one-seed references run with their --arms (auto-config
-    # decisions depend on the arms, and the CPU batch-size rule on the machine's load at the time)
-    static1, full1 = load(folder, "static_lora1") or static, load(folder, "full_lora1") or full
-    variants = {"static trainer (--auto_config)": static, "full adaptive": full,
-                "static trainer, same decisions as the variants": static1, "full adaptive, same decisions": full1}
+    variants = {"static trainer (--auto_config)": static, "full adaptive": full}
     variants |= {f"full minus {part}": load(folder, f"no_{part}") for part in COMPONENTS}
-    print("\n== adaptive unlearning ablation: lora (3 seeds) ==")
+    print("\n== adaptive unlearning ablation: lora, --arms lora, one set of auto-config decisions ==")
     for label, report in variants.items():
         if report is None or "lora" not in report["summary"]:
             print(f"{label}: missing")
             continue
         print(f"{label} (seeds {', '.join(sorted(seeds_of(report, 'lora')))})")
         print("\n".join(arm_block(report, "lora")))
-        one_seed = report not in (static, full)
-        references = [("static", static1 if one_seed else static)]
-        references += [("full", full1 if one_seed else full)] if report not in (full, full1) else []
-        for name, reference in references if report not in (static, static1) else []:
+        references = [("static", static)] + ([("full", full)] if report is not full else [])
+        for name, reference in references if report is not static else []:
             for metric in ("es_forget_eval", "es_forget_roman", "es_mixed", "fidelity_ur", "ppl_retain"):
                 diff = paired_difference(report, reference, "lora", metric, options)
                 what = f"ratio to {name}" if metric == "ppl_retain" else f"minus {name}"
                 print(f"      {metric} {what}: {estimate(diff)}")
-    for arm in ("reft", "dsg"):
-        if arm in full["summary"] and arm in static["summary"]:
-            print(f"\n== {arm}: static vs full adaptive (3 seeds) ==")
-            for label, report in (("static", static), ("full adaptive", full)):
-                print(f"{label}")
-                print("\n".join(arm_block(report, arm)))
-            diff = paired_difference(full, static, arm, "es_forget_eval", options)
-            print(f"      es_forget_eval full minus static: {estimate(diff)}")
-    no_gate = load(folder, "no_dynamic_gate")
-    if no_gate is not None and "dsg" in no_gate["summary"]:
-        print("\n== dsg under --adaptive_unlearning without the dynamic gate (the static published clamp) ==")
-        print("\n".join(arm_block(no_gate, "dsg")))
-        diff = paired_difference(full, no_gate, "dsg", "es_forget_eval", options)
-        print(f"      es_forget_eval dynamic minus static clamp: {estimate(diff)}")
     print("\nnon-finite losses: every variant ran (a NaN or inf stops an arm with NonFiniteLoss, recorded as failed):")
     for label, report in variants.items():
         if report is not None:
