@@ -34,7 +34,8 @@ def load(folder: Path, name: str) -> dict | None:
 
 def seconds(folder: Path, name: str) -> str:
     path = folder / f"{name}.seconds"
-    return f"{float(path.read_text()):.0f}s" if path.is_file() else "-"
+    text = path.read_text().strip() if path.is_file() else ""
+    return f"{float(text):.0f}s" if text else "still running"
 
 
 def rows(report: dict, arm: str, key: str, seeds: set[str] | None = None) -> list[list[float]]:
@@ -93,8 +94,8 @@ def comparison(folder: Path) -> None:
     print("== python mmie.py against python mmie.py --auto_config, seeds 0-2 pooled ==")
     for name, label in (("default3", "python mmie.py"), ("auto3", "--auto_config")):
         report = load(folder, name)
-        if report is None:
-            print(f"{label}: not run")
+        if report is None or "run_seconds" not in report:
+            print(f"{label}: not run or still running")
             continue
         print(f"{label}: {seconds(folder, name)} wall time (run {report['run_seconds']:.0f}s; seed 0 alone "
               f"~{first_seed_seconds(report):.0f}s)")
@@ -102,7 +103,7 @@ def comparison(folder: Path) -> None:
             print(f"  {arm}")
             print("\n".join(arm_block(report, arm)))
     adaptive, default = load(folder, "adaptive1"), load(folder, "default3")
-    if adaptive is not None and default is not None:
+    if adaptive is not None and default is not None and "run_seconds" in adaptive:
         ratio = adaptive["run_seconds"] / first_seed_seconds(default)
         print(f"\n--auto_config --adaptive_unlearning, seed 0: run {adaptive['run_seconds']:.0f}s = {ratio:.2f}x the "
               "default run's seed 0 (target <= 1.5x)")
@@ -113,7 +114,7 @@ def comparison(folder: Path) -> None:
 
 def ablation(folder: Path) -> None:
     static, full = load(folder, "static_lora3"), load(folder, "full_lora3")
-    if static is None or full is None:
+    if static is None or full is None or "run_seconds" not in full:
         print("ablation: static_lora3 or full_lora3 missing")
         return
     options = {"n_boot": 2000, "ci_level": 0.95, "seed": 0}
@@ -121,8 +122,8 @@ def ablation(folder: Path) -> None:
     variants |= {f"full minus {part}": load(folder, f"no_{part}") for part in COMPONENTS}
     print("\n== adaptive unlearning ablation: lora, --arms lora, one set of auto-config decisions ==")
     for label, report in variants.items():
-        if report is None or "lora" not in report["summary"]:
-            print(f"{label}: missing")
+        if report is None or "run_seconds" not in report or "lora" not in report["summary"]:
+            print(f"{label}: not run or still running")
             continue
         print(f"{label} (seeds {', '.join(sorted(seeds_of(report, 'lora')))})")
         print("\n".join(arm_block(report, "lora")))
@@ -134,7 +135,7 @@ def ablation(folder: Path) -> None:
                 print(f"      {metric} {what}: {estimate(diff)}")
     print("\nnon-finite losses: every variant ran (a NaN or inf stops an arm with NonFiniteLoss, recorded as failed):")
     for label, report in variants.items():
-        if report is not None:
+        if report is not None and "run_seconds" in report:
             failed = mmie.failed_arms(report)
             print(f"  {label}: {'none failed' if not failed else failed}")
 
