@@ -508,26 +508,28 @@ class AdaptiveUnlearningTrainer:
     def stage(self) -> str | None:
         return self.stages.current if self.stages else None
 
-    def score(self, texts: list[str]) -> np.ndarray:
-        """Per-text NLL in eval mode (no dropout), back to the caller's mode after."""
+    @contextmanager
+    def _eval_mode(self):
+        """Eval mode (no dropout) for a measurement, back to the caller's mode after."""
         training = self.model.training
         self.model.eval()
         try:
-            return np.asarray(self.score_nll(texts), dtype=np.float64)
+            yield
         finally:
             self.model.train(training)
+
+    def score(self, texts: list[str]) -> np.ndarray:
+        """Per-text NLL in eval mode."""
+        with self._eval_mode():
+            return np.asarray(self.score_nll(texts), dtype=np.float64)
 
     def probe(self) -> dict[str, float] | None:
         """The forget probe's means (ES, empty rate, repetition of greedy continuations of the forget-validation
         prompts) in eval mode, or None without a probe."""
         if self.forget_probe is None:
             return None
-        training = self.model.training
-        self.model.eval()
-        try:
+        with self._eval_mode():
             return {f"forget_{name}": float(value) for name, value in self.forget_probe().items()}
-        finally:
-            self.model.train(training)
 
     def monitored(self, forget_nll: float, probe: dict | None) -> float:
         """What early stopping watches: forget-val ES (lower = more forgotten) with a probe, else forget-val NLL."""

@@ -1002,17 +1002,24 @@ ES_METRIC = {"forget_train": "es_forget_train", "forget_eval": "es_forget_eval",
              "mixed": "es_mixed", "adversarial": "es_adversarial", "retain": "es_retain"}
 
 
+def es_and_health(texts: list[str], lid: LIDEnsemble, repetition_ngram: int) -> dict[str, list[float]]:
+    """Per output: ES (Hindi share of its words), empty (no language) and repetition, as the gates read them."""
+    return {"es": [share_true(mask) for mask in lid.hindi_word_masks(texts)],
+            "empty_rate": [float(is_empty_output(t)) for t in texts],
+            "repetition": [repetition_rate(t, repetition_ngram) for t in texts]}
+
+
 def score_outputs(outputs: dict[str, list[str]], related: dict[str, str], lid: LIDEnsemble,
                   repetition_ngram: int) -> dict[str, list[float]]:
     """Per-prompt generation metrics for every prompt set (DESIGN section 4)."""
     per_prompt = {}
     for name, texts in outputs.items():
         guesses = lid.identify(texts)
-        hindi_masks = lid.hindi_word_masks(texts)
-        per_prompt[ES_METRIC.get(name, f"es_{related.get(name)}")] = [share_true(mask) for mask in hindi_masks]
+        measures = es_and_health(texts, lid, repetition_ngram)
+        per_prompt[ES_METRIC.get(name, f"es_{related.get(name)}")] = measures["es"]
         per_prompt[f"hi_rate_{name}"] = [float(g.lang == "hi") for g in guesses]
-        per_prompt[f"empty_rate_{name}"] = [float(is_empty_output(t)) for t in texts]
-        per_prompt[f"repetition_{name}"] = [repetition_rate(t, repetition_ngram) for t in texts]
+        per_prompt[f"empty_rate_{name}"] = measures["empty_rate"]
+        per_prompt[f"repetition_{name}"] = measures["repetition"]
         if name in related:
             per_prompt[f"fidelity_{related[name]}"] = [float(g.lang == related[name]) for g in guesses]
         if name == "retain":
@@ -1530,9 +1537,8 @@ def adaptive_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], refere
         measure them on forget-eval (one batched generation)."""
         outputs = generate(model, tokenizer, probe_prompts, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, max_len=args.max_len, chat=uses_chat_template(tokenizer, args))
-        return {"es": np.mean([share_true(mask) for mask in ctx.lid.hindi_word_masks(outputs)]),
-                "empty_rate": np.mean([is_empty_output(text) for text in outputs]),
-                "repetition": np.mean([repetition_rate(text, args.repetition_ngram) for text in outputs])}
+        return {name: float(np.mean(values))
+                for name, values in es_and_health(outputs, ctx.lid, args.repetition_ngram).items()}
 
     roman = set(ctx.sets["forget_roman"].train) - set(ctx.sets["forget"].train)
     groups = ["romanized" if text in roman else "devanagari" for text in pools["forget"]]
