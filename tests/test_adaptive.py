@@ -317,6 +317,43 @@ def test_stage_schedule_falls_back_to_its_step_cap_between_validations():
     assert schedule.timeline(9)[-1]["end_step"] == 9
 
 
+def test_stage_schedule_sends_unhealthy_outputs_to_recovery_until_they_are_healthy():
+    loops = "forget-val repetition +0.3 over the base's (margin 0.05)"
+    schedule = ad.StageSchedule(base_forget_nll=2.0, margin=10.0, soft_limit=3.3, ascent_max_steps=100)
+    assert schedule.update(1, forget_nll=9.0, retain_nll=3.0) is None
+    assert schedule.update(2, 9.0, 3.0, loops) == loops  # a collapse goes to recovery
+    assert schedule.update(3, 9.0, 3.0, loops) is None  # still unhealthy: recovery goes on
+    assert "outputs healthy" in schedule.update(4, 9.0, 3.0, None)
+    assert schedule.update(5, 9.0, 3.0, loops) == loops and schedule.current == "recovery"  # npo -> recovery
+    assert [t["stage"] for t in schedule.timeline(6)] == ["bounded_ascent", "recovery", "npo", "recovery"]
+
+
+def test_a_healthy_recovery_step_that_beats_the_best_is_kept_and_recovery_never_uses_up_patience(model, tokenizer,
+                                                                                                  sine):
+    adapters, _ = sine
+    params = list(adapters.parameters())
+    probes = iter([(1.0, 0.0), (0.9, 0.0), (0.2, 0.4), (0.95, 0.0), (0.6, 0.0), (0.7, 0.0)])
+    seen = []
+
+    def probe():  # (ES, repetition): base, then steps 1-5
+        seen.append([p.detach().clone() for p in params])
+        es, repetition = next(probes)
+        return {"es": es, "empty_rate": 0.0, "repetition": repetition}
+
+    # retain 3.05 at step 3: over the soft budget 3.03 (recovery goes on), within the hard 3 + log 1.1 (eligible)
+    validation = ScriptedValidation([(2.0, 3.0), (2.0, 3.0), (2.0, 3.0), (2.0, 3.05), (2.0, 3.0), (2.0, 3.0)])
+    s = settings(stages=True, early_stop=True, adaptive_eval_every=1, adaptive_patience=1, adaptive_min_delta=0.0,
+                 adaptive_retain_eps=0.01)
+    trainer = make_trainer(model, tokenizer, params, s, steps=8, forget_probe=probe, score_nll=validation, health_margins={"empty_rate": 0.05, "repetition": 0.05})
+    trainer.run()
+    report = trainer.report()
+    assert [(t["stage"], t["start_step"]) for t in report["stages"]] == [
+        ("bounded_ascent", 0), ("recovery", 2), ("npo", 4)]
+    stop = report["early_stop"]  # 2 collapsed (not judged); recovery: 3 worse (skipped, no patience used), 4 best
+    assert stop["best_step"] == 4 and stop["stopped_at"] == 5
+    assert all(torch.equal(p, b) for p, b in zip(params, seen[4]))
+
+
 def test_dual_ascent_raises_lambda_over_budget_lowers_it_within_and_is_projected():
     dual = ad.DualAscent(init=1.0, step_size=1.0, limit=3.3, maximum=10.0)
     assert dual.update(1, 3.8) == pytest.approx(1.5)
@@ -411,6 +448,58 @@ def test_with_a_forget_probe_early_stopping_keeps_the_lowest_healthy_forget_es(m
     assert [row["forget_es"] for row in stop["curve"]] == [1.0, 0.8, 0.5, 0.1]
     assert [row["eligible"] for row in stop["curve"]] == [True, True, True, False]
     assert all(torch.equal(p, b) for p, b in zip(params, seen[2]))
+
+
+def test_validation_cadence_defaults_to_10_steps_for_the_adaptive_trainer_and_20_for_the_step_rule():
+    parse = mmie.build_parser().parse_args
+    assert ad.AdaptiveSettings.from_args(parse(["--adaptive_unlearning"])).adaptive_eval_every == 10
+    assert ad.AdaptiveSettings.from_args(parse(["--auto_config"])).adaptive_eval_every == 20
+    assert ad.AdaptiveSettings.from_args(parse(["--adaptive_unlearning", "--adaptive_eval_every", "7"])
+                                         ).adaptive_eval_every == 7
+
+
+def test_ratio_controller_grows_on_a_stall_shrinks_on_an_ineligible_step_and_stays_within_bounds():
+    ratio = ad.RatioController(1.0, 1.5, 3.0, min_delta=0.01, start_es=0.99)
+    assert ratio.update(20, 0.985, eligible=True) == 1.5  # fell 0.005 <= 0.01: a stall
+    assert ratio.update(40, 0.70, eligible=True) == 1.5  # forgetting proceeds: unchanged
+    assert ratio.update(60, 0.695, eligible=True) == 2.25
+    assert ratio.update(80, 0.60, eligible=True, judged=False) == 2.25  # recovery: recorded, not judged
+    assert ratio.update(100, 0.60, eligible=True) == 3.0  # capped
+    assert ratio.update(120, 0.20, eligible=False) == 2.0
+    assert ratio.update(140, 0.20, eligible=False) == pytest.approx(4 / 3)
+    assert ratio.update(160, 0.20, eligible=False) == 1.0  # not below the start
+    assert [row["step"] for row in ratio.trajectory] == [0, 20, 60, 100, 120, 140, 160]
+
+
+def test_dualoptim_forget_learning_rate_follows_the_ratio_controller(model, tokenizer, sine):
+    """With the probe, the forget optimizer's lr scale is the controller's ratio from the validation on: a stall
+    raises it, an unhealthy step lowers it; both are in the curve and the lr report."""
+    adapters, _ = sine
+    params = list(adapters.parameters())
+    probes = iter([(1.0, 0.0), (1.0, 0.0), (0.5, 0.0), (0.2, 0.4)])  # (ES, repetition): base, validations 1-3
+    s = settings(dualoptim=True, early_stop=True, adaptive_eval_every=2, adaptive_patience=5, dualoptim_ratio_growth=2.0)
+    forget_lrs = []
+
+    def probe():
+        es, repetition = next(probes)
+        return {"es": es, "empty_rate": 0.0, "repetition": repetition}
+
+    trainer = make_trainer(model, tokenizer, params, s, steps=6, forget_probe=probe,
+                           health_margins={"empty_rate": 0.05, "repetition": 0.05})
+    original = trainer.train_step
+
+    def train_step(step):
+        record = original(step)
+        if record["kind"] == "forget":
+            forget_lrs.append(trainer.optimizers["forget"].param_groups[0]["lr"] / trainer.lr / trainer.lr_factor(step))
+        return record
+
+    trainer.train_step = train_step
+    trainer.run()
+    assert forget_lrs == pytest.approx([1.0, 2.0, 2.0])  # forget steps 0, 2, 4; the stall at step 2 doubled it
+    curve = trainer.report()["early_stop"]["curve"]
+    assert [row.get("lr_ratio") for row in curve] == [None, 2.0, 2.0, 1.0]
+    assert [row["ratio"] for row in trainer.lr_report()["forget_over_retain_lr_trajectory"]] == [1.0, 2.0, 1.0]
 
 
 # ---------------------------------------------------------------------------------------------
