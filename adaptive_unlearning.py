@@ -24,15 +24,16 @@ How they combine (one training step):
     hard-first weights. Both compare NLLs within a source split only (Devanagari, romanized), never across scripts.
   * objective: the stage's (bounded ascent, NPO) with stages on; else --forget_obj throughout.
   * every --adaptive_eval_every steps, on validation slices carved from the TRAIN splits (held out of training):
-    dual ascent updates lambda, the ratio controller the forget lr, the stage schedule checks its triggers (NLLs),
-    early stopping records the curve and keeps the best parameters. Early stopping watches what gate G1 measures: the ES of greedy continuations of the
-    forget-validation prompts (one batched generation), among steps whose outputs stay healthy (empty rate and
-    repetition within gate GH's margins of the base's) and whose retain NLL is within the hard budget. The forget
-    NLL is a poor stand-in: on the embedded model the static LoRA's forget-val NLL peaked (+11 nats) at a step whose
-    continuations were loops (repetition +0.25), and the adaptive LoRA's rose 3.4 nats while its Devanagari ES
-    stayed 0.99. Two retain budgets: a soft target base x (1 + eps) that the controllers (lambda, the recovery
-    stage) steer by, and a hard limit base + log(ppl_ratio), gate G2's form, past which a step can never be the
-    best one (it counts against the patience).
+    dual ascent updates lambda, the ratio controller the forget lr, the stage schedule checks its triggers (NLLs,
+    output health), early stopping records the curve and keeps the best parameters. Early stopping watches what
+    gate G1 measures: the ES of greedy continuations of the forget-validation prompts (one batched generation),
+    among steps whose outputs stay healthy (empty rate and repetition within gate GH's margins of the base's) and
+    whose retain NLL is within the hard budget. The forget NLL is a poor stand-in: on the embedded model the static
+    LoRA's forget-val NLL peaked (+11 nats) at a step whose continuations were loops (repetition +0.25), and the
+    adaptive LoRA's rose 3.4 nats while its Devanagari ES stayed 0.99. Two retain budgets: a soft target
+    base x (1 + eps) that the controllers (lambda, the recovery stage) steer by, and a hard limit
+    base + log(ppl_ratio), gate G2's form, past which a step can never be the best one (it counts against the
+    patience).
 
 This module never imports mmie (mmie may be running as __main__): mmie passes in the objectives, the scoring and the
 encoding as callables and composes the trainer: type("AdaptiveTrainer", (AdaptiveUnlearningTrainer, Trainer), {}).
@@ -56,8 +57,8 @@ COMPONENTS = ("sine_lora", "reweight", "dualoptim", "curriculum", "stages", "dua
 FORGET, RETAIN, COMBINED = "forget", "retain", "combined"
 # Steps between validations by default. The adaptive trainer's controllers (stages, dual ascent, the lr ratio) act
 # at validations: on the embedded model the healthy forgetting window opens and closes within ~20 steps at lr 1e-2,
-# and validating every 10 instead of 20 took the adaptive LoRA's pooled ES (3 seeds) from 0.61 to 0.50 at a fixed
-# ratio, 0.82 to 0.59 with the ratio controller. Auto-config's step rule alone only needs the stop.
+# and at a fixed forget/retain lr ratio of 1.5, validating every 10 steps instead of 20 took the adaptive LoRA's
+# pooled forget-eval ES (3 seeds) from 0.61 to 0.50. Auto-config's step rule alone only needs the stop.
 EVAL_EVERY = {"adaptive": 10, "step_rule": 20}
 ASCENT, NPO, RECOVERY = "bounded_ascent", "npo", "recovery"
 
