@@ -55,11 +55,6 @@ from auto_config import Deadline, EarlyStopping, RetainBudget
 COMPONENTS = ("sine_lora", "reweight", "dualoptim", "curriculum", "stages", "dual_ascent", "early_stop",
               "dynamic_gate", "script_blind")
 FORGET, RETAIN, COMBINED = "forget", "retain", "combined"
-# Steps between validations by default. The adaptive trainer's controllers (stages, dual ascent, the lr ratio) act
-# at validations: on the embedded model the healthy forgetting window opens and closes within ~20 steps at lr 1e-2,
-# and at a fixed forget/retain lr ratio of 1.5, validating every 10 steps instead of 20 took the adaptive LoRA's
-# pooled forget-eval ES (3 seeds) from 0.61 to 0.50. Auto-config's step rule alone only needs the stop.
-EVAL_EVERY = {"adaptive": 10, "step_rule": 20}
 ASCENT, NPO, RECOVERY = "bounded_ascent", "npo", "recovery"
 
 
@@ -115,10 +110,7 @@ class AdaptiveSettings:
         if not active and getattr(args, "auto_config", False):  # auto-config's step rule: early stopping alone
             active, values["early_stop"] = True, not getattr(args, "no_early_stop", False)
         hyper = {f.name: getattr(args, f.name) for f in fields(cls)
-                 if f.name not in COMPONENTS and f.name != "active" and getattr(args, f.name, None) is not None}
-        if getattr(args, "adaptive_eval_every", None) is None:
-            hyper["adaptive_eval_every"] = EVAL_EVERY["adaptive" if getattr(args, "adaptive_unlearning", False)
-                                                      else "step_rule"]
+                 if f.name not in COMPONENTS and f.name != "active" and hasattr(args, f.name)}
         return cls(active=active, **values, **hyper)
 
     def components(self) -> dict[str, bool]:

@@ -294,9 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag(adapt, "--dual_step", type=float, default=1.0, check=above(0),
          help="eta in lambda <- clip(lambda + eta (NLL_retain - limit), 0, max) (PDU's dual_step_size: 1)")
     flag(adapt, "--dual_max", type=float, default=10.0, check=above(0), help="cap of lambda")
-    flag(adapt, "--adaptive_eval_every", type=int, default=None, check=at_least(1),
-         help="steps between validations (stages, dual ascent, the lr ratio, early stopping); default 10 with "
-              "--adaptive_unlearning (its controllers act at validations), 20 for auto-config's step rule alone")
+    flag(adapt, "--adaptive_eval_every", type=int, default=20, check=at_least(1),
+         help="steps between validations (stages, dual ascent, the lr ratio, early stopping; every 10 cost +34%% per "
+              "adaptive step against the plain loop and traded romanized for Devanagari forgetting, BENCHMARKS.md)")
     flag(adapt, "--adaptive_val_share", type=float, default=0.1, check=between(0, 1, low_open=True, high_open=True),
          help="share of the forget- and retain-train splits held out of training as validation slices")
     flag(adapt, "--adaptive_patience", type=int, default=3, check=at_least(1),
@@ -4376,8 +4376,6 @@ def free_accelerator_gib(device: str) -> float | None:
 
 def auto_static(auto: AutoConfig, model, tokenizer, sets: dict[str, TextSet], args, device: str) -> None:
     """Settings that follow from the model, the data and the hardware without training anything."""
-    import adaptive_unlearning as adaptive  # its default validation cadence, recorded with the step rule
-
     texts = sets["retain"].eval + sets["forget"].texts + sets["mixed"].eval + sets["adversarial"].eval
     lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
     auto.decide("max_len", choose_max_len(lengths, getattr(model.config, "max_position_embeddings", 2048) or 2048))
@@ -4405,8 +4403,7 @@ def auto_static(auto: AutoConfig, model, tokenizer, sets: dict[str, TextSet], ar
         auto.decide(name, Decision(getattr(args, name), "training steps: a maximum; early stopping on validation "
                                    "slices of the train splits picks and restores the best step (auto_config."
                                    "EarlyStopping in the trainer; the curve and the step are in the arm's info)",
-                                   {"eval_every": args.adaptive_eval_every or adaptive.EVAL_EVERY,
-                                    "patience": args.adaptive_patience,
+                                   {"eval_every": args.adaptive_eval_every, "patience": args.adaptive_patience,
                                     "validation_share": args.adaptive_val_share,
                                     "budget_minutes": args.budget_minutes}))
 

@@ -450,14 +450,6 @@ def test_with_a_forget_probe_early_stopping_keeps_the_lowest_healthy_forget_es(m
     assert all(torch.equal(p, b) for p, b in zip(params, seen[2]))
 
 
-def test_validation_cadence_defaults_to_10_steps_for_the_adaptive_trainer_and_20_for_the_step_rule():
-    parse = mmie.build_parser().parse_args
-    assert ad.AdaptiveSettings.from_args(parse(["--adaptive_unlearning"])).adaptive_eval_every == 10
-    assert ad.AdaptiveSettings.from_args(parse(["--auto_config"])).adaptive_eval_every == 20
-    assert ad.AdaptiveSettings.from_args(parse(["--adaptive_unlearning", "--adaptive_eval_every", "7"])
-                                         ).adaptive_eval_every == 7
-
-
 def test_ratio_controller_grows_on_a_stall_shrinks_on_an_ineligible_step_and_stays_within_bounds():
     ratio = ad.RatioController(1.0, 1.5, 3.0, min_delta=0.01, start_es=0.99)
     assert ratio.update(20, 0.985, eligible=True) == 1.5  # fell 0.005 <= 0.01: a stall
