@@ -616,8 +616,7 @@ class AdaptiveUnlearningTrainer:
 
     def _apply_dual(self) -> None:
         if self.dual is not None and self.settings.dualoptim:
-            for group in self.optimizers[RETAIN].param_groups:
-                group["lr_scale"] = self.dual.value
+            set_lr_scale(self.optimizers[RETAIN], self.dual.value)
 
     def _snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.params]
@@ -633,8 +632,7 @@ class AdaptiveUnlearningTrainer:
             return super().make_optimizers()
         optimizers = {kind: torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.weight_decay)
                       for kind in (FORGET, RETAIN)}
-        for group in optimizers[FORGET].param_groups:
-            group["lr_scale"] = self.settings.dualoptim_lr_ratio  # lr_forget = ratio x lr_retain, lr_retain = --lr
+        set_lr_scale(optimizers[FORGET], self.settings.dualoptim_lr_ratio)  # lr_forget = ratio x lr_retain (--lr)
         return optimizers
 
     def optimizer_for(self, kind: str) -> torch.optim.Optimizer:
@@ -700,8 +698,7 @@ class AdaptiveUnlearningTrainer:
             self._apply_dual()
         if self.ratio is not None:
             entry["lr_ratio"] = self.ratio.update(done, probe["forget_es"], entry["eligible"], stage != RECOVERY)
-            for group in self.optimizers[FORGET].param_groups:
-                group["lr_scale"] = entry["lr_ratio"]
+            set_lr_scale(self.optimizers[FORGET], entry["lr_ratio"])
         reason = self._early_stop(done, self.monitored(forget_nll, probe), entry, stage)
         if self.stages is not None and reason is None and not last:  # no stage switch after the last step
             self.stages.update(done, forget_nll, retain_nll, unhealthy)
@@ -773,6 +770,12 @@ class AdaptiveUnlearningTrainer:
                 else "combined steps forget + lambda x retain", "rule": "lambda <- clip(lambda + eta (NLL_r - limit), "
                 "0, lambda_max)", "eta": self.dual.step_size, "limit": self.dual.limit, "max": self.dual.maximum,
                 "trajectory": self.dual.trajectory}
+
+
+def set_lr_scale(optimizer: torch.optim.Optimizer, scale: float) -> None:
+    """The factor mmie.Trainer multiplies this optimizer's scheduled learning rate by (DualOptim's ratio, lambda)."""
+    for group in optimizer.param_groups:
+        group["lr_scale"] = scale
 
 
 def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
