@@ -14,6 +14,9 @@ and records what it did in the arm's report entry info["adaptive"].
     early_stop       auto_config.EarlyStopping / RetainBudget / Deadline      AdaptiveUnlearningTrainer.evaluate
     dynamic_gate     DSG, arXiv 2504.08192 + LID Hindi share (ours)           DynamicClamp
     script_blind     ours                                                     forget_pool
+    english_target   IDK-style alternative target: TOFU's IDK (arXiv 2401.   forget_batch_size; the target
+                     06121), DualOptim's idk_loss (LLM/trainer/losses.py);    rows: mmie.english_targets,
+                     here the "answer" is an English continuation (ours)      mmie.encode_continuations
 
 How they combine (one training step):
   * kind: recovery stage -> retain; else DualOptim's f forget : r retain cycle (1:1 here, the forget lr scaled by the
@@ -22,7 +25,14 @@ How they combine (one training step):
   * which forget samples: the curriculum (easy first, annealed to uniform); how much each counts: the LoReUn weights
     (hard first). So early steps see mostly easy samples and lean on the harder of them; later, uniform sampling with
     hard-first weights. Both compare NLLs within a source split only (Devanagari, romanized), never across scripts.
-  * objective: the stage's (bounded ascent, NPO) with stages on; else --forget_obj throughout.
+  * objective: the stage's (bounded ascent, NPO) with stages on; else --forget_obj throughout. With the English
+    target, each forget sample's loss adds w x the NLL of an English continuation of its prompt (an English retain
+    text; only the continuation's tokens scored), and a forget step reads half the batch of forget texts, so it
+    reads as many rows as without the target. Ascent and NPO only push Hindi down, and on the embedded model the
+    mass they free went to loops and empty outputs (a cliff within 10-20 steps); the target gives it somewhere to
+    go: the model is taught to answer a Hindi prompt in English, the behaviour the gates ask for. DualOptim's IDK
+    loss is the same NLL with "I don't know" answers; there it replaces the forget loss (IDK+AP), here it is added
+    to the stage's objective (ours).
   * every --adaptive_eval_every steps, on validation slices carved from the TRAIN splits (held out of training):
     dual ascent updates lambda, the ratio controller the forget lr, the stage schedule checks its triggers (NLLs,
     output health), early stopping records the curve and keeps the best parameters. Early stopping watches what
@@ -53,7 +63,7 @@ import torch
 from auto_config import Deadline, EarlyStopping, RetainBudget
 
 COMPONENTS = ("sine_lora", "reweight", "dualoptim", "curriculum", "stages", "dual_ascent", "early_stop",
-              "dynamic_gate", "script_blind")
+              "dynamic_gate", "script_blind", "english_target")
 FORGET, RETAIN, COMBINED = "forget", "retain", "combined"
 ASCENT, NPO, RECOVERY = "bounded_ascent", "npo", "recovery"
 
@@ -74,6 +84,8 @@ class AdaptiveSettings:
     early_stop: bool = False
     dynamic_gate: bool = False
     script_blind: bool = False
+    english_target: bool = False
+    english_target_weight: float = 0.5
     sine_omega: float | None = None
     reweight_temperature: float = 1.0
     reweight_every: int = 80
@@ -648,11 +660,18 @@ class AdaptiveUnlearningTrainer:
             return FORGET if step % (f + r) < f else RETAIN
         return COMBINED if self.combined else super().kind_at(step)
 
+    @property
+    def forget_batch_size(self) -> int:
+        """Forget texts per forget step: half the batch with the English target, whose rows (one per forget text,
+        scored in the same step) fill the other half, so a forget step reads as many rows as without it."""
+        return max(1, self.batch_size // 2) if self.settings.english_target else self.batch_size
+
     def sample(self, kind: str, step: int) -> np.ndarray:
-        if kind == RETAIN or self.curriculum is None:
+        if kind == RETAIN or (self.curriculum is None and not self.settings.english_target):
             return super().sample(kind, step)
         n = len(self.pools[FORGET])
-        return self.rng.choice(n, size=min(self.batch_size, n), replace=False, p=self.curriculum.probabilities(step))
+        return self.rng.choice(n, size=min(self.forget_batch_size, n), replace=False,
+                               p=None if self.curriculum is None else self.curriculum.probabilities(step))
 
     def weights(self, kind: str, indices: np.ndarray, step: int) -> torch.Tensor:
         if kind == RETAIN or self.reweighter is None:
@@ -736,7 +755,12 @@ class AdaptiveUnlearningTrainer:
             "components": {**s.components(), "sine_lora": self.bounded_parameterisation, "dynamic_gate": False},
             "switches": s.components(),
             "objective": {"static": self.static_objective,
-                          "bounded_ascent": "ga" if self.bounded_parameterisation else "bounded_ga"},
+                          "bounded_ascent": "ga" if self.bounded_parameterisation else "bounded_ga",
+                          "english_target": {"weight": s.english_target_weight,
+                                             "forget_texts_per_step": self.forget_batch_size,
+                                             "loss": "stage/static loss_i + weight x NLL(English continuation | "
+                                                     "prompt_i), the continuation a retain train text"}
+                          if s.english_target else None},
             "stages": self.stages.timeline(done) if self.stages else [],
             "weights": self.reweighter.report() if self.reweighter else None,
             "curriculum": self.curriculum.summary() if self.curriculum else None,

@@ -19,9 +19,12 @@ run() {  # name, stage cache, flags...
 }
 run default3 cache_default --seeds 0 1 2
 run auto3 cache_auto --auto_config --seeds 0 1 2
-run adaptive1 cache_adaptive --auto_config --adaptive_unlearning
-run static_lora3 cache_lora --auto_config --arms lora --seeds 0 1 2
-run full_lora3 cache_lora --auto_config --adaptive_unlearning --arms lora --seeds 0 1 2
-for part in sine_lora curriculum stages dual_ascent reweight dualoptim script_blind early_stop; do
-    run "no_$part" cache_lora --auto_config --adaptive_unlearning "--no_$part" --arms lora --seeds 0 1 2
+# The lora ablation pins the batch sizes that auto-config chose in earlier runs: on a shared CPU its timed batch
+# search flips between 16 and 8 (train) and 128 and 64 (eval) from run to run, and the variants must be paired.
+lora=(--arms lora --seeds 0 1 2 --batch_size 128 --train_batch_size 16)
+run static_lora3 cache_lora --auto_config "${lora[@]}"
+run full_lora3 cache_lora --auto_config --adaptive_unlearning "${lora[@]}"
+for part in english_target sine_lora curriculum stages dual_ascent reweight dualoptim script_blind early_stop; do
+    run "no_$part" cache_lora --auto_config --adaptive_unlearning "--no_$part" "${lora[@]}"
 done
+run adaptive1 cache_adaptive --auto_config --adaptive_unlearning

@@ -24,7 +24,7 @@ METRICS = ["es_forget_eval", "es_forget_roman", "es_mixed", "fidelity_ur", "fide
            "es_relearn", "empty_rate_forget_eval", "repetition_forget_eval"]
 GATES = ["G1", "G1S", "G2", "G3", "G4_ur", "G4_pa", "G4_bn", "G5", "G6", "GH"]
 COMPONENTS = ["sine_lora", "reweight", "dualoptim", "curriculum", "stages", "dual_ascent", "early_stop",
-              "script_blind"]
+              "script_blind", "english_target"]
 
 
 def load(folder: Path, name: str) -> dict | None:

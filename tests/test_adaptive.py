@@ -692,3 +692,55 @@ def test_with_every_component_off_the_adaptive_trainer_is_the_static_one(model, 
         weights.append([p.detach().clone() for p in params])
     assert logs[0] == logs[1]
     assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
+def test_english_targets_pair_each_forget_prompt_with_its_own_retain_text():
+    targets = mmie.english_targets(HINDI, ENGLISH[:5], prompt_words=3, seed=0)
+    assert [prompt for prompt, _ in targets] == mmie.continuation_prompts(HINDI, 3)
+    continuations = [text for _, text in targets]
+    assert sorted(continuations[:5]) == sorted(ENGLISH[:5])  # without replacement while the pool lasts
+    assert continuations[5:] == continuations[:3] and continuations == [t for _, t in
+                                                                         mmie.english_targets(HINDI, ENGLISH[:5], 3, 0)]
+
+
+def test_encode_continuations_scores_only_the_continuation(model, tokenizer):
+    """log p(prompt + continuation) - log p(prompt) = log p(continuation | prompt), where the tokens split there."""
+    prompts, continuations = [HINDI[0].split()[0], "आज माँ ने"], [ENGLISH[0], ENGLISH[3]]
+    joined = [f"{p} {c}" for p, c in zip(prompts, continuations)]
+    with torch.no_grad():
+        part, count = mmie.token_logprobs(model, mmie.encode_continuations(tokenizer, prompts, continuations, 64, "cpu"))
+        whole, whole_count = mmie.token_logprobs(model, mmie.encode_texts(tokenizer, joined, 64, "cpu"))
+        prompt, prompt_count = mmie.token_logprobs(model, mmie.encode_texts(tokenizer, prompts, 64, "cpu"))
+    assert count.tolist() == (whole_count - prompt_count).tolist() and (count > 0).all()
+    torch.testing.assert_close(part, whole - prompt, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("curriculum", [False, True])
+def test_with_the_english_target_a_forget_step_reads_half_a_batch_of_forget_texts(model, tokenizer, sine, curriculum):
+    adapters, _ = sine
+    for target, size in ((False, 8), (True, 4)):
+        s = settings(english_target=target, curriculum=curriculum)
+        trainer = make_trainer(model, tokenizer, list(adapters.parameters()), s, steps=4, batch_size=8)
+        assert len(trainer.sample(ad.FORGET, 0)) == size and len(trainer.sample(ad.RETAIN, 0)) == 8
+
+
+def test_the_english_target_adds_its_continuation_nll_to_each_forget_loss(model, tokenizer, sine, lid):
+    """mmie's forget objective with the target: loss_i = stage loss_i + w x NLL(English continuation | prompt_i);
+    the NLL it returns for the reweighter stays the forget text's own."""
+    adapters, switch = sine
+    losses = {}
+    for extra in ([], ["--no_english_target"]):
+        ctx = experiment(model, tokenizer, ["--adaptive_unlearning", "--train_batch_size", "4", "--max_len", "48",
+                                            "--english_target_weight", "0.5", *extra], lid)
+        trainer = mmie.unlearning_trainer(ctx, list(adapters.parameters()), switch.off, steps=4, lr=1e-2, seed=0,
+                                          desc="lora", bounded_parameterisation=True)
+        idx = np.arange(3)
+        batch = trainer.encode([trainer.pools["forget"][i] for i in idx])
+        with torch.no_grad():
+            losses[bool(extra)] = trainer.forget_objective("ga", batch, idx)
+    targets = mmie.english_targets(trainer.pools["forget"], trainer.pools["retain"], 8, seed=0)[:3]
+    with torch.no_grad():
+        logp, count = mmie.token_logprobs(model, mmie.encode_continuations(
+            tokenizer, [p for p, _ in targets], [c for _, c in targets], 48, "cpu"))
+    torch.testing.assert_close(losses[False][0], losses[True][0] - 0.5 * logp / count)
+    torch.testing.assert_close(losses[False][1], losses[True][1])
