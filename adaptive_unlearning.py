@@ -349,9 +349,10 @@ class LossReweighter:
 
 class Curriculum:
     """MRD-inspired curriculum (arXiv 2504.06658 prioritises easily forgettable samples; its score, sign convention
-    and sampling distribution are unverified, no official code). Difficulty proxy: the per-sample NLL at the start
-    of unlearning (the edit is zero at step 0 in every arm, so this is the base model's): a text the model predicts
-    badly is weakly learned and taken as easy to forget, consistent with LoReUn's "low loss = hard". MRD's own score
+    and sampling distribution are unverified, no official code). Difficulty proxy: the base model's per-sample NLL
+    (the edit is zero at step 0 in every arm; mmie reads it in the pass that gives NPO its reference): a text the
+    model predicts badly is weakly learned and taken as easy to forget, consistent with LoReUn's "low loss = hard".
+    MRD's own score
     (likelihood change under N(0, 1e-5^2) parameter noise) is not used: at bf16 that noise is below the weights'
     resolution. Sampling: p_i(t) proportional to exp(s(t) z_i), z the proxy standardised within i's source split
     (as LossReweighter: NLLs of two scripts are not comparable), s(t) = s0 (1 - t / T_a) for t < T_a = share x
@@ -494,6 +495,7 @@ class AdaptiveUnlearningTrainer:
       encode                texts -> batch (the combined step's retain batch)
       reference             context giving the unedited model (the base values of the budgets)
       forget_probe          () -> {"es", "empty_rate", "repetition"} of the forget-validation continuations
+      start_nll             the base model's per-text NLL of pools["forget"] if already computed (else scored here)
       health_margins        gate GH's margins over the base's empty rate and repetition
       forget_groups         source split of each forget text (Devanagari, romanized): weights and curriculum
                             compare NLLs within a split only
@@ -517,8 +519,9 @@ class AdaptiveUnlearningTrainer:
                  score_nll: Callable[[list[str]], np.ndarray], encode: Callable[[list[str]], dict],
                  reference: Callable, static_objective: str, bounded_parameterisation: bool,
                  forget_groups: Sequence | None = None, forget_probe: Callable[[], dict[str, float]] | None = None,
-                 health_margins: dict[str, float] | None = None, **trainer_kwargs):
-        self.settings, self.validation = settings, validation
+                 health_margins: dict[str, float] | None = None, start_nll: np.ndarray | None = None,
+                 **trainer_kwargs):
+        self.settings, self.validation, self.start_nll = settings, validation, start_nll
         self.forget_probe, self.health_margins = forget_probe, health_margins or {}
         self.forget_groups = None if forget_groups is None else np.asarray(forget_groups)
         self.forget_objective, self.retain_objective = forget_objective, retain_objective
@@ -535,7 +538,9 @@ class AdaptiveUnlearningTrainer:
 
     def _start_controllers(self) -> None:
         s = self.settings
-        start_nll = self.score(self.pools[FORGET]) if s.reweight or s.curriculum else None
+        start_nll = None
+        if s.reweight or s.curriculum:  # the base model's per-text NLL: mmie's NPO reference pass, when it ran
+            start_nll = self.score(self.pools[FORGET]) if self.start_nll is None else self.start_nll
         self.reweighter = (LossReweighter(start_nll, s.reweight_temperature, s.reweight_clip, self.forget_groups)
                            if s.reweight else None)
         self.curriculum = (Curriculum(start_nll, s.curriculum_strength, round(s.curriculum_share * self.steps),

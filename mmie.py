@@ -718,13 +718,15 @@ def active_hooks(model) -> int:
     return sum(len(module._forward_hooks) + len(module._forward_pre_hooks) for module in model.modules())
 
 
-def encode_texts(tokenizer, texts: list[str], max_len: int, device, context: str | None = None) -> dict:
+def encode_texts(tokenizer, texts: list[str], max_len: int, device, context: str | None = None,
+                 special_tokens: bool = True) -> dict:
     """Right-padded token ids of texts for scoring, training and activations (generation pads left), truncated
     to max_len, on `device`: input_ids, attention_mask, and score_mask [B, T-1], True where the next-token
     prediction is scored (every text token after the first position). With a context (the prompt arm's
     instruction) each text follows `context` and a newline, and exactly the same text tokens are scored as
-    without it, so per-text NLLs and token KLs pair with the base model's."""
-    plain = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    without it, so per-text NLLs and token KLs pair with the base model's. special_tokens=False for texts that
+    carry their own (a chat template's)."""
+    plain = tokenizer(texts, add_special_tokens=special_tokens)["input_ids"]
     if context is None:
         prefix, skip = [], 0
     else:
@@ -1518,10 +1520,15 @@ def english_targets(forget: list[str], retain: list[str], prompt_words: int, see
     return [(prompt, retain[order[i % len(order)]]) for i, prompt in enumerate(prompts)]
 
 
-def encode_continuations(tokenizer, prompts: list[str], continuations: list[str], max_len: int, device) -> dict:
-    """encode_texts of "prompt continuation" with only the continuation's tokens scored (the prompt is context)."""
-    batch = encode_texts(tokenizer, [f"{p} {c}" for p, c in zip(prompts, continuations)], max_len, device)
-    prompt_tokens = torch.tensor([len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]],
+def encode_continuations(tokenizer, prompts: list[str], continuations: list[str], max_len: int, device,
+                         chat: bool = False) -> dict:
+    """encode_texts of each prompt followed by its continuation, only the continuation's tokens scored (the prompt
+    is context). The prompt is formatted as generation formats it: "prompt continuation" as raw text, or, under
+    the chat template, the continuation as the assistant's reply to the prompt."""
+    heads = format_prompts(tokenizer, prompts, chat)
+    texts = [head + c if chat else f"{head} {c}" for head, c in zip(heads, continuations)]
+    batch = encode_texts(tokenizer, texts, max_len, device, special_tokens=not chat)
+    prompt_tokens = torch.tensor([len(ids) for ids in tokenizer(heads, add_special_tokens=not chat)["input_ids"]],
                                  device=device)
     positions = torch.arange(batch["score_mask"].shape[1], device=device)
     batch["score_mask"] &= positions[None, :] >= prompt_tokens[:, None] - 1  # position t predicts token t+1
@@ -1544,15 +1551,17 @@ def adaptive_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], refere
     if settings.validates:
         for kind in pools:
             pools[kind], validation[kind] = adaptive.carve_validation(pools[kind], settings.adaptive_val_share)
-    ref_seq_logp = None
-    if settings.stages or args.forget_obj == "npo":
-        with reference():
-            ref_seq_logp = sequence_logprobs(model, tokenizer, pools["forget"], batch_size=args.batch_size,
-                                             max_len=args.max_len)
     device = next(model.parameters()).device
+    ref_seq_logp = base_nll = None
+    if settings.stages or args.forget_obj == "npo" or settings.reweight or settings.curriculum:
+        with reference():  # one pass: NPO's reference log-likelihoods and the curriculum's and reweighting's start
+            base_nll, count = text_nll(model, tokenizer, pools["forget"], batch_size=args.batch_size,
+                                       max_len=args.max_len)
+        ref_seq_logp = torch.as_tensor(-base_nll * count, dtype=torch.float32, device=device)
 
     targets = english_targets(pools["forget"], pools["retain"], args.prompt_words, seed) \
         if settings.english_target else None
+    chat = uses_chat_template(tokenizer, args)  # the target as the reply the gates' generation asks for
 
     def forget(objective, batch, idx):
         seq_logp, length = token_logprobs(model, batch)
@@ -1561,7 +1570,8 @@ def adaptive_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], refere
         if targets is not None:
             prompts, continuations = zip(*(targets[i] for i in idx))
             target_logp, target_length = token_logprobs(
-                model, encode_continuations(tokenizer, list(prompts), list(continuations), args.max_len, device))
+                model, encode_continuations(tokenizer, list(prompts), list(continuations), args.max_len, device,
+                                            chat=chat))
             losses = losses - settings.english_target_weight * target_logp / target_length.clamp(min=1)
         return losses, -seq_logp / length.clamp(min=1)
 
@@ -1590,7 +1600,7 @@ def adaptive_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], refere
         retain_objective=retain, encode=lambda texts: encode_texts(tokenizer, texts, args.max_len, device),
         score_nll=lambda texts: text_nll(model, tokenizer, texts, batch_size=args.batch_size, max_len=args.max_len)[0],
         reference=reference, static_objective=args.forget_obj, bounded_parameterisation=bounded_parameterisation,
-        forget_probe=forget_probe if settings.early_stop else None,
+        forget_probe=forget_probe if settings.early_stop else None, start_nll=base_nll,
         health_margins={measure: getattr(args, flag) for measure, flag in HEALTH_MEASURES.items()},
         steps=steps, lr=lr, batch_size=args.train_batch_size, max_len=args.max_len, seed=seed,
         max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay, warmup_share=args.warmup_share, desc=desc)

@@ -703,14 +703,28 @@ def test_english_targets_pair_each_forget_prompt_with_its_own_retain_text():
                                                                          mmie.english_targets(HINDI, ENGLISH[:5], 3, 0)]
 
 
-def test_encode_continuations_scores_only_the_continuation(model, tokenizer):
-    """log p(prompt + continuation) - log p(prompt) = log p(continuation | prompt), where the tokens split there."""
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_encode_continuations_scores_only_the_continuation(model, tokenizer, chat):
+    """log p(prompt + continuation) - log p(prompt) = log p(continuation | prompt), where the tokens split there;
+    under a chat template the prompt is the user turn and the continuation the assistant's reply."""
+    if chat:
+        tokenizer = AutoTokenizer.from_pretrained(mmie.EMBEDDED_MODEL)
+        tokenizer.chat_template = CHAT_TEMPLATE
     prompts, continuations = [HINDI[0].split()[0], "आज माँ ने"], [ENGLISH[0], ENGLISH[3]]
-    joined = [f"{p} {c}" for p, c in zip(prompts, continuations)]
+    heads = mmie.format_prompts(tokenizer, prompts, chat)
+    assert all(("<|im_start|>assistant" in head) == chat for head in heads)
+    joined = [head + c if chat else f"{head} {c}" for head, c in zip(heads, continuations)]
     with torch.no_grad():
-        part, count = mmie.token_logprobs(model, mmie.encode_continuations(tokenizer, prompts, continuations, 64, "cpu"))
-        whole, whole_count = mmie.token_logprobs(model, mmie.encode_texts(tokenizer, joined, 64, "cpu"))
-        prompt, prompt_count = mmie.token_logprobs(model, mmie.encode_texts(tokenizer, prompts, 64, "cpu"))
+        part, count = mmie.token_logprobs(model, mmie.encode_continuations(tokenizer, prompts, continuations, 64, "cpu",
+                                                                           chat=chat))
+        whole, whole_count = mmie.token_logprobs(model, mmie.encode_texts(tokenizer, joined, 64, "cpu",
+                                                                          special_tokens=not chat))
+        prompt, prompt_count = mmie.token_logprobs(model, mmie.encode_texts(tokenizer, heads, 64, "cpu",
+                                                                            special_tokens=not chat))
     assert count.tolist() == (whole_count - prompt_count).tolist() and (count > 0).all()
     torch.testing.assert_close(part, whole - prompt, rtol=1e-4, atol=1e-4)
 
@@ -744,3 +758,14 @@ def test_the_english_target_adds_its_continuation_nll_to_each_forget_loss(model,
             tokenizer, [p for p, _ in targets], [c for _, c in targets], 48, "cpu"))
     torch.testing.assert_close(losses[False][0], losses[True][0] - 0.5 * logp / count)
     torch.testing.assert_close(losses[False][1], losses[True][1])
+
+
+def test_the_start_nll_comes_from_the_npo_reference_pass(model, tokenizer, sine, lid):
+    """One pass under the reference serves NPO's reference log-likelihoods and the curriculum's and reweighting's
+    start NLLs (the edit is zero at the start, so the edited model's own scores agree)."""
+    adapters, switch = sine
+    ctx = experiment(model, tokenizer, ["--adaptive_unlearning", "--train_batch_size", "4", "--max_len", "48"], lid)
+    trainer = mmie.unlearning_trainer(ctx, list(adapters.parameters()), switch.off, steps=4, lr=1e-2, seed=0,
+                                      desc="lora", bounded_parameterisation=True)
+    assert trainer.start_nll is not None and len(trainer.start_nll) == len(trainer.pools["forget"])
+    np.testing.assert_allclose(trainer.start_nll, trainer.score(trainer.pools["forget"]), rtol=1e-5)
