@@ -672,7 +672,7 @@ class AdaptiveUnlearningTrainer:
         return max(1, self.batch_size // 2) if self.settings.english_target else self.batch_size
 
     def sample(self, kind: str, step: int) -> np.ndarray:
-        if kind == RETAIN or (self.curriculum is None and not self.settings.english_target):
+        if kind == RETAIN:
             return super().sample(kind, step)
         n = len(self.pools[FORGET])
         return self.rng.choice(n, size=min(self.forget_batch_size, n), replace=False,

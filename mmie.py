@@ -1535,6 +1535,14 @@ def encode_continuations(tokenizer, prompts: list[str], continuations: list[str]
     return batch
 
 
+def take_rows(batch: dict, rows) -> dict:
+    """Rows of an encode_texts batch, trimmed to the longest of them: the batch encode_texts gives for those texts."""
+    rows = torch.as_tensor(rows, device=batch["input_ids"].device)
+    width = int(batch["attention_mask"][rows].sum(1).max())
+    return {"input_ids": batch["input_ids"][rows, :width], "attention_mask": batch["attention_mask"][rows, :width],
+            "score_mask": batch["score_mask"][rows, : width - 1]}
+
+
 def adaptive_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], reference: Callable, *, steps: int,
                      lr: float, seed: int, desc: str, retain_penalty: Callable[[], torch.Tensor] | None,
                      bounded_parameterisation: bool) -> Trainer:
@@ -1559,19 +1567,18 @@ def adaptive_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], refere
                                        max_len=args.max_len)
         ref_seq_logp = torch.as_tensor(-base_nll * count, dtype=torch.float32, device=device)
 
-    targets = english_targets(pools["forget"], pools["retain"], args.prompt_words, seed) \
-        if settings.english_target else None
-    chat = uses_chat_template(tokenizer, args)  # the target as the reply the gates' generation asks for
+    targets = None
+    if settings.english_target:  # encoded once; a forget step takes its rows
+        prompts, continuations = zip(*english_targets(pools["forget"], pools["retain"], args.prompt_words, seed))
+        targets = encode_continuations(tokenizer, list(prompts), list(continuations), args.max_len, device,
+                                       chat=uses_chat_template(tokenizer, args))  # the reply generation asks for
 
     def forget(objective, batch, idx):
         seq_logp, length = token_logprobs(model, batch)
         ref = None if ref_seq_logp is None else ref_seq_logp[torch.as_tensor(idx, device=ref_seq_logp.device)]
         losses = forget_losses_from_logprobs(objective, seq_logp, length, ref, args)
         if targets is not None:
-            prompts, continuations = zip(*(targets[i] for i in idx))
-            target_logp, target_length = token_logprobs(
-                model, encode_continuations(tokenizer, list(prompts), list(continuations), args.max_len, device,
-                                            chat=chat))
+            target_logp, target_length = token_logprobs(model, take_rows(targets, idx))
             losses = losses - settings.english_target_weight * target_logp / target_length.clamp(min=1)
         return losses, -seq_logp / length.clamp(min=1)
 

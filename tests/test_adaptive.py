@@ -769,3 +769,12 @@ def test_the_start_nll_comes_from_the_npo_reference_pass(model, tokenizer, sine,
                                       desc="lora", bounded_parameterisation=True)
     assert trainer.start_nll is not None and len(trainer.start_nll) == len(trainer.pools["forget"])
     np.testing.assert_allclose(trainer.start_nll, trainer.score(trainer.pools["forget"]), rtol=1e-5)
+
+
+def test_take_rows_gives_the_batch_encode_texts_gives_for_those_texts(tokenizer):
+    texts = HINDI[:3] + ENGLISH[:3]
+    whole = mmie.encode_texts(tokenizer, texts, 64, "cpu")
+    for rows in ([4, 1], [3], [5, 0, 2]):
+        alone = mmie.encode_texts(tokenizer, [texts[i] for i in rows], 64, "cpu")
+        taken = mmie.take_rows(whole, np.array(rows))
+        assert taken.keys() == alone.keys() and all(torch.equal(taken[k], alone[k]) for k in alone)
