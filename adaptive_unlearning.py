@@ -40,7 +40,8 @@ How they combine (one training step):
     among steps whose outputs stay healthy (empty rate and repetition within gate GH's margins of the base's) and
     whose retain NLL is within the hard budget. The forget NLL is a poor stand-in: on the embedded model the static
     LoRA's forget-val NLL peaked (+11 nats) at a step whose continuations were loops (repetition +0.25), and the
-    adaptive LoRA's rose 3.4 nats while its Devanagari ES stayed 0.99. Two retain budgets: a soft target
+    adaptive LoRA's rose 3.4 nats while its Devanagari ES stayed 0.99; it is scored only while something reads it
+    (the ascent's trigger, or early stopping without the probe). Two retain budgets: a soft target
     base x (1 + eps) that the controllers (lambda, the recovery stage) steer by, and a hard limit
     base + log(ppl_ratio), gate G2's form, past which a step can never be the best one (it counts against the
     patience).
@@ -411,7 +412,7 @@ class StageSchedule:
         self.current = ASCENT
         self.stages: list[dict] = [{"stage": ASCENT, "start_step": 0, "end_step": None, "trigger": "start"}]
 
-    def next_stage(self, step: int, forget_nll: float, retain_nll: float,
+    def next_stage(self, step: int, forget_nll: float | None, retain_nll: float,
                    unhealthy: str | None = None) -> tuple[str, str] | None:
         over = not retain_nll <= self.soft_limit  # NaN is over
         if self.current in (ASCENT, NPO) and over:
@@ -424,8 +425,9 @@ class StageSchedule:
             return NPO, f"retain-val NLL {retain_nll:.4g} back within {self.soft_limit:.4g}, outputs healthy"
         return None
 
-    def update(self, step: int, forget_nll: float, retain_nll: float, unhealthy: str | None = None) -> str | None:
-        """At a validation: switch if a trigger fires; returns the trigger."""
+    def update(self, step: int, forget_nll: float | None, retain_nll: float, unhealthy: str | None = None
+               ) -> str | None:
+        """At a validation: switch if a trigger fires; returns the trigger. forget_nll is read only in the ascent."""
         switch = self.next_stage(step, forget_nll, retain_nll, unhealthy)
         if switch is not None:
             self.switch(step, *switch)
@@ -599,7 +601,14 @@ class AdaptiveUnlearningTrainer:
         with self._eval_mode():
             return {f"forget_{name}": float(value) for name, value in self.forget_probe().items()}
 
-    def monitored(self, forget_nll: float, probe: dict | None) -> float:
+    @property
+    def reads_forget_nll(self) -> bool:
+        """Whether a controller reads the forget-val NLL at a validation: the ascent stage's trigger, or early
+        stopping without the probe. Otherwise it is not scored (it was over half of a validation's scoring, and a
+        validation's scoring is most of the trainer's overhead); the curve then has no forget_nll after the ascent."""
+        return self.stage == ASCENT or (self.early is not None and self.forget_probe is None)
+
+    def monitored(self, forget_nll: float | None, probe: dict | None) -> float:
         """What early stopping watches: forget-val ES (lower = more forgotten) with a probe, else forget-val NLL."""
         return probe["forget_es"] if probe else forget_nll
 
@@ -707,12 +716,14 @@ class AdaptiveUnlearningTrainer:
 
     # --- validation: dual ascent, stages, early stopping ---
     def evaluate(self, done: int, last: bool = False) -> str | None:
-        """Score the validation slices; update lambda, early stopping and (unless this is the last step) the stage.
-        Returns a stop reason."""
-        forget_nll, retain_nll = (float(np.mean(self.score(self.validation[k]))) for k in (FORGET, RETAIN))
+        """Score the validation slices (the forget slice's NLL only while read: reads_forget_nll); update lambda,
+        early stopping and (unless this is the last step) the stage. Returns a stop reason."""
+        forget_nll = float(np.mean(self.score(self.validation[FORGET]))) if self.reads_forget_nll else None
+        retain_nll = float(np.mean(self.score(self.validation[RETAIN])))
         stage, probe = self.stage, self.probe() if self.early is not None else None
         unhealthy = self.unhealthy(probe)
-        entry = {"step": done, "stage": stage, "forget_nll": forget_nll, "retain_nll": retain_nll, **(probe or {}),
+        entry = {"step": done, "stage": stage, **({} if forget_nll is None else {"forget_nll": forget_nll}),
+                 "retain_nll": retain_nll, **(probe or {}),
                  "eligible": not self.hard.exceeded(retain_nll) and unhealthy is None}
         if unhealthy:
             entry["unhealthy"] = unhealthy

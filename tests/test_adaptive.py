@@ -85,20 +85,24 @@ def make_trainer(model, tokenizer, params, s, *, steps=6, score_nll=None, retain
 
 
 class ScriptedValidation:
-    """A fake score_nll: validation slices get scripted (forget, retain) means, one pair per call of the forget
-    slice (the first pair is the base); other texts get their real NLL. Records the parameters at each call."""
+    """A fake score_nll: validation slices get scripted (forget, retain) means, one pair per validation (the
+    first pair is the base; the retain slice, scored at every validation and after the forget slice, moves on to
+    the next pair); other texts get their real NLL. Records the parameters and which slices each validation
+    scored."""
 
     def __init__(self, pairs, real=None, params=()):
         self.pairs, self.real, self.params = list(pairs), real, list(params)
-        self.current, self.seen_params = None, []
+        self.seen_params, self.scored, self._forget_scored = [], [], False
 
     def __call__(self, texts):
         if texts == FORGET_VAL:
-            self.current = self.pairs.pop(0)
-            self.seen_params.append([p.detach().clone() for p in self.params])
-            return np.array([self.current[0]])
+            self._forget_scored = True
+            return np.array([self.pairs[0][0]])
         if texts == RETAIN_VAL:
-            return np.array([self.current[1]])
+            self.seen_params.append([p.detach().clone() for p in self.params])
+            self.scored.append(self._forget_scored)
+            self._forget_scored = False
+            return np.array([self.pairs.pop(0)[1]])
         return self.real(texts) if self.real else np.linspace(1.0, 2.0, len(texts))
 
 
@@ -298,6 +302,7 @@ def test_stages_switch_on_measured_triggers_and_record_the_timeline(model, token
         ("bounded_ascent", 0, 2), ("npo", 2, 3), ("recovery", 3, 5), ("npo", 5, 8)]
     assert "forget-val NLL 3.2" in timeline[1]["trigger"] and "soft budget 3.3" in timeline[2]["trigger"]
     assert "back within" in timeline[3]["trigger"]
+    assert validation.scored == [True] * 3 + [False] * 6  # the forget slice only while the ascent's trigger reads it
     assert [row["kind"] for row in log[3:5]] == ["retain", "retain"]
     assert [row["stage"] for row in log] == ["bounded_ascent"] * 2 + ["npo"] + ["recovery"] * 2 + ["npo"] * 3
     forget_steps = [row["step"] for row in log if row["kind"] == "forget"]
