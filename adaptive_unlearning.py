@@ -205,32 +205,17 @@ def mlp_projections(layers: dict[int, torch.nn.Module]) -> dict[str, torch.nn.Li
     return found
 
 
-class EditSwitch:
-    """Turns the sine-LoRA edit off for a moment (the NPO reference, the KL target) without removing hooks."""
-
-    def __init__(self):
-        self.on = True
-
-    @contextmanager
-    def off(self):
-        self.on = False
-        try:
-            yield
-        finally:
-            self.on = True
-
-
 @contextmanager
-def sine_lora(targets: dict[str, torch.nn.Linear], *, rank: int, alpha: float, omega: float | None = None,
-              dropout: float = 0.0) -> Iterator[tuple[torch.nn.ModuleDict, EditSwitch]]:
+def sine_lora(targets: dict[str, torch.nn.Linear], switch, *, rank: int, alpha: float,
+              omega: float | None = None, dropout: float = 0.0) -> Iterator[torch.nn.ModuleDict]:
     """Within the block each target computes W x + b + dropout(x) dW^T (SineAdapter), added by a forward hook, so
     the targets stay nn.Linear (peft can still wrap them, e.g. the relearning attack's adapter: its base layer is
-    the hooked module). Yields (adapters by target name with '.' -> '_', switch). Hooks are always removed."""
+    the hooked module), except while `switch` is off (mmie.HookSwitch: the unedited model for the NPO reference and
+    the KL target). Yields the adapters by target name with '.' -> '_'. Hooks are always removed."""
     first = next(iter(targets.values()))
     adapters = torch.nn.ModuleDict({
         name.replace(".", "_"): SineAdapter(m.in_features, m.out_features, rank, alpha, omega, dropout)
         for name, m in targets.items()}).to(first.weight.device)
-    switch = EditSwitch()
 
     def hook_for(adapter: SineAdapter):
         def hook(module, inputs, output):
@@ -244,7 +229,7 @@ def sine_lora(targets: dict[str, torch.nn.Linear], *, rank: int, alpha: float, o
     try:
         for name, module in targets.items():
             handles.append(module.register_forward_hook(hook_for(adapters[name.replace(".", "_")])))
-        yield adapters, switch
+        yield adapters
     finally:
         for handle in handles:
             handle.remove()

@@ -2301,8 +2301,9 @@ def sine_lora_arm(ctx: "Experiment", seed: int, stage_dir: Path):
     args, chosen = ctx.args, ctx.layers["chosen"]
     layers = decoder_layers(ctx.model)
     targets = adaptive.mlp_projections({i: layers[i] for i in chosen})
-    with adaptive.sine_lora(targets, rank=args.rank, alpha=args.lora_alpha, omega=args.sine_omega,
-                            dropout=args.lora_dropout) as (adapters, switch):
+    switch = HookSwitch()
+    with adaptive.sine_lora(targets, switch, rank=args.rank, alpha=args.lora_alpha, omega=args.sine_omega,
+                            dropout=args.lora_dropout) as adapters:
         weights = stage_dir / "sine_lora.pt"
         info = {"variant": SINE_LORA_VARIANT, "targets": sorted(targets)}
         if weights.is_file():

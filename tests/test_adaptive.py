@@ -43,8 +43,9 @@ def sine(model):
     for p in model.parameters():
         p.requires_grad_(False)
     targets = ad.mlp_projections({1: mmie.decoder_layers(model)[1]})
-    with ad.sine_lora(targets, rank=4, alpha=8) as edit:
-        yield edit
+    switch = mmie.HookSwitch()
+    with ad.sine_lora(targets, switch, rank=4, alpha=8) as adapters:
+        yield adapters, switch
 
 
 def logits(model, tokenizer, texts=HINDI[:3] + ENGLISH[:2]):
@@ -143,7 +144,8 @@ def test_sine_switch_gives_the_base_model_and_peft_still_wraps_the_projections(m
     base = logits(model, tokenizer)
     targets = ad.mlp_projections({1: mmie.decoder_layers(model)[1]})
     assert sorted(targets) == ["layers.1.mlp.down_proj", "layers.1.mlp.gate_proj", "layers.1.mlp.up_proj"]
-    with ad.sine_lora(targets, rank=4, alpha=8) as (adapters, switch):
+    switch = mmie.HookSwitch()
+    with ad.sine_lora(targets, switch, rank=4, alpha=8) as adapters:
         torch.testing.assert_close(logits(model, tokenizer), base, rtol=0, atol=0)  # B = 0: no edit yet
         with torch.no_grad():
             for adapter in adapters.values():
