@@ -9,7 +9,8 @@ Sections (each prints its ratio; results go in BENCHMARKS.md):
      it cannot avoid: raw batched `generate` on the same prompts plus the scoring forwards;
   2. our generation (batched, KV cache) against the upstream style (batch 8, no KV cache);
   3. language identification, texts per second;
-  4. one training step of the adaptive trainer against the plain loop (same batch, same parameters);
+  4. one training step of the adaptive trainer against the plain loop (same LoRA, same steps), and like for like
+     (its forget steps as the plain loop's); three rounds in rotated order, the median ratio;
   5. peak memory of one scoring batch on Qwen's 151,936-token vocabulary: the old full log-softmax against the
      chunked scoring from hidden states (each in a fresh process);
   6. with --report, the time of a finished run split by arm and phase.
@@ -114,7 +115,7 @@ def section_lid(sets) -> None:
 
 def section_training(model, tokenizer, sets, settings, rounds: int = 3) -> None:
     """One LoRA training configuration, stepped by the plain Trainer and by the adaptive trainer with every
-    component on (validation and reweighting refreshes included, amortised over the steps), and with the forget
+    component but sine-LoRA and early stopping on (validation and reweighting refreshes included, amortised over the steps), and with the forget
     steps of the plain loop (the controllers' cost alone). The three trainers run in turn, `rounds` times, in a
     rotated order: on 2 shared cores one run's ratio moves about ten points, so the line gives each round's ratio
     and their median."""
@@ -152,7 +153,7 @@ def section_training(model, tokenizer, sets, settings, rounds: int = 3) -> None:
 
     ms = {name: " / ".join(f"{t * 1000:.0f}" for t in times) for name, times in per_step.items()}
     print(f"4. training step ({steps} steps, {rounds} rounds, ms per step by round): plain {ms['plain']}; adaptive "
-          f"(all components but sine-LoRA and early stopping, whose generation probe is auto-config's step rule) "
+          f"(all components but sine-LoRA and early stopping, auto-config's step rule: its generation probe is not timed) "
           f"{ms['adaptive']}, overhead {overhead('adaptive')} (target <= +15%); without the English target and "
           f"script-blindness (forget steps as the plain loop's) {ms['like_for_like']}, {overhead('like_for_like')}")
 
