@@ -269,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag(adapt, "--reweight_every", type=int, default=80, check=at_least(1),
          help="steps between batched NLL refreshes of the forget texts that no training forward has read within "
               "this many steps (the training forwards' own losses update the texts they see; a refresh rescores "
-              "only the rest, so it costs what training did not see; 80, half a default run: the adaptive step read "
-              "+6%%, +16%% and +20%% over the plain one in three runs, BENCHMARKS.md line 4)")
+              "only the rest, so it costs what training did not see; 80, half a default run: the adaptive step reads "
+              "+4%% over the plain one, the median of three rounds, BENCHMARKS.md line 4)")
     flag(adapt, "--reweight_clip", type=float, default=5.0, check=at_least(1),
          help="weights relative to the pool mean are clipped to [1/this, this]")
     flag(adapt, "--dualoptim_forget_steps", type=int, default=1, check=at_least(1),

@@ -115,10 +115,10 @@ def section_lid(sets) -> None:
 
 def section_training(model, tokenizer, sets, settings, rounds: int = 3) -> None:
     """One LoRA training configuration, stepped by the plain Trainer and by the adaptive trainer with every
-    component but sine-LoRA and early stopping on (validation and reweighting refreshes included, amortised over the steps), and with the forget
-    steps of the plain loop (the controllers' cost alone). The three trainers run in turn, `rounds` times, in a
-    rotated order: on 2 shared cores one run's ratio moves about ten points, so the line gives each round's ratio
-    and their median."""
+    component but sine-LoRA and early stopping on (validation and reweighting refreshes included, amortised over
+    the steps), and with the forget steps of the plain loop (the controllers' cost alone). The three trainers run
+    in turn, `rounds` times, in a rotated order: on 2 shared cores one run's ratio moves about ten points, so the
+    line gives each round's ratio and their median."""
     from peft import LoraConfig
 
     import adaptive_unlearning  # noqa: F401  (the adaptive path of unlearning_trainer)
@@ -133,8 +133,7 @@ def section_training(model, tokenizer, sets, settings, rounds: int = 3) -> None:
     names = list(variants)
     for round_ in range(rounds):  # each round starts with the next trainer, so none always runs first or last
         for name in names[round_ % len(names):] + names[: round_ % len(names)]:
-            extra = variants[name]
-            run_settings = mmie.build_parser().parse_args(["--lora_steps", str(steps), *extra])
+            run_settings = mmie.build_parser().parse_args(["--lora_steps", str(steps), *variants[name]])
             ctx = mmie.Experiment(run_settings, model, tokenizer, mmie.LIDEnsemble(), sets,
                                   {"scoring": {"retain": []}, "related": {}, "related_source": {}}, {"chosen": [1, 3]},
                                   lambda stage, seed=None: Path("/tmp"))
@@ -153,8 +152,8 @@ def section_training(model, tokenizer, sets, settings, rounds: int = 3) -> None:
 
     ms = {name: " / ".join(f"{t * 1000:.0f}" for t in times) for name, times in per_step.items()}
     print(f"4. training step ({steps} steps, {rounds} rounds, ms per step by round): plain {ms['plain']}; adaptive "
-          f"(all components but sine-LoRA and early stopping, auto-config's step rule: its generation probe is not timed) "
-          f"{ms['adaptive']}, overhead {overhead('adaptive')} (target <= +15%); without the English target and "
+          "(all components but sine-LoRA and early stopping, auto-config's step rule: its generation probe is not "
+          f"timed) {ms['adaptive']}, overhead {overhead('adaptive')} (target <= +15%); without the English target and "
           f"script-blindness (forget steps as the plain loop's) {ms['like_for_like']}, {overhead('like_for_like')}")
 
 
