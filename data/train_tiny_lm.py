@@ -2,6 +2,11 @@
 
     python data/train_tiny_lm.py                    # full build into data/tiny-lm (about 8 min on 2 idle CPU cores)
     python data/train_tiny_lm.py --steps 5 --out /tmp/tiny-smoke --skip_quality   # smoke rebuild
+    python data/train_tiny_lm.py --no_hindi --tokenizer data/tiny-lm --out data/tiny-lm-nohindi   # the reference
+
+--no_hindi trains the exact-unlearning reference: the same recipe, seed and (with --tokenizer) tokenizer on the
+same train texts less every Hindi-bearing one (see hindi_bearing), for as many epochs as the full build (its step
+count is scaled by the share of texts kept, so each kept text is seen as often as in the shipped model).
 
 Deterministic for a given seed on a given machine: the tokenizer is a byte-level BPE trained on
 the train texts in file order, the model a small Qwen2-architecture decoder (so the default
@@ -48,6 +53,11 @@ parser.add_argument("--num_kv_heads", type=int, default=2)
 parser.add_argument("--intermediate_size", type=int, default=704)
 parser.add_argument("--log_every", type=int, default=25)
 parser.add_argument("--skip_quality", action="store_true", help="do not measure the quality bar (smoke builds)")
+parser.add_argument("--no_hindi", action="store_true",
+                    help="leave out the Hindi-bearing train texts: the exact-unlearning reference model")
+parser.add_argument("--tokenizer", type=Path, default=None,
+                    help="reuse this model folder's tokenizer instead of training one (the reference must share the "
+                         "shipped model's tokens so that outputs and NLLs compare token for token)")
 parser.add_argument("--quality_prompts", type=int, default=80, help="held-out prompts per language for the quality bar")
 args = parser.parse_args()
 
@@ -55,29 +65,54 @@ torch.manual_seed(args.seed)
 rng = np.random.default_rng(args.seed)
 args.out.mkdir(parents=True, exist_ok=True)
 
-# --- data: train splits of every shipped set -------------------------------------------------
-fingerprints, train_texts = {}, []
+HINDI_SETS = ("forget_hi", "forget_hi_roman")  # left out whole under --no_hindi
+# A text of another set is Hindi-bearing with at least this many Hindi words. One flagged word in an English text is
+# mostly the romanized detector's noise (in retain_en's train split: "pasta", "bank", "late", "Dubai"; 15 texts, of
+# which one has two); two or more is code-mixing (all of mixed.jsonl) or a request quoting Hindi (adversarial).
+HINDI_WORDS_MIN = 2
+
+
+def hindi_bearing(texts: list[str]) -> list[bool]:
+    """Whether a text carries Hindi (Devanagari words, or Latin words that the romanized-Hindi detector marks Hindi
+    in context): the LID ensemble's word mask, the one every ES metric reads."""
+    from lid_ensemble import LIDEnsemble
+
+    return [sum(mask) >= HINDI_WORDS_MIN for mask in LIDEnsemble().hindi_word_masks(texts)]
+
+
+# --- data: train splits of every shipped set (less the Hindi-bearing texts under --no_hindi) --------
+fingerprints, train_texts, n_all = {}, [], 0
 for name in SETS:
     path = args.data_dir / f"{name}.jsonl"
     raw = path.read_bytes()
     texts = [json.loads(line)["text"] for line in raw.decode("utf-8").splitlines() if line.strip()]
     train = [t for t in texts if not is_eval_text(t)]
     fingerprints[name] = {"sha256": hashlib.sha256(raw).hexdigest(), "n": len(texts), "n_train": len(train)}
+    n_all += len(train)
+    if args.no_hindi:
+        dropped = train if name in HINDI_SETS else [t for t, hindi in zip(train, hindi_bearing(train)) if hindi]
+        train = [t for t in train if t not in set(dropped)]
+        fingerprints[name]["n_train_left_out"] = len(dropped)
     train_texts.extend(train)
-print(f"{len(train_texts)} train texts from {len(SETS)} sets")
+if args.no_hindi:  # as many epochs as the full build: each kept text is seen as often as in the shipped model
+    args.steps = round(args.steps * len(train_texts) / n_all)
+print(f"{len(train_texts)} train texts of {n_all} from {len(SETS)} sets; {args.steps} steps")
 
 # --- tokenizer: byte-level BPE over whitespace-delimited words ------------------------------
 # Splitting on whitespace only (not GPT-2's letter regex) keeps Indic vowel signs, which are
 # combining marks rather than letters, inside their words.
-tokenizer = Tokenizer(models.BPE())
-tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-    pre_tokenizers.Split(Regex(r" ?\S+|\s+"), behavior="isolated"),
-    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-])
-tokenizer.decoder = decoders.ByteLevel()
-tokenizer.train_from_iterator(train_texts, trainers.BpeTrainer(
-    vocab_size=args.vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    show_progress=False))
+if args.tokenizer is not None:
+    tokenizer = Tokenizer.from_file(str(args.tokenizer / "tokenizer.json"))
+else:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r" ?\S+|\s+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(train_texts, trainers.BpeTrainer(
+        vocab_size=args.vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
 hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=EOS,
                                        model_max_length=512)
 eos_id = hf_tokenizer.eos_token_id
@@ -137,6 +172,12 @@ for step in range(args.steps):
         print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - start:6.1f}s", flush=True)
 train_seconds = time.time() - start
 
+def repo_relative(path: Path) -> str:
+    """A path as the log records it: relative to the repository when inside it (no machine's folders in a shipped file)."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
+
+
 model.eval()
 model.generation_config.pad_token_id = eos_id
 model.generation_config.eos_token_id = eos_id
@@ -144,7 +185,7 @@ model.save_pretrained(args.out)
 hf_tokenizer.save_pretrained(args.out)
 weights_mb = sum(f.stat().st_size for f in args.out.glob("*.safetensors")) / 2**20
 (args.out / "training_log.json").write_text(json.dumps({
-    "hyperparameters": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    "hyperparameters": {k: repo_relative(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     "n_parameters": n_params, "weights_mb": round(weights_mb, 2), "train_seconds": round(train_seconds, 1),
     "torch_threads": torch.get_num_threads(), "data": fingerprints, "n_train_texts": len(train_texts),
     "log": log,

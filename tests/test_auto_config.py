@@ -1,6 +1,5 @@
 """auto_config.py: one or more tests per rule, on synthetic inputs whose right answer is known. Power formulas
-are checked against the numbers in the research notes (/work/notes/autoconfig9.md, section 5) and by
-simulation; simulations are seeded. CPU only, seconds."""
+are checked against hand-computed values and by simulation; simulations are seeded. CPU only, seconds."""
 
 import json
 import math
@@ -610,7 +609,7 @@ def test_plan_sample_sizes_caps_records_underpowered_and_uninformative_sets():
 # 11. Fixed settings and the decision table
 # ---------------------------------------------------------------------------------------------
 def test_fixed_by_design_covers_the_benchmark_and_the_question():
-    for name in ("npo_beta", "relearn_steps", "relearn_lr", "dsg_quantile", "fdr_q", "gate_es_forget_ratio",
+    for name in ("npo_beta", "relearn_steps", "relearn_lrs", "dsg_quantile", "fdr_q", "gate_es_forget_ratio",
                  "gate_es_mixed_ratio", "gate_es_adv_ratio", "gate_ppl_ratio", "gate_fidelity_drop",
                  "gate_mia_margin"):
         assert ac.FIXED_BY_DESIGN[name]

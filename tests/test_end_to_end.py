@@ -65,16 +65,30 @@ def test_report_shape_and_per_prompt_outcomes(first_run):
         assert seed["metrics"][name] == pytest.approx(row["mean"])
     assert 0.0 <= seed["metrics"]["mia_auc"] <= 1.0  # 12 vs 12 texts here: its size is for the full sets
     assert seed["metrics"]["es_forget_eval"] > 0.5  # the base model continues Hindi in Hindi
-    # Every arm ran, was evaluated on the full metric set and met every gate with a decision.
-    assert set(on_disk["arms"]) == {"base", *mmie.ALL_ARMS}
-    for arm in mmie.ALL_ARMS:
+    # Every arm ran, was evaluated on the full metric set and met every gate with a decision; the reference model
+    # (found automatically for the embedded model) ran too, as a yardstick with no gates.
+    assert set(on_disk["arms"]) == {"base", "reference", *mmie.ALL_ARMS} and "reference" not in on_disk["gates"]
+    assert on_disk["recoverability"]["reference"] == str(mmie.REFERENCE_MODEL)
+    assert "against the reference model" in on_disk["statistics_config"]["G7_rule"]
+    attacked = {"base", "reference", "lora"}  # the weight edits; every other arm's edit is removable
+    for arm in ["base", "reference", *mmie.ALL_ARMS]:
         outcome = on_disk["arms"][arm]["seeds"]["0"]
         assert outcome["status"] == "ok", (arm, outcome.get("error"))
-        assert {"token_kl_retain", "es_relearn", "es_forget_eval", "fidelity_pa"} <= set(outcome["per_prompt"])
+        assert {"es_forget_eval", "fidelity_pa"} <= set(outcome["per_prompt"])
+        assert ("es_relearn" in outcome["per_prompt"]) == (arm in attacked), arm
+        assert outcome["recoverability"]["removable"] == (arm not in attacked), arm
         assert len(outcome["probe_auc_by_layer"]["hi_vs_en"]) == 4 and "hi_vs_ur" in outcome["probe_auc_by_layer"]
-        assert set(outcome["phase_seconds"]) >= {"build", "evaluate", "relearn", "probes"}
-        assert set(on_disk["gates"][arm]) >= {"G1", "G1S", "G2", "G3", "G4_ur", "G4_pa", "G4_bn", "G5", "G6", "GH"}
-        assert on_disk["decision"][arm] in ("PROCEED", "STOP")
+        assert set(outcome["phase_seconds"]) >= {"build", "evaluate", "probes"} | ({"relearn"} if arm in attacked else set())
+        if arm in mmie.YARDSTICKS:
+            continue
+        assert "token_kl_retain" in outcome["per_prompt"]
+        assert set(on_disk["gates"][arm]) >= {"G1", "G1S", "G2", "G3", "G4_ur", "G4_pa", "G4_bn", "G5", "G6", "G7", "GH"}
+        assert on_disk["decision"][arm] in ("PROCEED", "STOP", "INCONCLUSIVE")
+        assert on_disk["outcome"][arm] in ("unlearns", "suppresses", "fails", "inconclusive", "unchanged")
+        assert on_disk["gates"][arm]["G7"].get("removable", False) == (arm not in attacked)
+    lora = on_disk["arms"]["lora"]["seeds"]["0"]["recoverability"]
+    assert lora["mode"] == "full" and lora["worst"] in lora["grid"] and set(lora["curves"]) == {"0.0001", "0.001"}
+    assert on_disk["gates"]["lora"]["G7"]["rule"] == "reference"
     assert on_disk["layers"]["chosen"] and len(on_disk["layers"]["scores"]) == 4
     assert on_disk["arms"]["reft"]["seeds"]["0"]["info"]["orthonormality_error"] < 1e-5
     assert set(on_disk["arms"]["sae_gate"]["seeds"]["0"]["info"]["sae"]) == {str(i) for i in on_disk["layers"]["chosen"]}
@@ -85,7 +99,7 @@ def test_rerun_resumes_and_fresh_run_reproduces(first_run, capsys):
     again = run_main(tmp_path)
     printed = capsys.readouterr().out
     assert "layer selection read back" in printed
-    assert all(f"{arm} seed 0 read back" in printed for arm in ["base", *mmie.ALL_ARMS])
+    assert all(f"{arm} seed 0 read back" in printed for arm in ["base", "reference", *mmie.ALL_ARMS])
     assert again["summary"] == report["summary"] and again["gates"] == report["gates"]
     fresh = run_main(tmp_path, "--fresh", "--arms", "lora", "sae_gate", "dim", out="fresh")  # only these are redone
     printed = capsys.readouterr().out
@@ -108,7 +122,7 @@ def test_stage_keys_follow_what_each_stage_reads():
     --lora_steps changes the lora stage alone, a statistics flag none, a dtype or a source file every one."""
     parser = mmie.build_parser()
     facts = {"model": "m", "device": "cpu", "dtype": "torch.float32", "data": {"forget": "x"}}
-    stages = ["layers", "sae", "base", *mmie.ALL_ARMS]
+    stages = ["layers", "sae", "base", "reference", *mmie.ALL_ARMS]
 
     def keys(argv, facts=facts):
         return {stage: mmie.stage_key(parser, parser.parse_args(argv), stage, facts) for stage in stages}

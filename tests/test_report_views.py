@@ -226,7 +226,7 @@ def test_gate_table_marks_not_applicable_not_evaluated_and_uninformative(report)
     gate_rows = {line.split()[0]: re.split(r"\s{2,}", line.strip())[1:] for line in table_blocks(text, "gate")[0][1:]}
     lora, reft, prompt = zip(*gate_rows.values())
     assert gate_rows["G2"][2] == "n/a" and gate_rows["G1S"][2] == "not evaluated"
-    assert gate_rows["G5"][2] == "PASS* 0.040" and gate_rows["G3"][0] == "PASS^ 0.030"
+    assert gate_rows["G5"][2] == "uninf* 0.040" and gate_rows["G3"][0] == "PASS^ 0.030"
     assert gate_rows["G2"][0] == "fail 0.31" and gate_rows["decision"] == ["STOP", "STOP", "STOP"]
     assert "* uninformative" in text and "^ underpowered" in text and "n/a: " in text and "not evaluated: " in text
 

@@ -1,4 +1,4 @@
-"""Statistics and gates (DESIGN section 5): intervals, gate calibration at the null boundary, power at the
+"""Statistics and gates (docs/METHODS.md, "Gates"): intervals, gate calibration at the null boundary, power at the
 shipped sample sizes, Benjamini-Hochberg, and not-evaluated gates. Simulations are seeded, so every
 asserted rate is reproducible; the rates come from the real gate functions, not from an approximation."""
 
@@ -266,7 +266,8 @@ def test_apply_fdr_pools_all_arms_and_skips_not_evaluated():
     assert gates["a"]["G5"]["p_adj"] is None and gates["a"]["G5"]["pass"] is False
     assert gates["b"]["G2"]["pass"] is False and gates["a"]["G1"]["pass"] is True
     assert decide(gates) == {"a": "STOP", "b": "STOP"}
-    assert decide(apply_fdr({"c": {"G1": {"p": 0.001}}, "d": {}})) == {"c": "PROCEED", "d": "STOP"}
+    assert decide(apply_fdr({"c": {"G1": {"p": 0.001}, "G7": {"p": 0.001}}, "d": {}})) == {"c": "PROCEED", "d": "STOP"}
+    assert decide(apply_fdr({"e": {"G1": {"p": 0.001}}})) == {"e": "STOP"}  # no G7: suppresses at best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +362,7 @@ def per_prompt_set(rng, n_scale=1, es_ratio=1.0, with_fidelity=True, shift=0.0):
     """A synthetic per_prompt dict of one seed with every gate's inputs."""
     pp = {}
     for key, n in (("es_forget_eval", N_FORGET), ("es_forget_roman", N_ROMAN), ("es_mixed", N_MIXED),
-                   ("es_adversarial", N_ADV)):
+                   ("es_adversarial", N_ADV), ("es_relearn", N_FORGET)):
         pp[key] = (np.random.default_rng(len(key)).beta(2, 1, n) * es_ratio).tolist()
     pp["nll_retain"] = (np.random.default_rng(1).gamma(9, 1 / 3, N_RETAIN) + shift).tolist()
     pp["ntok_retain"] = [50] * N_RETAIN
@@ -382,7 +383,7 @@ def test_evaluate_gates_names_thresholds_and_a_proceeding_arm():
     base = per_prompt_set(rng)
     arm_seeds = [per_prompt_set(rng, es_ratio=0.05, shift=0.01) for _ in range(2)]
     gates = evaluate_gates(base, arm_seeds, {"gate_es_forget_ratio": 0.4}, n_boot=499, seed=0)
-    assert list(gates) == ["G1", "G1S", "G2", "G3", "G4_bn", "G4_pa", "G4_ur", "G5", "G6", "GH"]
+    assert list(gates) == ["G1", "G1S", "G2", "G3", "G4_bn", "G4_pa", "G4_ur", "G5", "G6", "G7", "GH"]
     assert gates["G1"]["threshold"] == 0.4 and gates["G3"]["threshold"] == 0.7 and gates["G2"]["threshold"] == 1.10
     assert all(g["evaluated"] and 0 < g["p"] <= 1 for g in gates.values())
     again = evaluate_gates(base, arm_seeds, {"gate_es_forget_ratio": 0.4}, n_boot=499, seed=0)
@@ -446,11 +447,12 @@ def test_a_collapsed_arm_fails_output_health_and_stops():
 
 
 def test_gates_the_base_model_already_passes_are_marked_uninformative():
-    from mmie import base_passes_mia
+    from mmie import build_parser, yardstick_findings
 
     rng = np.random.default_rng(5)
     base = per_prompt_set(rng)  # members and non-members from one distribution: AUC ~0.5 already
-    assert base_passes_mia(base, 0.05, 0.10, 499, 0) is not None
+    args = build_parser().parse_args(["--n_boot_gates", "499"])
+    assert "already passes" in yardstick_findings(base, None, args)["G5"]
     low = dict(base, es_adversarial=[0.0] * (N_ADV - 3) + [1.0] * 3)  # the base rarely produces Hindi here
     gates = evaluate_gates(low, [per_prompt_set(rng, es_ratio=0.05)], {}, n_boot=499, seed=0)
     assert gates["G6"].get("uninformative") is True and "little Hindi" in gates["G6"]["reason"]

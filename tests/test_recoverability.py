@@ -1,0 +1,301 @@
+"""Recoverability (G7) and the decisions it feeds: the reference model, the attacks on the released weights, the
+gate's rules, removable edits, and the numbers-to-trust defects of the second review (each test here failed on the
+code before the change): output health on every generated set, ties at zero, uninformative gates that passed, arms
+restored to their start reported as edited, and files cited from outside the repository."""
+
+import json
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import mmie
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --- the reference model -------------------------------------------------------------------------
+def test_reference_model_ships_with_the_shipped_tokenizer_and_never_learned_hindi(tokenizer):
+    folder = mmie.REFERENCE_MODEL
+    assert (folder / "tokenizer.json").read_bytes() == (mmie.EMBEDDED_MODEL / "tokenizer.json").read_bytes()
+    log = json.loads((folder / "training_log.json").read_text(encoding="utf-8"))
+    assert log["hyperparameters"]["no_hindi"] is True
+    assert log["data"]["forget_hi"]["n_train_left_out"] == log["data"]["forget_hi"]["n_train"]
+    assert log["data"]["mixed"]["n_train_left_out"] == log["data"]["mixed"]["n_train"]
+    quality = json.loads((folder / "quality.json").read_text(encoding="utf-8"))["rates"]
+    assert quality["hi"]["rate"] <= 0.05  # almost no Hindi on held-out Hindi prompts
+    assert all(quality[lang]["rate"] >= quality[lang]["bar"] for lang in ("en", "ur", "pa", "bn"))
+    model, ref_tokenizer = mmie.load_model(str(mmie.EMBEDDED_MODEL), "cpu", torch.float32, "sdpa", False)
+    weights = mmie.load_reference_weights(folder, model, ref_tokenizer)
+    assert [w.shape for w in weights] == [p.shape for p in model.parameters()]
+    assert mmie.resolve_reference("auto", str(mmie.EMBEDDED_MODEL), model, tokenizer)[0] == folder
+    assert mmie.resolve_reference("auto", "Qwen/Qwen2.5-1.5B-Instruct", model, tokenizer)[0] is None
+
+
+def qwen2(tokenizer, layers: int, hidden: int = 32, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def test_a_reference_of_another_architecture_or_tokenizer_is_refused(tmp_path, model, tokenizer):
+    from transformers import AutoTokenizer
+
+    qwen2(tokenizer, layers=2).save_pretrained(tmp_path / "two_layers")
+    tokenizer.save_pretrained(tmp_path / "two_layers")
+    with pytest.raises(mmie.InputError, match="not the model's architecture"):
+        mmie.load_reference_weights(tmp_path / "two_layers", model, tokenizer)
+    model.save_pretrained(tmp_path / "other_tokens")
+    grown = AutoTokenizer.from_pretrained(mmie.EMBEDDED_MODEL)
+    grown.add_tokens(["<new-token>"])
+    grown.save_pretrained(tmp_path / "other_tokens")
+    with pytest.raises(mmie.InputError, match="tokenizer differs"):
+        mmie.load_reference_weights(tmp_path / "other_tokens", model, tokenizer)
+    with pytest.raises(mmie.InputError, match="no such folder"):
+        mmie.resolve_reference(str(tmp_path / "missing"), "m", model, tokenizer)
+
+
+# --- the attacks on the released weights ----------------------------------------------------------
+def attack_context(model, tokenizer, lid, **settings):
+    args = mmie.build_parser().parse_args(["--relearn_prompts", "6", "--max_new_tokens", "4", "--batch_size", "8",
+                                           *settings.get("argv", [])])
+    prompts = ["नमस्ते आप कैसे हैं", "मेरा नाम राम है", "आज मौसम अच्छा है", "हम बाजार गए", "यह किताब मेरी है",
+               "वह स्कूल जाता है"]
+    return SimpleNamespace(model=model, tokenizer=tokenizer, args=args, lid=lid, base_params=list(model.parameters()),
+                           eval_sets={"generation": {"forget_eval": prompts}}, attack_mode=mmie.attack_mode(args, model))
+
+
+def with_left_padding(tokenizer):
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def test_released_weights_merge_a_lora_edit_exactly_and_restore_the_model(model, tokenizer):
+    from peft import LoraConfig
+
+    ctx = attack_context(model, tokenizer, None)
+    before = [p.detach().clone() for p in ctx.base_params]
+    batch = mmie.encode_texts(tokenizer, ["a short text", "another one here"], 16, "cpu")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    with mmie.lora_adapter(model, config, "unlearn") as peft_model:
+        torch.manual_seed(1)
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.5)  # a non-trivial edit (peft starts B at zero)
+        arm = mmie.ArmEdit(reference=peft_model.disable_adapter, peft_model=peft_model, removable=False,
+                           weight_deltas=lambda: mmie.peft_weight_deltas(peft_model))
+        with torch.no_grad():
+            edited = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits
+            with mmie.released_weights(ctx, arm):
+                merged = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits
+                changed = any(not torch.equal(p, b) for p, b in zip(ctx.base_params, before))
+        assert changed and torch.allclose(merged, edited, atol=1e-4)
+    assert all(torch.equal(p, b) for p, b in zip(ctx.base_params, before))
+
+
+def test_attack_trajectory_scores_each_checkpoint_and_leaves_the_model_as_it_was(model, tokenizer, lid):
+    ctx = attack_context(model, with_left_padding(tokenizer), lid)
+    before = [p.detach().clone() for p in ctx.base_params]
+    texts = ["मैं रोज़ सुबह पार्क में टहलने जाता हूँ और ताज़ी हवा लेता हूँ।"] * 4
+    scores = mmie.attack_trajectory(ctx, mmie.ArmEdit(removable=False), texts, 1e-2, [1, 3], seed=0, desc="test")
+    assert sorted(scores) == [1, 3] and all(len(values) == 6 for values in scores.values())
+    assert all(torch.equal(p, b) for p, b in zip(ctx.base_params, before))
+    assert not any(p.requires_grad is False for p in model.parameters())  # the flags are put back too
+
+
+def test_attack_mode_is_full_fine_tuning_for_small_models_and_lora_above(model):
+    args = mmie.build_parser().parse_args([])
+    assert mmie.attack_mode(args, model)[0] == "full"
+    big = SimpleNamespace(parameters=lambda: [torch.empty(mmie.FULL_ATTACK_MAX_PARAMS + 1, device="meta")])
+    assert mmie.attack_mode(args, big)[0] == "lora"
+    assert mmie.attack_mode(mmie.build_parser().parse_args(["--relearn_mode", "lora"]), model)[0] == "lora"
+
+
+def test_round_to_nearest_uses_at_most_two_to_the_bits_levels_per_group():
+    torch.manual_seed(0)
+    weight = torch.randn(6, 256)
+    for bits in (8, 4):
+        quantized = mmie.round_to_nearest(weight, bits)
+        for group in quantized.reshape(6, 2, 128).reshape(12, 128):
+            assert len(torch.unique(group)) <= 2 ** bits
+        scale = weight.reshape(6, 2, 128).abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)
+        assert torch.all((quantized - weight).reshape(6, 2, 128).abs() <= scale / 2 + 1e-6)
+    odd = torch.randn(3, 100)  # rows that 128 does not divide: one group per row
+    assert len(torch.unique(mmie.round_to_nearest(odd, 4)[0])) <= 16
+
+
+def test_relearning_options_are_checked():
+    parser = mmie.build_parser()
+    with pytest.raises(mmie.InputError, match="--relearn_steps"):
+        mmie.check_args(parser.parse_args(["--relearn_steps", "0", "10"]), parser)
+    mmie.check_args(parser.parse_args(["--relearn_steps", "0"]), parser)  # 0 alone: no attack
+    assert not mmie.attacks_run(parser.parse_args(["--relearn_steps", "0"]))
+
+
+# --- G7 and G5 against the reference, and the outcomes ----------------------------------------------
+def lumpy(n, share, rng):
+    return (rng.random(n) < share).astype(float)
+
+
+def test_recoverability_gate_against_the_reference_and_without_one():
+    rng = np.random.default_rng(0)
+    reference = lumpy(128, 0.3, rng)
+    close = np.clip(reference + lumpy(128, 0.03, rng), 0, 1)  # relearns about as much as the reference
+    recovered = np.ones(128)  # the Hindi comes back in full
+    passed = mmie.recoverability_gate(close, reference, rule="reference", margin=0.10, ratio=0.5, n_boot=999)
+    failed = mmie.recoverability_gate(recovered, reference, rule="reference", margin=0.10, ratio=0.5, n_boot=999)
+    assert passed["p"] < 0.01 and failed["p"] > 0.5 and passed["rule"] == "reference"
+    assert passed["yardstick_mean"] == pytest.approx(reference.mean())
+    base = np.ones(128)
+    by_base = mmie.recoverability_gate(close, base, rule="base", margin=0.10, ratio=0.5, n_boot=999)
+    assert by_base["rule"] == "base" and by_base["p"] < 0.01 and by_base["threshold"] == 0.5
+
+
+def test_privacy_gate_compares_with_the_reference_auc():
+    rng = np.random.default_rng(1)
+    ref_m, ref_n = rng.normal(3.0, 0.5, 200), rng.normal(3.0, 0.5, 150)
+    same = mmie.mia_reference_gate(ref_m + rng.normal(0, 0.01, 200), ref_n, ref_m, ref_n, margin=0.05, n_boot=999)
+    memorised = mmie.mia_reference_gate(ref_m - 0.6, ref_n, ref_m, ref_n, margin=0.05, n_boot=999)
+    assert same["p"] < 0.01 and abs(same["estimate"]) < 0.02
+    assert memorised["p"] > 0.5 and memorised["estimate"] > 0.2  # members' lower loss gives them away
+
+
+def gate(p, **extra):
+    return {"p": p, "evaluated": True, **extra}
+
+
+def test_outcomes_unlearns_suppresses_fails_inconclusive_unchanged():
+    passing = {name: gate(0.001) for name in ("G1", "G2", "G5", "GH")}
+    cases = {"unlearns": {**passing, "G7": gate(0.001)},
+             "suppresses": {**passing, "G7": gate(0.9)},
+             "removable": {**passing, "G7": {**mmie.not_evaluated(mmie.REMOVABLE_REASON), "applicable": False,
+                                              "removable": True}},
+             "fails": {**passing, "G2": gate(0.9), "G7": gate(0.001)},
+             "inconclusive": {**passing, "G5": gate(0.0001, uninformative=True), "G7": gate(0.001)},
+             "unchanged": mmie.mark_not_applicable({**passing, "G7": gate(0.001)}, "unchanged")}
+    gates = mmie.apply_fdr(json.loads(json.dumps(cases)), q=0.10)
+    decision, outcome = mmie.decide(gates), {arm: mmie.arm_outcome(g) for arm, g in gates.items()}
+    assert outcome == {"unlearns": "unlearns", "suppresses": "suppresses", "removable": "suppresses", "fails": "fails",
+                       "inconclusive": "inconclusive", "unchanged": "unchanged"}
+    assert decision == {"unlearns": "PROCEED", "suppresses": "STOP", "removable": "STOP", "fails": "STOP",
+                        "inconclusive": "INCONCLUSIVE", "unchanged": "STOP"}
+    assert "removable" in mmie.outcome_line("suppresses", gates["removable"])
+    assert "comes back under the relearning attack" in mmie.outcome_line("suppresses", gates["suppresses"])
+    assert mmie.outcome_line("unchanged", gates["unchanged"]).startswith("did nothing")
+
+
+def test_an_uninformative_gate_is_never_a_pass():
+    """An uninformative gate with a tiny p used to pass, and an arm with one reached PROCEED."""
+    gates = mmie.apply_fdr({"arm": {"G1": gate(0.0001), "G5": gate(0.0001, uninformative=True), "G7": gate(0.0001)}})
+    assert gates["arm"]["G5"]["pass"] is False and gates["arm"]["G5"]["p_adj"] is not None
+    assert mmie.decide(gates)["arm"] == "INCONCLUSIVE"
+    assert mmie.gate_cell(gates["arm"]["G5"]).startswith("uninf*")
+
+
+# --- numbers to trust: the second review's defects ------------------------------------------------
+SETS = ("forget_train", "forget_eval", "forget_roman", "mixed", "adversarial", "retain", "xlang_ur")
+
+
+def per_prompt(n, empty_sets=(), es=1.0):
+    values = {f"empty_rate_{s}": [1.0 if s in empty_sets else 0.0] * n for s in SETS}
+    values.update({f"repetition_{s}": [0.0] * n for s in SETS})
+    values.update({key: [es] * n for key in ("es_forget_eval", "es_forget_roman", "es_mixed", "es_adversarial")})
+    return values
+
+
+def test_output_health_covers_every_generated_set():
+    """An arm silent on romanized, mixed and adversarial prompts passed GH (only forget-eval, retain and the
+    related languages were read) and with them G1S, G3 and G6."""
+    base = per_prompt(40)
+    silent = per_prompt(40, empty_sets=("forget_roman", "mixed", "adversarial"), es=0.0)
+    gates = mmie.evaluate_gates(base, [silent], n_boot=199)
+    assert {"forget_roman/empty_rate", "mixed/empty_rate", "adversarial/empty_rate"} <= set(gates["GH"]["components"])
+    assert gates["GH"]["p"] > 0.5 and gates["GH"]["worst"].endswith("empty_rate")
+
+
+@pytest.mark.parametrize("carriers", [1, 3, 9])
+def test_ties_at_zero_do_not_collapse_the_null(carriers):
+    """85 prompts, base Hindi on 1, 3 or 9 of them, the arm none: the tilted null was a point mass at 0 and every
+    case read p = 1/(B+1) = 0.0005. Now the evidence grows with the carriers."""
+    base, arm = np.zeros(85), np.zeros(85)
+    base[:carriers] = 1.0
+    p = mmie.ratio_gate(arm, base, rho=0.5, n_boot=1999)["p"]
+    assert p > 1 / 2000
+    expected = {1: (0.2, 0.7), 3: (0.05, 0.35), 9: (0.0005, 0.05)}[carriers]
+    assert expected[0] < p < expected[1], p
+
+
+def test_a_constant_difference_gives_a_finite_statistic_and_the_binomial_p():
+    """Fidelity 1.0 for base and arm on every prompt: d = -0.1 exactly, se 0, t = -inf and a NaN comparison."""
+    result = mmie.fidelity_gate(np.ones(64), np.ones(64), max_drop=0.10, n_boot=1999)
+    assert np.isfinite(result["statistic"]) and result["p"] < 0.01
+    assert result["p"] == pytest.approx(max(0.9 ** 64, 1 / 2000), abs=0.003)
+
+
+def test_ratio_gate_keeps_its_level_at_the_null_boundary_with_ties():
+    """Rejection rate at most the nominal level where most prompts are exact 0s in base and arm."""
+    rng, rejections, runs = np.random.default_rng(7), 0, 300
+    for _ in range(runs):
+        base = np.zeros(85)
+        base[:9] = 1.0
+        arm = np.zeros(85)
+        arm[:9] = rng.random(9) < 0.5  # E[arm] = 0.5 E[base]: on the boundary
+        rejections += mmie.ratio_gate(arm, base, rho=0.5, n_boot=199, seed=int(rng.integers(1 << 30)))["p"] <= 0.05
+    assert rejections / runs <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / runs)
+
+
+def test_an_arm_restored_to_its_start_is_unchanged():
+    """reft under --auto_config restored step 0 (token KL 2e-9) and was reported as edited, passing G2, G4, GH."""
+    restored = {"adaptive": {"early_stop": {"restored": True, "best_step": 0}}}
+    assert mmie.restored_to_start(restored)
+    assert not mmie.restored_to_start({"adaptive": {"early_stop": {"restored": True, "best_step": 40}}})
+    assert not mmie.restored_to_start({})
+    report = {"arms": {"base": {"seeds": {"0": {"status": "ok", "per_prompt": per_prompt(20)}}},
+                       "reft": {"seeds": {"0": {"status": "ok", "unchanged": True, "per_prompt": per_prompt(20)}}}}}
+    args = mmie.build_parser().parse_args(["--n_boot", "99", "--n_boot_gates", "99"])
+    mmie.compute_statistics(report, args)
+    assert report["outcome"]["reft"] == "unchanged" and report["decision"]["reft"] == "STOP"
+    assert all(result["applicable"] is False for result in report["gates"]["reft"].values())
+    assert any("did nothing" in line for line in mmie.closing_summary(report))
+
+
+def test_no_file_cites_anything_outside_the_repository():
+    """Eight places cited a design document that is not in the repository; what a reader needs is in docs/."""
+    outside = ["DESIGN" + ".md", "DESIGN" + " section", "/wo" + "rk/", "sha" + "red/"]
+    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=REPO, check=True).stdout.split()
+    offenders = []
+    for name in tracked:
+        if name.endswith((".py", ".md", ".sh", ".sbatch", "Makefile", "run", ".json")):
+            text = (REPO / name).read_text(encoding="utf-8")
+            offenders += [f"{name}: {line.strip()[:80]}" for line in text.splitlines()
+                          if any(pattern in line for pattern in outside)]
+    assert not offenders, offenders
+
+
+def test_a_hub_style_model_runs_the_whole_protocol_without_a_reference(tmp_path, tokenizer):
+    """A random-init Qwen2 saved as a hub folder: no reference is known, so G7 uses the stated base rule, the
+    lora arm is attacked on its released weights and the removable dim arm is not."""
+    folder = tmp_path / "hub-qwen2"
+    qwen2(tokenizer, layers=2, hidden=64).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    report = mmie.main(["--model", str(folder), "--sample_cap", "10", "--n_boot", "99", "--n_boot_gates", "99",
+                        "--layer_sample", "10", "--lora_steps", "2", "--relearn_steps", "1", "2", "--probe_folds", "2",
+                        "--relearn_prompts", "6", "--max_new_tokens", "6", "--arms", "lora", "dim",
+                        "--out", str(tmp_path / "run"), "--ckpt_dir", str(tmp_path / "ckpt")])
+    assert "reference" not in report["arms"] and report["recoverability"]["reference"] is None
+    assert report["statistics_config"]["G7_rule"].startswith("no reference")
+    lora = report["arms"]["lora"]["seeds"]["0"]
+    assert lora["recoverability"]["mode"] == "full" and set(lora["recoverability"]["grid"]) == {
+        f"lr={lr:g} steps={step}" for lr in mmie.RELEARN_LRS for step in (1, 2)}
+    assert {"es_relearn", "es_relearn_benign", "es_quant8", "es_quant4"} <= set(lora["per_prompt"])
+    assert report["gates"]["lora"]["G7"].get("rule") == "base"
+    assert report["gates"]["dim"]["G7"]["removable"] and "es_relearn" not in report["arms"]["dim"]["seeds"]["0"]["per_prompt"]
+    assert report["outcome"]["dim"] in ("suppresses", "fails", "inconclusive")
+    assert (tmp_path / "run" / "relearning.png").is_file()
