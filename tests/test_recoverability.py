@@ -233,10 +233,13 @@ def test_ties_at_zero_do_not_collapse_the_null(carriers):
 
 
 def test_a_constant_difference_gives_a_finite_statistic_and_the_binomial_p():
-    """Fidelity 1.0 for base and arm on every prompt: d = -0.1 exactly, se 0, t = -inf and a NaN comparison."""
-    result = mmie.fidelity_gate(np.ones(64), np.ones(64), max_drop=0.10, n_boot=1999)
-    assert np.isfinite(result["statistic"]) and result["p"] < 0.01
-    assert result["p"] == pytest.approx(max(0.9 ** 64, 1 / 2000), abs=0.003)
+    """A difference that is constant in floating point (here d = 0.5 - 0.5 - 0.25 = -0.25 exactly) had se 0,
+    t = -inf and a NaN comparison with the resamples (the tie tolerance was inf too)."""
+    exact = mmie.fidelity_gate(np.full(64, 0.5), np.full(64, 0.5), max_drop=0.25, n_boot=1999)
+    assert exact["se"] > 0 and np.isfinite(exact["statistic"]) and exact["p"] == pytest.approx(1 / 2000)
+    near = mmie.fidelity_gate(np.ones(64), np.ones(64), max_drop=0.10, n_boot=1999)  # float noise of ~1e-17
+    assert np.isfinite(near["statistic"]) and abs(near["statistic"]) < 1e3  # was -5.7e16
+    assert near["p"] == pytest.approx(max(0.9 ** 64, 1 / 2000), abs=0.003)  # the exact binomial answer
 
 
 def test_ratio_gate_keeps_its_level_at_the_null_boundary_with_ties():
