@@ -64,7 +64,7 @@ import torch
 from auto_config import Deadline, EarlyStopping, RetainBudget
 
 COMPONENTS = ("sine_lora", "reweight", "dualoptim", "curriculum", "stages", "dual_ascent", "early_stop",
-              "dynamic_gate", "script_blind", "english_target")
+              "dynamic_gate", "script_blind", "english_target", "sam")
 FORGET, RETAIN, COMBINED = "forget", "retain", "combined"
 ASCENT, NPO, RECOVERY = "bounded_ascent", "npo", "recovery"
 
@@ -87,6 +87,8 @@ class AdaptiveSettings:
     script_blind: bool = False
     english_target: bool = False
     english_target_weight: float = 0.5
+    sam: bool = False
+    sam_rho: float = 0.01
     sine_omega: float | None = None
     reweight_temperature: float = 1.0
     reweight_every: int = 80
@@ -610,6 +612,30 @@ class AdaptiveUnlearningTrainer:
         if self.stage == ASCENT:
             return "ga" if self.bounded_parameterisation else "bounded_ga"
         return NPO if self.stage is not None else self.static_objective
+
+    def _accumulate(self, kind: str, indices: np.ndarray, step: int, micro: list) -> tuple[np.ndarray, float]:
+        """With SAM (sharpness-aware unlearning, Fan et al. ICML 2025, as the reference code's SAMIterativeUnlearner
+        does it): a forget step's gradient is the forget loss's at theta + eps, eps = rho g / ||g||_2 with g its
+        gradient at theta (one extra forward and backward), so the forget objective settles in a flat region that a
+        few relearning steps leave less easily. The step's losses and the reweighting's observations are those at
+        theta. Deviation: combined steps (without DualOptim) are not perturbed; the reference code perturbs the
+        forget loss alone and adds the retain gradient at theta, which DualOptim's separate retain steps do here."""
+        if not self.settings.sam or kind != FORGET:
+            return super()._accumulate(kind, indices, step, micro)
+        per_sample, loss = super()._accumulate(kind, indices, step, micro)
+        seen, theta = list(self._seen), self._snapshot()
+        with torch.no_grad():
+            grads = [p.grad for p in self.params]
+            norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
+            for p, g in zip(self.params, grads):
+                if g is not None:
+                    p.add_(g * (self.settings.sam_rho / (norm + 1e-12)))
+        try:
+            super()._accumulate(kind, indices, step, micro)
+        finally:
+            self._restore(theta)  # exactly theta, not theta + eps - eps
+            self._seen[:] = seen
+        return per_sample, loss
 
     def _forget_losses(self, batch: dict, idx: np.ndarray) -> torch.Tensor:
         losses, nll = self.forget_objective(self.objective_name(), batch, idx)

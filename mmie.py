@@ -19,6 +19,7 @@ outcomes from which every statistic can be recomputed.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import functools
 import hashlib
@@ -240,6 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
     flag(lape, "--lape_prob_quantile", type=float, default=0.95, check=between(0, 1, low_open=True, high_open=True),
          help="activation probability bar, as a quantile of all probabilities")
 
+    distill = parser.add_argument_group("distill", "the distill arm: UNDO (Lee et al. 2025) on the lora arm's model")
+    flag(distill, "--undo_alpha", type=float, default=0.5, check=between(0, 1),
+         help="shrink-perturb strength: w <- (1 - alpha) w + alpha beta noise (1: distil into a fresh model)")
+    flag(distill, "--undo_beta", type=float, default=0.1, check=at_least(0),
+         help="scale of the Xavier-uniform noise (the reference code's default 0.1)")
+    flag(distill, "--undo_lr", type=float, default=9e-4, check=above(0), help="distillation lr (the reference code's)")
+    flag(distill, "--undo_steps", type=int, default=300, check=at_least(1), help="distillation step budget")
+    flag(distill, "--undo_retain_tolerance", type=float, default=0.05, check=above(0),
+         help="stop once the student's retain NLL is within this share of the teacher's (the paper's 5%%)")
+    flag(distill, "--undo_scope", default="auto", choices=["auto", "all", "top_mlp"],
+         help=f"what is perturbed and distilled; auto: every weight up to {FULL_ATTACK_MAX_PARAMS // 10**6}M "
+              "parameters, else the MLPs of the top half of the layers")
+
     attack = parser.add_argument_group(
         "relearning attack", "recoverability (G7): the same fixed grid of attacks on every weight-editing arm, the "
         "base and the reference model; removable arms (hooks, prompt, ReFT, SAE gates) are not attacked")
@@ -277,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     flag(adapt, "--no_english_target", action="store_true",
          help="forget steps without the English alternative target (IDK-style: each forget prompt continued by an "
               "English retain text, its NLL added to the forget loss)")
+    flag(adapt, "--no_sam", action="store_true",
+         help="forget steps without sharpness-aware minimization (SAM: the forget gradient taken at theta + rho g/||g||)")
+    flag(adapt, "--sam_rho", type=float, default=0.01, check=above(0),
+         help="SAM's radius in parameter space (the reference code's default 0.01; the paper sweeps 0.01-0.1)")
     flag(adapt, "--english_target_weight", type=float, default=0.5, check=above(0),
          help="w: a forget sample's loss is its stage loss + w x the NLL of its English continuation (embedded "
               "model, lora, 3 seeds: at 1 Urdu fidelity fell 0.06 on average and G4's Urdu test failed, p 0.096; "
@@ -358,8 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="with --auto_config: learning rates from the model-size rule, without the LR range test")
 
     run = parser.add_argument_group("run")
-    flag(run, "--arms", nargs="*", default=ALL_ARMS, choices=ALL_ARMS,
-         help="arms besides base, which always runs; `--arms` with none is the base evaluation alone")
+    flag(run, "--arms", nargs="*", default=DEFAULT_ARMS, choices=ALL_ARMS,
+         help="arms besides base (and the reference model, where there is one), which always run; `--arms` with none "
+              "is the base evaluation alone; distill (UNDO) is opt-in")
     flag(run, "--seeds", type=int, nargs="+", default=[0], check=at_least(0))
     flag(run, "--out", type=Path, default=None,
          help="report folder (report.json inside) or a .json path; default runs/<model>_<timestamp>/")
@@ -1002,14 +1021,17 @@ class ReferenceStates:
         return torch.cat([self.states[int(i)] for i in indices])
 
 
-def token_kl(model, batch: dict, base_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_kl(model, batch: dict, base_hidden: torch.Tensor, base_head: Callable | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed KL(base || edited) of each text's scored next-token distributions [B], scored tokens [B]), the base
     given by its hidden states at the same scored text tokens (reference_hidden or ReferenceStates; for the prompt
-    arm, read without its instruction)."""
+    arm, read without its instruction) through the model's own output head, or `base_head` (hidden -> logits) for
+    an arm whose weights replace the head (the reference model, distillation)."""
     hidden, _, rows = scored_hidden(model, batch)
+    head = base_head or (lambda h: logits_from_hidden(model, h))
 
     def kl(h, b):
-        edited, base = torch.log_softmax(logits_from_hidden(model, h), -1), torch.log_softmax(logits_from_hidden(model, b), -1)
+        edited, base = torch.log_softmax(logits_from_hidden(model, h), -1), torch.log_softmax(head(b), -1)
         return (base.exp() * (base - edited)).sum(-1)
 
     n_rows = batch["input_ids"].shape[0]
@@ -1047,7 +1069,8 @@ def text_nll(model, tokenizer, texts: list[str], *, batch_size: int, max_len: in
 
 @torch.no_grad()
 def text_token_kl(model, tokenizer, texts: list[str], reference: Callable, *, batch_size: int, max_len: int,
-                  context: str | None = None, states: ReferenceStates | None = None) -> list[float]:
+                  context: str | None = None, states: ReferenceStates | None = None,
+                  base_head: Callable | None = None) -> list[float]:
     """Per text, the mean over its scored tokens of KL(base || edited) of the next-token distributions; with a
     context, the edited model reads the texts after it and the base without it. `states` (the same texts) saves
     the base model's forward when it already read them."""
@@ -1058,7 +1081,7 @@ def text_token_kl(model, tokenizer, texts: list[str], reference: Callable, *, ba
         batch = encode_texts(tokenizer, chunk, max_len, device, context)
         base = states.get(indices, reference) if states is not None else \
             reference_hidden(model, encode_texts(tokenizer, chunk, max_len, device), reference)
-        summed, n = token_kl(model, batch, base)
+        summed, n = token_kl(model, batch, base, base_head)
         per_text[indices] = (summed / n.clamp(min=1)).cpu().numpy()
     return per_text.tolist()
 
@@ -2281,6 +2304,7 @@ class ArmEdit:
     # model are their weights.
     removable: bool = True
     weight_deltas: Callable[[], dict] | None = None
+    own_head: bool = False  # the arm's weights replace the output head: token KL reads the base through ctx.base_head
 
 
 @dataclass
@@ -2339,10 +2363,11 @@ def loaded_weights(params: list[torch.nn.Parameter], values: list[torch.Tensor])
 def reference_arm(ctx: "Experiment", seed: int, stage_dir: Path):
     """The exact-unlearning reference (--reference): the same architecture and tokenizer trained on the same data
     less its Hindi, its weights loaded into the model for the arm. It is the yardstick of G7 and G5, not an
-    intervention: it has no gates. Its token KL is not computed (the cached base states are read through the
-    model's own output head, which the reference replaces)."""
+    intervention: it has no gates."""
+    base_values = [p.detach().clone() for p in ctx.base_params]
     with loaded_weights(ctx.base_params, ctx.reference_weights):
-        yield ArmEdit(removable=False, info={"path": ctx.args.reference_resolved})
+        yield ArmEdit(reference=lambda: loaded_weights(ctx.base_params, base_values), removable=False, own_head=True,
+                      info={"path": ctx.args.reference_resolved})
 
 
 @register_arm("lora", deterministic=False, reads=("layer selection", "unlearning", "lora", "adaptive unlearning"))
@@ -2605,8 +2630,171 @@ def lape_arm(ctx: "Experiment", seed: int, stage_dir: Path):
                       info={"neurons": neurons, "n_neurons": sum(map(len, neurons.values()))})
 
 
+UNDO_VARIANT = (
+    "UNDO, Unlearn-Noise-Distill-on-Outputs (Lee et al. 2025; as in the reference code's shrink-perturb and partial "
+    "distillation): the student is the unlearned teacher's weights (the lora arm, adapter merged), each weight "
+    "matrix w <- (1 - alpha) w + alpha beta xavier_uniform, each vector w <- (1 - alpha) w; forward KL(teacher || "
+    "student) per token; stop when the student's retain NLL is within the tolerance of the teacher's (the paper's 5%) "
+    "or at the step budget. Deviations: distilled on retain and related-language train texts only (the reference code "
+    "interleaves forget-domain text 50/50, the teacher's suppressed outputs there), linear warmup then a constant lr "
+    "(the reference decays 9e-4 to 7e-4 by cosine), and on large models only the scope the rule chooses is perturbed "
+    "and trained")
+
+
+def undo_scope(args: argparse.Namespace, model) -> tuple[list[str], str]:
+    """The parameter names UNDO perturbs and distills, and why: every weight of a model small enough (the attack's
+    100M bound: AdamW states for all of it fit), else the MLPs of the top half of the layers, where a language's
+    output features concentrate and which a partial distillation can afford."""
+    names = [name for name, _ in model.named_parameters()]
+    n = sum(p.numel() for p in model.parameters())
+    if args.undo_scope == "all" or (args.undo_scope == "auto" and n <= FULL_ATTACK_MAX_PARAMS):
+        return names, f"all {n / 1e6:.1f}M parameters" + (" (--undo_scope all)" if args.undo_scope == "all" else
+                                                             f" (<= {FULL_ATTACK_MAX_PARAMS / 1e6:.0f}M)")
+    prefix = {id(module): name for name, module in model.named_modules()}
+    layers = decoder_layers(model)
+    top = range(len(layers) // 2, len(layers))
+    mlps = tuple(prefix[id(layers[i].mlp)] + "." for i in top)
+    chosen = [name for name in names if name.startswith(mlps)]
+    size = sum(p.numel() for name, p in model.named_parameters() if name.startswith(mlps))
+    return chosen, (f"the MLPs of layers {top.start}-{top.stop - 1} ({size / 1e6:.1f}M of {n / 1e6:.1f}M parameters; "
+                    f"all of a model over {FULL_ATTACK_MAX_PARAMS / 1e6:.0f}M is beyond a partial distillation's "
+                    "memory and time)")
+
+
+@torch.no_grad()
+def shrink_perturb(params: Iterable[torch.nn.Parameter], alpha: float, beta: float, generator: torch.Generator) -> None:
+    """The reference code's corruption: matrices mixed with Xavier-uniform noise, vectors only shrunk."""
+    for p in params:
+        if p.ndim >= 2:
+            bound = math.sqrt(6.0 / (p.shape[0] + p.shape[1]))  # xavier_uniform on the weight's own fans
+            noise = (torch.rand(p.shape, generator=generator) * 2 - 1).mul_(bound).to(p.device, p.dtype)
+            p.mul_(1 - alpha).add_(alpha * beta * noise)
+        else:
+            p.mul_(1 - alpha)
+
+
+class DistillTrainer(Trainer):
+    """The distillation on the one training loop: linear warmup then a constant lr; every `check_every` steps the
+    student's retain-validation NLL is compared with the teacher's and training stops once it is within the
+    tolerance (recorded in `curve` and `stop`)."""
+
+    def __init__(self, *args, warmup: int, check: Callable[[], float], limit: float, check_every: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.warmup, self.check, self.limit, self.check_every = warmup, check, limit, check_every
+        self.curve, self.stop = [], {"reason": "step budget spent", "step": self.steps}
+
+    def lr_factor(self, step: int) -> float:
+        return min(1.0, (step + 1) / self.warmup)
+
+    def after_step(self, record: dict) -> bool:
+        done = record["step"] + 1
+        if done % self.check_every and done != self.steps:
+            return False
+        self.model.eval()
+        nll = self.check()
+        self.model.train()
+        self.curve.append({"step": done, "retain_val_nll": nll, "loss": record["loss"]})
+        if nll <= self.limit:
+            self.stop = {"reason": "retain NLL within the tolerance of the teacher's", "step": done}
+            return True
+        return False
+
+
+def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """UNDO's student for one seed: the lora arm's unlearned model (read back from its stage, or trained there) as the
+    teacher, its merged weights shrunk and perturbed within `scope` and distilled from the teacher on the retain and
+    related-language train texts. Returns the student's changed parameters by name, and the record."""
+    args, model, tokenizer = ctx.args, ctx.model, ctx.tokenizer
+    student = copy.deepcopy(model)  # no arm is active here: a clean copy of the base model
+    names = {id(p): name for name, p in model.named_parameters()}
+    own = dict(student.named_parameters())
+    retain = list(ctx.sets["retain"].train)
+    order = np.random.default_rng(seed).permutation(len(retain))
+    n_val = max(8, round(args.adaptive_val_share * len(retain)))
+    validation = [retain[i] for i in order[:n_val]]
+    texts = [retain[i] for i in order[n_val:]] + benign_texts(ctx)
+    lora_stage = ctx.stage_dir("lora", seed)
+    read_back = any(lora_stage.glob("**/*.safetensors")) or (lora_stage / "sine_lora.pt").is_file()
+
+    def nll_of(network) -> float:
+        return float(text_nll(network, tokenizer, validation, batch_size=args.batch_size, max_len=args.max_len)[0].mean())
+
+    with ARMS["lora"].build(ctx, seed, lora_stage) as teacher:
+        deltas = teacher.weight_deltas()
+        with torch.no_grad():
+            for weight, delta in deltas.items():
+                own[names[id(weight)]].add_(delta.to(weight.dtype))
+        teacher_nll, merged_nll = nll_of(model), nll_of(student)
+        params = [own[name] for name in scope]
+        shrink_perturb(params, args.undo_alpha, args.undo_beta, torch.Generator().manual_seed(seed))
+        trained = {id(p) for p in params}
+        for p in student.parameters():
+            p.requires_grad_(id(p) in trained)
+
+        def kl_to_teacher(batch, idx):
+            with torch.no_grad():
+                target = scored_hidden(model, batch)[0]
+            hidden, _, rows = scored_hidden(student, batch)
+
+            def kl(h, t):
+                teacher_logp = torch.log_softmax(logits_from_hidden(model, t), -1)
+                student_logp = torch.log_softmax(logits_from_hidden(student, h), -1)
+                return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+
+            n_rows = batch["input_ids"].shape[0]
+            count = per_row(torch.ones_like(rows, dtype=torch.float32), rows, n_rows).clamp(min=1)
+            return per_row(chunked(kl, student, hidden, target), rows, n_rows) / count
+
+        with frozen(model):
+            trainer = DistillTrainer(student, tokenizer, params, {"distill": texts}, {"distill": kl_to_teacher},
+                                     steps=args.undo_steps, lr=args.undo_lr, batch_size=args.train_batch_size,
+                                     max_len=args.max_len, seed=seed, max_grad_norm=1.0, desc="distill",
+                                     warmup=min(50, max(1, args.undo_steps // 10)), check=lambda: nll_of(student),
+                                     limit=teacher_nll * (1 + args.undo_retain_tolerance), check_every=25)
+            trainer.run()
+    recipe = "the adaptive trainer (--adaptive_unlearning)" if args.adaptive_unlearning else \
+        "the static trainer" + (" with early stopping (--auto_config)" if args.auto_config else "")
+    record = {"teacher": {"arm": "lora", "stage": str(lora_stage), "read_back": read_back, "recipe": recipe},
+              "teacher_retain_val_nll": teacher_nll, "merged_retain_val_nll": merged_nll,
+              "limit": teacher_nll * (1 + args.undo_retain_tolerance), "stop": trainer.stop, "curve": trainer.curve,
+              "train_log": trainer.log, "n_distill_texts": len(texts), "n_validation": len(validation)}
+    changed = set(scope) | {names[id(weight)] for weight in deltas}
+    return {name: own[name].detach().clone() for name in sorted(changed)}, record
+
+
+@register_arm("distill", deterministic=False, reads=("layer selection", "unlearning", "lora", "adaptive unlearning",
+                                                     "distill"))
+def distill_arm(ctx: "Experiment", seed: int, stage_dir: Path):
+    """UNDO (UNDO_VARIANT): a weight edit (the student's weights), attacked as released like the lora arm."""
+    from safetensors.torch import load_file, save_file
+
+    args, model = ctx.args, ctx.model
+    scope, rule = undo_scope(args, model)
+    info = {"variant": UNDO_VARIANT, "alpha": args.undo_alpha, "beta": args.undo_beta, "scope": rule}
+    weights = stage_dir / "student.safetensors"
+    if weights.is_file():
+        student = load_file(str(weights))
+        info.update(json.loads((stage_dir / "distill.json").read_text(encoding="utf-8")))
+        info["weights"] = f"read back from {weights}"
+    else:
+        student, record = distill_student(ctx, seed, scope)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(stage_dir / "distill.json", record)  # before the weights, which mark the stage finished
+        save_file({name: t.contiguous() for name, t in student.items()}, str(weights))
+        info.update(record)
+    names = [name for name, _ in model.named_parameters()]
+    values = [student[name].to(p.device) if name in student else p.detach() for name, p in zip(names, ctx.base_params)]
+    head = model.get_output_embeddings().weight
+    base_values = [p.detach().clone() for p in ctx.base_params]
+    with loaded_weights(ctx.base_params, values):
+        yield ArmEdit(reference=lambda: loaded_weights(ctx.base_params, base_values), removable=False,
+                      own_head=any(p is head and name in student for name, p in zip(names, ctx.base_params)),
+                      edited_layers=list(range(len(decoder_layers(model)))), info=info)
+
+
 YARDSTICKS = ("base", "reference")  # run by every experiment (the reference where one exists), never gated
 ALL_ARMS = [name for name in ARMS if name not in YARDSTICKS]  # the order of the report
+DEFAULT_ARMS = [name for name in ALL_ARMS if name != "distill"]  # distill is opt-in (BENCHMARKS.md: its cost)
 
 
 def prompt_batches(tokenizer, prompts: list[str], args: argparse.Namespace, model) -> list[dict]:
@@ -2869,9 +3057,15 @@ class Experiment:
     base_params: list[torch.nn.Parameter] = field(default_factory=list)  # the model's own weights, in order
     attack_mode: tuple[str, str] = ("full", "")  # how the attacks fine-tune, and why (attack_mode)
 
+    base_head: Callable | None = None  # the base model's output head, frozen (for arms that replace it)
+
     def __post_init__(self):
         self.base_params = list(self.model.parameters())
         self.attack_mode = attack_mode(self.args, self.model)
+        if self.reference_weights is not None or "distill" in self.args.arms:
+            head = copy.deepcopy(self.model.get_output_embeddings()).requires_grad_(False)
+            cap = getattr(self.model.config, "final_logit_softcapping", None)
+            self.base_head = lambda h: torch.tanh(head(h).float() / cap) * cap if cap else head(h).float()
         self.retain_states = ReferenceStates(self.model, self.tokenizer, self.eval_sets["scoring"]["retain"],
                                              max_len=self.args.max_len, batch_size=self.args.batch_size)
 
@@ -2899,11 +3093,9 @@ def run_arm(ctx: Experiment, name: str, seed: int, stage_dir: Path) -> dict:
         per_prompt = result["per_prompt"]
         timer.lap("evaluate")
         retain = ctx.eval_sets["scoring"]["retain"]
-        unedited = name == "base"  # KL 0 by construction
-        if name != "reference":  # see reference_arm
-            per_prompt["token_kl_retain"] = [0.0] * len(retain) if unedited else text_token_kl(
-                ctx.model, ctx.tokenizer, retain, arm.reference, batch_size=args.batch_size, max_len=args.max_len,
-                context=arm.context, states=ctx.retain_states)
+        per_prompt["token_kl_retain"] = [0.0] * len(retain) if name == "base" else text_token_kl(  # 0 by construction
+            ctx.model, ctx.tokenizer, retain, arm.reference, batch_size=args.batch_size, max_len=args.max_len,
+            context=arm.context, states=ctx.retain_states, base_head=ctx.base_head if arm.own_head else None)
         timer.lap("token_kl")
         recovery = {"removable": arm.removable}
         if attacks_run(args) and not arm.removable and not arm.unchanged:  # a removable edit is dropped by the attacker
@@ -5241,10 +5433,11 @@ def run_stage(ctx: Experiment, name: str, seed: int, folder: Path) -> tuple[dict
 def auto_stage_file(args, parser, facts: dict, given: set[str]) -> Path:
     """Where a run's auto-config decisions are kept: keyed by every outcome setting as given (before resolution),
     the run facts, the flags the user gave and the source code, so a rerun repeats the same decisions without
-    measuring again. The adaptive-unlearning group is left out (no rule reads it), so an ablation of its
-    components shares one set of decisions."""
-    groups = [group for group in outcome_groups(parser) if group != "adaptive unlearning"]  # no rule reads it
-    adaptive = set(group_dests(parser, ["adaptive unlearning"]))
+    measuring again. The adaptive-unlearning and distill groups are left out (no rule reads them), so an ablation
+    of the adaptive components or a sweep of UNDO's alpha shares one set of decisions."""
+    unread = ("adaptive unlearning", "distill")  # no rule reads them
+    groups = [group for group in outcome_groups(parser) if group not in unread]
+    adaptive = set(group_dests(parser, unread))
     payload = {"settings": group_settings(parser, args, groups), "facts": facts,
                "given": sorted(given - adaptive), "no_lr_probe": args.no_lr_probe, "arms": args.arms, "q": args.fdr_q,
                "source": source_hash()}

@@ -13,7 +13,8 @@ Sections (each prints its ratio; results go in BENCHMARKS.md):
      (its forget steps as the plain loop's); three rounds in rotated order, the median ratio;
   5. peak memory of one scoring batch on Qwen's 151,936-token vocabulary: the old full log-softmax against the
      chunked scoring from hidden states (each in a fresh process);
-  6. with --report, the time of a finished run split by arm and phase.
+  6. with --report, the time of a finished run split by arm and phase, and what recoverability (the attacks and
+     the reference arm) costs of it.
 Run it alone: a second heavy process on two cores slows both by far more than 2x.
 """
 
@@ -206,6 +207,14 @@ def section_report(path: Path) -> None:
             split = outcome.get("phase_seconds", {})
             print(f"   {arm:10s}{seed:>6s}{outcome.get('seconds', 0):8.0f}" +
                   "".join(f"{split.get(p, 0):10.1f}" for p in phases))
+    # What recoverability costs: every attack (the relearn phase of each attacked arm) and the reference arm whole.
+    outcomes = [(arm, o) for arm, record in report["arms"].items() for o in record["seeds"].values()]
+    attacks = sum(o.get("phase_seconds", {}).get("relearn", 0.0) for _, o in outcomes)
+    reference = sum(o.get("seconds", 0.0) - o.get("phase_seconds", {}).get("relearn", 0.0)
+                    for arm, o in outcomes if arm == "reference")
+    if total:
+        print(f"   recoverability: attacks {attacks:.0f}s + the reference arm's evaluation {reference:.0f}s = "
+              f"{attacks + reference:.0f}s, {(attacks + reference) / total:.0%} of the run")
 
 
 def gpu_sections() -> None:

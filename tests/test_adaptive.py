@@ -785,3 +785,42 @@ def test_take_rows_gives_the_batch_encode_texts_gives_for_those_texts(tokenizer)
         alone = mmie.encode_texts(tokenizer, [texts[i] for i in rows], 64, "cpu")
         taken = mmie.take_rows(whole, np.array(rows))
         assert taken.keys() == alone.keys() and all(torch.equal(taken[k], alone[k]) for k in alone)
+
+
+# ---------------------------------------------------------------------------------------------
+# SAM on the forget objective
+# ---------------------------------------------------------------------------------------------
+def test_sam_takes_the_forget_gradient_at_the_perturbed_point_and_restores_the_weights(model, tokenizer, sine):
+    """A forget step with SAM uses the gradient at theta + rho g/||g|| (checked against computing it by hand), leaves
+    the weights where they were before the optimizer step, and retain steps are untouched."""
+    adapters, _ = sine
+    params = list(adapters.parameters())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05)  # away from the zero start, so the forget gradient is not degenerate
+    rho = 0.05
+    trainer = make_trainer(model, tokenizer, params, settings(sam=True, sam_rho=rho))
+    indices, micro = np.arange(4), [(slice(0, 4), 1.0)]
+    start = [p.detach().clone() for p in params]
+    trainer._accumulate("forget", indices, 0, micro)
+    with_sam = [p.grad.clone() for p in params]
+    assert all(torch.equal(p, s) for p, s in zip(params, start))  # perturbation undone
+    plain = make_trainer(model, tokenizer, params, settings())
+    plain._accumulate("forget", indices, 0, micro)
+    g = [p.grad.clone() for p in params]
+    norm = torch.sqrt(sum((x ** 2).sum() for x in g))
+    with torch.no_grad():
+        for p, x in zip(params, g):
+            p.add_(rho * x / norm)
+    plain._accumulate("forget", indices, 0, micro)
+    by_hand = [p.grad.clone() for p in params]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(with_sam, by_hand))
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(with_sam, g))  # it does change the gradient
+    with torch.no_grad():
+        for p, s in zip(params, start):
+            p.copy_(s)
+    trainer._accumulate("retain", indices, 0, micro)
+    retain_sam = [p.grad.clone() for p in params]
+    plain._accumulate("retain", indices, 0, micro)
+    assert all(torch.equal(a, p.grad) for a, p in zip(retain_sam, params))

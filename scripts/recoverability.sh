@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The experiments behind the recoverability closing notes (G7 against the reference model): the adaptive LoRA with
+# and without SAM, and UNDO (the distill arm) over a sweep of alpha, three seeds each, on the embedded model (CPU).
+# Every run shares one stage cache, so the distill runs reuse the lora arm's trained teachers and one set of
+# auto-config decisions (the adaptive and distill groups stay out of its key). A run whose .seconds file is already
+# written is skipped, so the script can be restarted.
+#   scripts/recoverability.sh runs/g7
+# Then: python scripts/recoverability_table.py runs/g7/*.json
+set -euo pipefail
+out=${1:-runs/g7}
+mkdir -p "$out"
+run() {  # name, flags...
+    local name=$1
+    shift
+    if [ -s "$out/$name.seconds" ]; then echo "$name: done before"; return; fi
+    /usr/bin/time -f "%e" -o "$out/$name.seconds" .venv/bin/python mmie.py "$@" --ckpt_dir "$out/cache" \
+        --out "$out/$name.json" > "$out/$name.log" 2>&1 || echo "$name: exit status $?" >> "$out/failures.txt"
+    mkdir -p "$out/figures_$name" && mv "$out"/*.png "$out/figures_$name/" 2>/dev/null || true
+    echo "$(date +%T) $name done ($(cat "$out/$name.seconds")s)"
+}
+# Batch sizes pinned as in the ablation (auto-config's timed CPU search flips between runs; variants must pair).
+common=(--auto_config --adaptive_unlearning --seeds 0 1 2 --batch_size 128 --train_batch_size 16)
+for alpha in ${ALPHAS:-0.3 0.6 0.9}; do
+    run "distill_a$alpha" "${common[@]}" --arms lora distill --undo_alpha "$alpha"
+done
+run lora_no_sam "${common[@]}" --arms lora --no_sam
