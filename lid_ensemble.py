@@ -72,6 +72,13 @@ OTHER_SCRIPT = "Zyyy"
 
 # fastText labels we accept for each script (lid.176 knows many languages per script; a label
 # outside the text's script is an fastText error on short or noisy text, not a real answer).
+# The 176 labels of fastText's lid.176 (its documentation's list; fasttext-predict does not expose the labels).
+LID176_LANGUAGES = frozenset("""
+af als am an ar arz as ast av az azb ba bar bcl be bg bh bn bo bpy br bs bxr ca cbk ce ceb ckb co cs cv cy da de diq
+dsb dty dv el eml en eo es et eu fa fi fr frr fy ga gd gl gn gom gu gv he hi hif hr hsb ht hu hy ia id ie ilo io is it
+ja jbo jv ka kk km kn ko krc ku kv kw ky la lb lez li lmo lo lrc lt lv mai mg mhr min mk ml mn mr mrj ms mt mwl my myv
+mzn nah nap nds ne new nl nn no oc or os pa pam pfl pl pms pnb ps pt qu rm ro ru rue sa sah sc scn sco sd sh si sk sl so
+sq sr su sv sw ta te tg th tk tl tr tt tyv ug uk ur uz vec vep vi vls vo wa war wuu xal xmf yi yo yue zh""".split())
 SCRIPT_LANGS = {
     "Deva": {"hi", "mr", "ne", "sa", "bh", "new", "mai", "gom", "bpy"},
     "Beng": {"bn", "as", "bpy"},

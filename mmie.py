@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import shutil
 import subprocess
@@ -43,6 +44,18 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+
+
+def exit_during_start_up(signum, frame):
+    """Ctrl-C or SIGTERM while the libraries below import: exit 130 with the resume line, not a traceback."""
+    print("\nmmie: interrupted during start-up, before any work; run the same command again to resume",
+          file=sys.stderr)
+    raise SystemExit(130)
+
+
+if __name__ == "__main__":  # cli() installs the run's own handlers once the imports are done
+    signal.signal(signal.SIGINT, exit_during_start_up)
+    signal.signal(signal.SIGTERM, exit_during_start_up)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -61,7 +74,7 @@ from auto_config import (FIXED_BY_DESIGN, AutoConfig, Decision, OOMBackoff, choo
                          reft_rank, sae_expansion_from_memory, search_batch_size_cuda, sparse_probe_auc)
 from auto_config import choose_n_layers as elbow_layer_count
 from auto_config import lora_targets as lora_targets_rule
-from lid_ensemble import EVAL_FRACTION, LIDEnsemble, is_eval_text, language_words, share_true
+from lid_ensemble import EVAL_FRACTION, LID176_LANGUAGES, LIDEnsemble, is_eval_text, language_words, share_true
 
 REPO = Path(__file__).resolve().parent
 DATA_DIR = REPO / "data"
@@ -112,8 +125,21 @@ def flag(group, name: str, *, check: Callable | None = None, **kwargs) -> argpar
     return action
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Parser errors as one InputError line (the usage is --help's), with "did you mean" for a mistyped flag."""
+
+    def error(self, message: str):
+        import difflib
+
+        options = [option for action in self._actions for option in action.option_strings]
+        unknown = re.findall(r"(--?[\w-]+)", message.partition("unrecognized arguments:")[2])
+        hints = {flag: difflib.get_close_matches(flag.split("=")[0], options, n=1) for flag in unknown}
+        hint = "; ".join(f"did you mean {match[0]} for {flag}?" for flag, match in hints.items() if match)
+        raise InputError(f"{message}{' (' + hint + ')' if hint else ''} (python mmie.py --help lists the flags)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mmie.py", allow_abbrev=False, description="Multilingual unlearning experiments (docs/METHODS.md). "
         "Defaults use data/ and the embedded tiny model, so `python mmie.py` runs with no arguments.")
     data = parser.add_argument_group("data", "JSONL sets, one {\"text\": ...} object per line")
@@ -432,6 +458,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         if check is None or value is None:
             continue
         for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise InputError(f"{action.option_strings[0]} must be a finite number (got {item})")
             problem = check(item)
             if problem:
                 raise InputError(f"{action.option_strings[0]} {problem} (got {item})")
@@ -473,6 +501,8 @@ class TextSet:
 def read_jsonl(path: Path, flag_name: str) -> tuple[list[str], str]:
     """Texts of a JSONL set (a UTF-8 byte-order mark is accepted) and the file's sha256; any defect is an
     InputError naming file and line."""
+    if path.is_dir():
+        raise InputError(f"{path}: a folder, not a JSONL file (given by {flag_name})")
     if not path.is_file():
         raise InputError(f"{path}: file not found (given by {flag_name})")
     raw = path.read_bytes()
@@ -689,12 +719,15 @@ def load_model(name: str, device: str, dtype: torch.dtype, attn: str, load_in_8b
     looks_local = name.startswith((".", "/", "~")) or os.path.isdir(name)
     if looks_local and not Path(name).expanduser().is_dir():
         raise InputError(f"--model {name}: no such folder. The embedded model needs no network: --model {EMBEDDED_MODEL}")
+    if looks_local and not (Path(name).expanduser() / "config.json").is_file():
+        raise InputError(f"--model {name}: no config.json in the folder, so not a Hugging Face model folder. The "
+                         f"embedded model needs no network: --model {EMBEDDED_MODEL}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        cause = " ".join(str(err).split())[:400] or type(err).__name__  # the whole message on one line
         raise InputError(f"--model {name}: cannot be loaded{' (HF_HUB_OFFLINE=1)' if offline else ''}: {cause} "
                          f"The embedded model needs no network: --model {EMBEDDED_MODEL}") from None
     if not load_in_8bit:
@@ -1373,6 +1406,36 @@ def select_layers(model, tokenizer, lid: LIDEnsemble, sets: dict[str, TextSet], 
     return {"chosen": chosen, "rule": rule, "scores": scores, "es_base_sample": es_base,
             "directions": {i: directions[i] for i in layer_indices},
             "norm_limits": {i: pooled["hi"][i].norm_limit for i in layer_indices}}
+
+
+def check_lora_targets(model, requested: list[str] | None) -> None:
+    """--lora_targets against the loaded model's module names (peft matches a name's last part), before slow work."""
+    if not requested or requested == ["all-linear"]:
+        return
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    missing = [target for target in requested if target not in names]
+    if missing:
+        raise InputError(f"--lora_targets {' '.join(missing)}: no such linear module in the model (it has "
+                         f"{', '.join(sorted(names))}, or all-linear)")
+
+
+def check_set_sizes(eval_sets: dict, sets: dict, args: argparse.Namespace) -> None:
+    """Every prompt set needs two distinct prompts for a paired test, and the texts that layer selection and the
+    probes read need --probe_folds of each language for the probes' cross-validation: refused here, not after the
+    first arm."""
+    cap = "--sample_cap" if args.sample_cap else "the file"
+    for name, prompts in eval_sets["generation"].items():
+        if len(prompts) < 2:
+            raise InputError(f"the {name} prompt set has {len(prompts)} distinct prompt(s); the gates need at least "
+                             f"2 (raise {cap})")
+    needed = args.probe_folds
+    for name, text_set in sets.items():
+        if name == "relearn":
+            continue
+        for split in ("train", "eval"):
+            if len(getattr(text_set, split)) < needed:
+                raise InputError(f"{text_set.path}: its {split} split has {len(getattr(text_set, split))} text(s); "
+                                 f"the probes' {needed}-fold cross-validation needs at least {needed} (--probe_folds)")
 
 
 def check_layer_flags(args: argparse.Namespace, n_layers: int) -> None:
@@ -5365,8 +5428,10 @@ def pooled_codes(ctx: "Experiment", sae: TopKSAE, layer: int, texts: list[str]) 
 # =============================================================================================
 # 9. main()
 # =============================================================================================
-class Interrupted(Exception):
-    """SIGTERM, raised where SIGINT raises KeyboardInterrupt, so both stop a run the same way."""
+class Interrupted(BaseException):
+    """SIGTERM, raised where SIGINT raises KeyboardInterrupt, so both stop a run the same way. A BaseException like
+    KeyboardInterrupt, so a library's `except Exception` (scikit-learn's cross-validation records a failed fit and
+    goes on) never swallows it."""
 
 
 def raise_interrupted(signum, frame):
@@ -5376,7 +5441,15 @@ def raise_interrupted(signum, frame):
 def experiment_lid(sets: dict[str, TextSet], args: argparse.Namespace) -> LIDEnsemble:
     """The language identifier, favouring the languages of the sets in use (or --lid_languages)."""
     if args.lid_languages:
-        return LIDEnsemble(languages=tuple(args.lid_languages))
+        try:
+            lid = LIDEnsemble(languages=tuple(args.lid_languages))
+        except ValueError as err:
+            raise InputError(f"--lid_languages: {err}") from None
+        unknown = [lang for lang in args.lid_languages if lang not in LID176_LANGUAGES]
+        if unknown:
+            raise InputError(f"--lid_languages {' '.join(unknown)}: not a language the identifier (fastText lid.176) "
+                             "knows; give lid.176 codes such as hi, en, ur, pa, bn")
+        return lid
     related = related_languages(sets, LIDEnsemble())
     return LIDEnsemble(languages=tuple(dict.fromkeys(["hi", "en", *related.values()])))
 
@@ -5496,11 +5569,13 @@ def prepare(args, parser, argv: list[str]) -> dict:
     lid = experiment_lid(sets, args)
     checks = check_sets(sets, lid, args.max_language_mismatch)
     eval_sets = build_eval_sets(sets, checks, args)
+    check_set_sizes(eval_sets, sets, args)
     print(f"mmie: model {model_name} ({model_reason}); device {device}, dtype {str(dtype).removeprefix('torch.')}, "
           f"attention {attn}")
     model, tokenizer = load_model(model_name, device, dtype, attn, args.load_in_8bit)
     check_scoring_path(model, tokenizer)
     check_layer_flags(args, len(decoder_layers(model)))
+    check_lora_targets(model, args.lora_targets)
     reference, reference_reason = resolve_reference(args.reference, model_name, model, tokenizer)
     reference_weights = None if reference is None else load_reference_weights(reference, model, tokenizer)
     args.reference_resolved = None if reference is None else str(reference)
@@ -5595,7 +5670,6 @@ def run_experiment(args, parser, argv: list[str], started: float) -> dict:
     if args.fresh and args.ckpt_dir.is_dir():  # --fresh: this run's stages are redone, others' are kept
         for stage in ["layers", "sae", *run_order(args, run["reference_weights"] is not None)]:
             shutil.rmtree(stage_dir(stage), ignore_errors=True)
-    signal.signal(signal.SIGTERM, raise_interrupted)
     report = new_report(run, args, parser, None)
     try:
         layers = cached_layers(model, tokenizer, lid, sets, eval_sets, args, stage_dir("layers"),
@@ -5620,8 +5694,6 @@ def run_experiment(args, parser, argv: list[str], started: float) -> dict:
         print(f"\nmmie: interrupted; {finished} finished arm/seed outcomes are kept in {args.ckpt_dir} and listed in "
               f"{run['out_path']}; run the same command again to resume", file=sys.stderr)
         raise SystemExit(130) from None
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     compute_statistics(report, args)
     report["run_seconds"] = round(time.time() - started, 1)
     write_json_atomic(run["out_path"], report)
@@ -5646,7 +5718,11 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     check_args(args, parser)
+    if args.plot and args.aggregate:
+        raise InputError("--plot and --aggregate cannot be combined: --aggregate draws the pooled report's figures "
+                         "itself (use --plot on its pooled.json afterwards)")
     if args.plot:
+        check_writable(args.plot.parent, "--plot (the figures go beside the report)")
         report = read_report(args.plot)
         figures = write_figures(report, args.plot.parent)
         print_table(report, args.show_outputs)
@@ -5654,6 +5730,7 @@ def main(argv: list[str] | None = None) -> dict:
         return report
     if args.aggregate:
         out_path = args.out if args.out and args.out.suffix == ".json" else (args.out or Path(".")) / "pooled.json"
+        check_writable(out_path.parent, "--out")
         pooled = aggregate_reports(args.aggregate, args, parser)
         write_json_atomic(out_path, pooled)
         figures = write_figures(pooled, out_path.parent)
@@ -5671,11 +5748,20 @@ def failed_arms(report: dict) -> list[str]:
 def cli(argv: list[str] | None = None) -> int:
     """The command line: exit status 0 when every arm ran, 1 when an arm failed (the report is still written),
     2 for bad input (one line, before slow work), 130 when interrupted."""
+    previous = signal.signal(signal.SIGTERM, raise_interrupted)  # from the first line: set-up is interruptible too
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from here on
     try:
         report = main(argv)
     except InputError as err:
         print(f"mmie: error: {err}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Interrupted) as err:  # outside the arms' loop (set-up, statistics, figures)
+        print(f"\nmmie: interrupted ({type(err).__name__} {err}".rstrip() + "); finished stages are kept in the "
+              "checkpoint folder; run the same command again to resume", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     failures = failed_arms(report)
     if failures:
         print(f"mmie: {len(failures)} arm/seed runs failed ({', '.join(failures)}); see the report", file=sys.stderr)

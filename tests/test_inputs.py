@@ -168,7 +168,7 @@ def test_aggregate_of_something_that_is_not_a_report(tmp_path, content, fragment
 
 def test_arms_flag_with_no_names_is_the_base_evaluation_alone():
     assert mmie.build_parser().parse_args(["--arms"]).arms == []
-    assert mmie.build_parser().parse_args([]).arms == mmie.ALL_ARMS
+    assert mmie.build_parser().parse_args([]).arms == mmie.DEFAULT_ARMS and "distill" not in mmie.DEFAULT_ARMS
 
 
 def test_given_flags_are_what_the_command_line_names():
@@ -177,3 +177,88 @@ def test_given_flags_are_what_the_command_line_names():
                                                                                                "fresh"}
     assert mmie.given_flags(parser, ["--lora_lr=0.1"]) == {"lora_lr"}
     assert mmie.given_flags(parser, []) == set()
+
+
+# --- the last bad inputs of a new user's sweep: each failed late, with a traceback, or not at all -----------------
+def test_parser_errors_are_one_line_with_a_did_you_mean():
+    """argparse printed its 89-line usage before the line that matters, and no suggestion for a close flag."""
+    result = run_cli("--lid_languagez", "hi")
+    assert_one_line_error(result, "unrecognized arguments: --lid_languagez", "did you mean --lid_languages")
+    assert "usage:" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--ga_bound", "inf"], ["--ga_bound must be a finite number (got inf)"]),  # accepted, then a NaN loss at step 0
+    (["--lora_lr", "nan"], ["--lora_lr must be a finite number"]),
+    (["--plot", "a.json", "--aggregate", "b.json"], ["--plot and --aggregate cannot be combined"]),  # ignored aggregate
+    (["--lid_languages", "zz"], ["--lid_languages zz: not a language"]),  # accepted silently
+    (["--forget", "data"], ["data: a folder, not a JSONL file (given by --forget)"]),  # said "file not found"
+])
+def test_more_bad_flags_fail_before_slow_work(args, fragments):
+    fails_with(args, *fragments)
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--lora_targets", "nosuchmodule"], ["--lora_targets nosuchmodule: no such linear module", "q_proj"]),
+    (["--sample_cap", "1"], ["prompt set has 1 distinct prompt(s)", "--sample_cap"]),  # TypeError after 80 s
+])
+def test_model_dependent_checks_fail_before_layer_selection(tmp_path, args, fragments):
+    fails_with([*args, "--out", tmp_path / "r", "--ckpt_dir", tmp_path / "c"], *fragments)
+
+
+def test_a_tiny_set_that_still_splits_is_refused_up_front(tmp_path):
+    """3 train texts and 1 eval text failed every arm after ~65 s (scikit-learn's k-fold with n_splits=1)."""
+    hindi = lines(REPO / "data/forget_hi.jsonl")
+    from lid_ensemble import is_eval_text
+    train = [t for t in hindi if not is_eval_text(json.loads(t)["text"])][:3]
+    held = [t for t in hindi if is_eval_text(json.loads(t)["text"])][:2]
+    path = write(tmp_path / "tiny.jsonl", "\n".join(train + held).encode())
+    fails_with(["--forget", path, "--out", tmp_path / "r", "--ckpt_dir", tmp_path / "c"], "tiny.jsonl",
+               "split has", "--probe_folds")
+
+
+def test_an_empty_model_folder_gets_a_whole_sentence(tmp_path):
+    (tmp_path / "empty").mkdir()
+    fails_with(["--model", tmp_path / "empty", "--out", tmp_path / "r", "--ckpt_dir", tmp_path / "c"],
+               "no config.json in the folder", "--model", "tiny-lm")
+
+
+@pytest.mark.parametrize("mode", ["--plot", "--aggregate"])
+def test_plot_and_aggregate_into_a_folder_that_cannot_be_written(tmp_path, mode):
+    """An OSError traceback after the work; the main run checked this up front already."""
+    blocker = write(tmp_path / "a_file", b"not a folder")
+    report = blocker / "inside" / "report.json"
+    args = ["--plot", report] if mode == "--plot" else ["--aggregate", tmp_path / "x.json", "--out", report]
+    fails_with(args, "cannot write")
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_during_set_up_exits_130_with_the_resume_line(signum):
+    """Ctrl-C during set-up printed a KeyboardInterrupt traceback; SIGTERM before the handler exited 143 silently."""
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, str(REPO / "mmie.py"), "--arms"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(3)  # importing torch and transformers, loading the language identifier: set-up
+    process.send_signal(getattr(signal, signum))
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "run the same command again to resume" in err
+
+
+def test_sigterm_is_never_swallowed_by_a_library_that_catches_exceptions():
+    """scikit-learn's cross-validation reported the handler's exception as one failed fit and the run went on for
+    40 minutes: the interrupt is a BaseException now, which `except Exception` does not catch."""
+    assert not issubclass(mmie.Interrupted, Exception) and issubclass(mmie.Interrupted, BaseException)
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    class Interrupting(LogisticRegression):
+        def fit(self, X, y):
+            raise mmie.Interrupted("SIGTERM")
+
+    X, y = [[0.0], [1.0]] * 5, [0, 1] * 5
+    with pytest.raises(mmie.Interrupted):
+        cross_val_score(Interrupting(), X, y, cv=2, error_score=float("nan"))
