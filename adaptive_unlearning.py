@@ -2,7 +2,7 @@
 loop, and the dynamic DSG clamp. Every component has its own off switch (mmie.py's "adaptive unlearning" group)
 and records what it did in the arm's report entry info["adaptive"].
 
-    component        source (what was read: notes/adaptive10.md)            here
+    component        source (what was read)                                   here
     sine_lora        Stable Forgetting, arXiv 2509.24166 (no code) +          SineAdapter, sine_lora()
                      Sine-LoRA, arXiv 2403.19243 (samy-ji/Sine-Low-Rank)
     reweight         LoReUn, arXiv 2507.22499 (vision only, no code)          LossReweighter
@@ -17,6 +17,8 @@ and records what it did in the arm's report entry info["adaptive"].
     english_target   IDK-style alternative target: TOFU's IDK (arXiv 2401.   forget_batch_size; the target
                      06121), DualOptim's idk_loss (LLM/trainer/losses.py);    rows: mmie.english_targets,
                      here the "answer" is an English continuation (ours)      mmie.encode_continuations
+    sam              Fan et al. ICML 2025, arXiv 2502.05374 (OPTML-Group/     AdaptiveUnlearningTrainer.
+                     Unlearn-Smooth, SAMIterativeUnlearner)                   _accumulate
 
 How they combine (one training step):
   * kind: recovery stage -> retain; else DualOptim's f forget : r retain cycle (1:1 here, the forget lr scaled by the

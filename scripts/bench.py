@@ -9,8 +9,8 @@ Sections (each prints its ratio; results go in BENCHMARKS.md):
      it cannot avoid: raw batched `generate` on the same prompts plus the scoring forwards;
   2. our generation (batched, KV cache) against the upstream style (batch 8, no KV cache);
   3. language identification, texts per second;
-  4. one training step of the adaptive trainer against the plain loop (same LoRA, same steps), and like for like
-     (its forget steps as the plain loop's); three rounds in rotated order, the median ratio;
+  4. one training step of the adaptive trainer against the plain loop (same LoRA, same steps), like for like
+     (its forget steps as the plain loop's), and with SAM; three rounds in rotated order, the median ratio;
   5. peak memory of one scoring batch on Qwen's 151,936-token vocabulary: the old full log-softmax against the
      chunked scoring from hidden states (each in a fresh process);
   6. with --report, the time of a finished run split by arm and phase, and what recoverability (the attacks and
@@ -116,8 +116,9 @@ def section_lid(sets) -> None:
 
 def section_training(model, tokenizer, sets, settings, rounds: int = 3) -> None:
     """One LoRA training configuration, stepped by the plain Trainer and by the adaptive trainer with every
-    component but sine-LoRA and early stopping on (validation and reweighting refreshes included, amortised over
-    the steps), and with the forget steps of the plain loop (the controllers' cost alone). The three trainers run
+    component but sine-LoRA, early stopping and SAM on (validation and reweighting refreshes included, amortised over
+    the steps), with the forget steps of the plain loop (the controllers' cost alone), and with SAM (its second
+    forward and backward on every forget step). The four trainers run
     in turn, `rounds` times, in a rotated order: on 2 shared cores one run's ratio moves about ten points, so the
     line gives each round's ratio and their median."""
     from peft import LoraConfig
@@ -125,11 +126,12 @@ def section_training(model, tokenizer, sets, settings, rounds: int = 3) -> None:
     import adaptive_unlearning  # noqa: F401  (the adaptive path of unlearning_trainer)
 
     steps = settings.lora_steps  # a default run's length, so the periodic passes are amortised as in a run
-    adaptive = ["--adaptive_unlearning", "--no_sine_lora", "--no_early_stop"]
+    adaptive = ["--adaptive_unlearning", "--no_sine_lora", "--no_early_stop", "--no_sam"]
     # like_for_like: a forget step reads 16 Devanagari texts, as the plain loop's (the English target's rows and
     # the romanized texts of the script-blind pool are shorter in tokens): the controllers' cost alone
     variants = {"plain": [], "adaptive": adaptive,
-                "like_for_like": [*adaptive, "--no_english_target", "--no_script_blind"]}
+                "like_for_like": [*adaptive, "--no_english_target", "--no_script_blind"],
+                "sam": [name for name in adaptive if name != "--no_sam"]}  # SAM's second forward-backward
     per_step = {name: [] for name in variants}
     names = list(variants)
     for round_ in range(rounds):  # each round starts with the next trainer, so none always runs first or last
@@ -146,8 +148,8 @@ def section_training(model, tokenizer, sets, settings, rounds: int = 3) -> None:
                                                   seed=0, desc=name)
                 per_step[name].append(timed(trainer.run) / steps)
 
-    def overhead(name: str) -> str:
-        ratios = np.asarray(per_step[name]) / np.asarray(per_step["plain"]) - 1
+    def overhead(name: str, against: str = "plain") -> str:
+        ratios = np.asarray(per_step[name]) / np.asarray(per_step[against]) - 1
         rounds_text = " / ".join(f"{r:+.0%}" for r in ratios)
         return f"{np.median(ratios):+.0%} median of {rounds_text}"
 
@@ -155,7 +157,9 @@ def section_training(model, tokenizer, sets, settings, rounds: int = 3) -> None:
     print(f"4. training step ({steps} steps, {rounds} rounds, ms per step by round): plain {ms['plain']}; adaptive "
           "(all components but sine-LoRA and early stopping, auto-config's step rule: its generation probe is not "
           f"timed) {ms['adaptive']}, overhead {overhead('adaptive')} (target <= +15%); without the English target and "
-          f"script-blindness (forget steps as the plain loop's) {ms['like_for_like']}, {overhead('like_for_like')}")
+          f"script-blindness (forget steps as the plain loop's) {ms['like_for_like']}, {overhead('like_for_like')}; "
+          f"with SAM (on by default) {ms['sam']}, {overhead('sam')} against plain, {overhead('sam', 'adaptive')} "
+          "against the adaptive trainer without it")
 
 
 MEMORY_PROBE = """

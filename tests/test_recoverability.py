@@ -271,7 +271,7 @@ def test_an_arm_restored_to_its_start_is_unchanged():
 
 def test_no_file_cites_anything_outside_the_repository():
     """Eight places cited a design document that is not in the repository; what a reader needs is in docs/."""
-    outside = ["DESIGN" + ".md", "DESIGN" + " section", "/wo" + "rk/", "sha" + "red/"]
+    outside = ["DESIGN" + ".md", "DESIGN" + " section", "/wo" + "rk/", "sha" + "red/", "no" + "tes/"]
     tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=REPO, check=True).stdout.split()
     offenders = []
     for name in tracked:
@@ -302,3 +302,54 @@ def test_a_hub_style_model_runs_the_whole_protocol_without_a_reference(tmp_path,
     assert report["gates"]["dim"]["G7"]["removable"] and "es_relearn" not in report["arms"]["dim"]["seeds"]["0"]["per_prompt"]
     assert report["outcome"]["dim"] in ("suppresses", "fails", "inconclusive")
     assert (tmp_path / "run" / "relearning.png").is_file()
+
+
+# --- the distill arm (UNDO) ------------------------------------------------------------------------
+def test_shrink_perturb_mixes_matrices_with_noise_and_shrinks_vectors():
+    torch.manual_seed(0)
+    matrix, vector = torch.nn.Parameter(torch.ones(64, 32)), torch.nn.Parameter(torch.ones(32))
+    mmie.shrink_perturb([matrix, vector], alpha=0.6, beta=0.1, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(vector, torch.full((32,), 0.4))
+    noise = (matrix - 0.4) / (0.6 * 0.1)
+    bound = (6 / (64 + 32)) ** 0.5  # Xavier-uniform's bound
+    assert noise.abs().max() <= bound + 1e-6 and noise.std() > bound / 3
+
+
+def test_undo_scope_is_every_weight_when_small_and_the_top_mlps_when_large(model):
+    args = mmie.build_parser().parse_args([])
+    names, rule = mmie.undo_scope(args, model)
+    assert names == [name for name, _ in model.named_parameters()] and rule.startswith("all")
+    top, rule = mmie.undo_scope(mmie.build_parser().parse_args(["--undo_scope", "top_mlp"]), model)
+    assert top and all(".mlp." in name and int(name.split("layers.")[1].split(".")[0]) >= 1 for name in top)
+    assert "MLPs of layers 1-2" in rule
+
+
+def test_the_distill_arm_runs_its_partial_path_on_a_hub_style_gemma3(tmp_path, tokenizer):
+    """A random-init Gemma3 (Gemma-3's architecture, soft-capped logits) saved as a hub folder: the partial path
+    perturbs and distils the top half's MLPs only; the output head is the base's, so token KL reads it as usual."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    folder = tmp_path / "hub-gemma3"
+    Gemma3ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    report = mmie.main(["--model", str(folder), "--sample_cap", "10", "--n_boot", "99", "--n_boot_gates", "99",
+                        "--layer_sample", "10", "--lora_steps", "2", "--relearn_steps", "1", "--probe_folds", "2",
+                        "--relearn_prompts", "6", "--max_new_tokens", "6", "--arms", "distill", "--undo_steps", "3",
+                        "--undo_scope", "top_mlp", "--out", str(tmp_path / "run"), "--ckpt_dir", str(tmp_path / "ckpt")])
+    outcome = report["arms"]["distill"]["seeds"]["0"]
+    assert outcome["status"] == "ok", outcome.get("error")
+    info = outcome["info"]
+    assert info["scope"].startswith("the MLPs of layers 2-3") and info["teacher"]["arm"] == "lora"
+    assert len(info["train_log"]) <= 3 and info["stop"]["reason"]
+    assert outcome["recoverability"]["removable"] is False and "es_relearn" in outcome["per_prompt"]
+    assert report["gates"]["distill"]["G7"]["rule"] == "base"
+    saved = next((tmp_path / "ckpt" / "distill").glob("*/seed0/student.safetensors"))
+    from safetensors.torch import load_file
+    changed = set(load_file(str(saved)))  # the scope, and the weights the teacher's LoRA changed (merged)
+    assert {name for name in changed if ".mlp." in name and name.split("layers.")[1][0] in "23"} >= {
+        f"model.layers.{i}.mlp.{proj}.weight" for i in (2, 3) for proj in ("gate_proj", "up_proj", "down_proj")}
+    assert not any("embed" in name or "norm" in name for name in changed)
