@@ -3003,6 +3003,7 @@ class AttackTrainer(Trainer):
             self.model.eval()
             self.scores[done] = self.score()
             self.model.train()
+            print(f"mmie:   {self.desc}: {done} steps, ES {np.mean(self.scores[done]):.3f}", flush=True)
         return False
 
 
@@ -3138,21 +3139,24 @@ class Experiment:
 
 
 class PhaseTimer:
-    """Wall-clock seconds per named phase, for the report and the benchmark's split of a run."""
+    """Wall-clock seconds per named phase, for the report and the benchmark's split of a run; each finished phase
+    is also one line of the log (`label` names the arm and seed), so a redirected log shows where the time went."""
 
-    def __init__(self):
+    def __init__(self, label: str = ""):
         self.seconds: dict[str, float] = {}
-        self.started = time.perf_counter()
+        self.started, self.label = time.perf_counter(), label
 
     def lap(self, phase: str) -> None:
         now = time.perf_counter()
         self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - self.started, 2)
+        if self.label:
+            print(f"mmie: {self.label}: {phase} done ({now - self.started:.1f}s)", flush=True)
         self.started = now
 
 
 def run_arm(ctx: Experiment, name: str, seed: int, stage_dir: Path) -> dict:
     """Apply, evaluate and remove one arm for one seed: every metric of docs/METHODS.md, per prompt."""
-    args, timer = ctx.args, PhaseTimer()
+    args, timer = ctx.args, PhaseTimer(f"{name} seed {seed}")
     torch.manual_seed(seed)
     with ARMS[name].build(ctx, seed, stage_dir) as arm:
         timer.lap("build")
@@ -5070,6 +5074,8 @@ def figure_relearning(report: dict):
             ax.plot(steps, [by_rate[lr][s] for s in steps], marker=marker, color=colour, label=arm,
                     linestyle={"base": "--", "reference": ":"}.get(arm, "-"), linewidth=1.6)
         ax.set_xscale("symlog", linthresh=10)
+        ticks = sorted({step for by_rate in curves.values() for step in by_rate[lr]})
+        ax.set_xticks(ticks, [str(step) for step in ticks])
         ax.set_xlabel("attack steps (fine-tuning on held-out Hindi)")
         ax.set_title(f"attack learning rate {lr}")
         ax.set_ylim(-0.03, 1.03)
@@ -5078,7 +5084,8 @@ def figure_relearning(report: dict):
     removable = [arm for arm, gates in (report.get("gates") or {}).items() if (gates.get("G7") or {}).get("removable")]
     note = f"not attacked (removable edits: the attacker drops them): {', '.join(removable)}" if removable else ""
     fig.suptitle("Relearning curves: does the Hindi come back?" + (f"\n{note}" if note else ""), fontsize=10)
-    axes[-1].legend(loc="lower right", fontsize=8, frameon=False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
     return fig
 
 
