@@ -67,11 +67,11 @@ def test_report_shape_and_per_prompt_outcomes(first_run):
     assert seed["metrics"]["es_forget_eval"] > 0.5  # the base model continues Hindi in Hindi
     # Every arm ran, was evaluated on the full metric set and met every gate with a decision; the reference model
     # (found automatically for the embedded model) ran too, as a yardstick with no gates.
-    assert set(on_disk["arms"]) == {"base", "reference", *mmie.ALL_ARMS} and "reference" not in on_disk["gates"]
+    assert set(on_disk["arms"]) == {"base", "reference", *mmie.DEFAULT_ARMS} and "reference" not in on_disk["gates"]
     assert on_disk["recoverability"]["reference"] == str(mmie.REFERENCE_MODEL)
     assert "against the reference model" in on_disk["statistics_config"]["G7_rule"]
     attacked = {"base", "reference", "lora"}  # the weight edits; every other arm's edit is removable
-    for arm in ["base", "reference", *mmie.ALL_ARMS]:
+    for arm in ["base", "reference", *mmie.DEFAULT_ARMS]:
         outcome = on_disk["arms"][arm]["seeds"]["0"]
         assert outcome["status"] == "ok", (arm, outcome.get("error"))
         assert {"es_forget_eval", "fidelity_pa"} <= set(outcome["per_prompt"])
@@ -99,7 +99,7 @@ def test_rerun_resumes_and_fresh_run_reproduces(first_run, capsys):
     again = run_main(tmp_path)
     printed = capsys.readouterr().out
     assert "layer selection read back" in printed
-    assert all(f"{arm} seed 0 read back" in printed for arm in ["base", "reference", *mmie.ALL_ARMS])
+    assert all(f"{arm} seed 0 read back" in printed for arm in ["base", "reference", *mmie.DEFAULT_ARMS])
     assert again["summary"] == report["summary"] and again["gates"] == report["gates"]
     fresh = run_main(tmp_path, "--fresh", "--arms", "lora", "sae_gate", "dim", out="fresh")  # only these are redone
     printed = capsys.readouterr().out
@@ -128,7 +128,8 @@ def test_stage_keys_follow_what_each_stage_reads():
         return {stage: mmie.stage_key(parser, parser.parse_args(argv), stage, facts) for stage in stages}
 
     base = keys([])
-    assert [s for s in stages if keys(["--lora_steps", "9"])[s] != base[s]] == ["lora"]
+    assert [s for s in stages if keys(["--lora_steps", "9"])[s] != base[s]] == ["lora", "distill"]  # its teacher
+    assert [s for s in stages if keys(["--undo_alpha", "0.9"])[s] != base[s]] == ["distill"]
     assert [s for s in stages if keys(["--n_boot", "999", "--fdr_q", "0.05"])[s] != base[s]] == []
     assert all(keys([], {**facts, "dtype": "torch.bfloat16"})[s] != base[s] for s in stages)
     assert [s for s in stages if keys(["--dsg_top_n", "30"])[s] != base[s]] == ["dsg"]
