@@ -709,6 +709,11 @@ def check_8bit_support(device: str) -> None:
         raise InputError("--load_in_8bit needs the bitsandbytes package: pip install bitsandbytes")
 
 
+def error_text(err: Exception) -> str:
+    """A library's error message on one line, whole (its first line alone can stop mid-sentence)."""
+    return " ".join(str(err).split())[:400] or type(err).__name__
+
+
 def load_model(name: str, device: str, dtype: torch.dtype, attn: str, load_in_8bit: bool):
     """(model, tokenizer) ready for batched left-padded generation; one clear InputError when the
     model cannot be had (offline, wrong id, missing folder), naming the embedded alternative."""
@@ -731,8 +736,7 @@ def load_model(name: str, device: str, dtype: torch.dtype, attn: str, load_in_8b
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        cause = " ".join(str(err).split())[:400] or type(err).__name__  # the whole message on one line
-        raise InputError(f"--model {name}: cannot be loaded{' (HF_HUB_OFFLINE=1)' if offline else ''}: {cause} "
+        raise InputError(f"--model {name}: cannot be loaded{' (HF_HUB_OFFLINE=1)' if offline else ''}: {error_text(err)} "
                          f"The embedded model needs no network: --model {EMBEDDED_MODEL}") from None
     if not load_in_8bit:
         model.to(device)
@@ -769,7 +773,7 @@ def load_reference_weights(path: Path, model, tokenizer) -> list[torch.Tensor]:
         ref_tokenizer = AutoTokenizer.from_pretrained(path)
         reference = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype)
     except (OSError, ValueError) as err:
-        raise InputError(f"--reference {path}: cannot be loaded: {str(err).strip().splitlines()[0]}") from None
+        raise InputError(f"--reference {path}: cannot be loaded: {error_text(err)}") from None
     if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise InputError(f"--reference {path}: its tokenizer differs from the model's; a reference must share it")
     ours, theirs = dict(model.named_parameters()), dict(reference.named_parameters())
@@ -978,10 +982,11 @@ def generate(model, tokenizer, prompts: list[str], **kwargs) -> list[str]:
 LOGIT_CHUNK_BYTES = 2**28
 
 
-def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's output head on final hidden states, float32, with Gemma's final soft-capping where the
-    config has it (the only logit post-processing of the families tested; check_scoring_path verifies)."""
-    logits = model.get_output_embeddings()(hidden).float()
+def logits_from_hidden(model, hidden: torch.Tensor, head: torch.nn.Module | None = None) -> torch.Tensor:
+    """The model's output head (or `head`, e.g. the base model's frozen one) on final hidden states, float32, with
+    Gemma's final soft-capping where the config has it (the only logit post-processing of the families tested;
+    check_scoring_path verifies)."""
+    logits = (head or model.get_output_embeddings())(hidden).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 
@@ -1058,17 +1063,17 @@ class ReferenceStates:
         return torch.cat([self.states[int(i)] for i in indices])
 
 
-def token_kl(model, batch: dict, base_hidden: torch.Tensor, base_head: Callable | None = None
+def token_kl(model, batch: dict, base_hidden: torch.Tensor, base_head: torch.nn.Module | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed KL(base || edited) of each text's scored next-token distributions [B], scored tokens [B]), the base
     given by its hidden states at the same scored text tokens (reference_hidden or ReferenceStates; for the prompt
-    arm, read without its instruction) through the model's own output head, or `base_head` (hidden -> logits) for
-    an arm whose weights replace the head (the reference model, distillation)."""
+    arm, read without its instruction) through the model's own output head, or `base_head` (the base model's head,
+    frozen) for an arm whose weights replace the head (the reference model, distillation)."""
     hidden, _, rows = scored_hidden(model, batch)
-    head = base_head or (lambda h: logits_from_hidden(model, h))
 
     def kl(h, b):
-        edited, base = torch.log_softmax(logits_from_hidden(model, h), -1), torch.log_softmax(head(b), -1)
+        edited = torch.log_softmax(logits_from_hidden(model, h), -1)
+        base = torch.log_softmax(logits_from_hidden(model, b, base_head), -1)
         return (base.exp() * (base - edited)).sum(-1)
 
     n_rows = batch["input_ids"].shape[0]
@@ -1107,7 +1112,7 @@ def text_nll(model, tokenizer, texts: list[str], *, batch_size: int, max_len: in
 @torch.no_grad()
 def text_token_kl(model, tokenizer, texts: list[str], reference: Callable, *, batch_size: int, max_len: int,
                   context: str | None = None, states: ReferenceStates | None = None,
-                  base_head: Callable | None = None) -> list[float]:
+                  base_head: torch.nn.Module | None = None) -> list[float]:
     """Per text, the mean over its scored tokens of KL(base || edited) of the next-token distributions; with a
     context, the edited model reads the texts after it and the base without it. `states` (the same texts) saves
     the base model's forward when it already read them."""
@@ -2431,10 +2436,17 @@ def reference_arm(ctx: "Experiment", seed: int, stage_dir: Path):
     """The exact-unlearning reference (--reference): the same architecture and tokenizer trained on the same data
     less its Hindi, its weights loaded into the model for the arm. It is the yardstick of G7 and G5, not an
     intervention: it has no gates."""
+    with weights_arm(ctx, ctx.reference_weights, own_head=True, info={"path": ctx.args.reference_resolved}) as arm:
+        yield arm
+
+
+@contextmanager
+def weights_arm(ctx: "Experiment", values: list[torch.Tensor], **arm_fields):
+    """An arm whose edit is a set of weights (the reference model, a distilled student): `values` loaded into the
+    model's parameters, the base model's a moment away (`reference`), a weight edit, never removable."""
     base_values = [p.detach().clone() for p in ctx.base_params]
-    with loaded_weights(ctx.base_params, ctx.reference_weights):
-        yield ArmEdit(reference=lambda: loaded_weights(ctx.base_params, base_values), removable=False, own_head=True,
-                      info={"path": ctx.args.reference_resolved})
+    with loaded_weights(ctx.base_params, values):
+        yield ArmEdit(reference=lambda: loaded_weights(ctx.base_params, base_values), removable=False, **arm_fields)
 
 
 @register_arm("lora", deterministic=False, reads=("layer selection", "unlearning", "lora", "adaptive unlearning"))
@@ -2852,11 +2864,9 @@ def distill_arm(ctx: "Experiment", seed: int, stage_dir: Path):
     names = [name for name, _ in model.named_parameters()]
     values = [student[name].to(p.device) if name in student else p.detach() for name, p in zip(names, ctx.base_params)]
     head = model.get_output_embeddings().weight
-    base_values = [p.detach().clone() for p in ctx.base_params]
-    with loaded_weights(ctx.base_params, values):
-        yield ArmEdit(reference=lambda: loaded_weights(ctx.base_params, base_values), removable=False,
-                      own_head=any(p is head and name in student for name, p in zip(names, ctx.base_params)),
-                      edited_layers=list(range(len(decoder_layers(model)))), info=info)
+    with weights_arm(ctx, values, own_head=any(p is head and name in student for name, p in zip(names, ctx.base_params)),
+                     edited_layers=list(range(len(decoder_layers(model)))), info=info) as arm:
+        yield arm
 
 
 YARDSTICKS = ("base", "reference")  # run by every experiment (the reference where one exists), never gated
@@ -2962,6 +2972,11 @@ def attacks_run(args: argparse.Namespace) -> bool:
     return args.relearn_steps != [0]
 
 
+def attack_prompts(ctx: "Experiment") -> list[str]:
+    """The prompts every attack is scored on: the first --relearn_prompts forget-eval prompts (paired across arms)."""
+    return ctx.eval_sets["generation"]["forget_eval"][: ctx.args.relearn_prompts]
+
+
 @contextmanager
 def restoring(params: list[torch.nn.Parameter]):
     """The parameters' values are put back after the block, whatever it did to them."""
@@ -3016,7 +3031,7 @@ def attack_trajectory(ctx: "Experiment", arm: ArmEdit, texts: list[str], lr: flo
     from peft import LoraConfig
 
     model, tokenizer, args = ctx.model, ctx.tokenizer, ctx.args
-    prompts = ctx.eval_sets["generation"]["forget_eval"][: args.relearn_prompts]
+    prompts = attack_prompts(ctx)
     torch.manual_seed(seed)
 
     def train(params):
@@ -3074,8 +3089,7 @@ def quantized_es(ctx: "Experiment", arm: ArmEdit, bits: int) -> list[float]:
         for p in ctx.base_params:
             if p.ndim == 2 and id(p) not in keep:
                 p.copy_(round_to_nearest(p, bits))
-        prompts = ctx.eval_sets["generation"]["forget_eval"][: ctx.args.relearn_prompts]
-        return forget_es(model, ctx.tokenizer, ctx.lid, prompts, ctx.args, instruction=arm.context)
+        return forget_es(model, ctx.tokenizer, ctx.lid, attack_prompts(ctx), ctx.args, instruction=arm.context)
 
 
 def benign_texts(ctx: "Experiment") -> list[str]:
@@ -3125,15 +3139,13 @@ class Experiment:
     base_params: list[torch.nn.Parameter] = field(default_factory=list)  # the model's own weights, in order
     attack_mode: tuple[str, str] = ("full", "")  # how the attacks fine-tune, and why (attack_mode)
 
-    base_head: Callable | None = None  # the base model's output head, frozen (for arms that replace it)
+    base_head: torch.nn.Module | None = None  # the base model's output head, frozen (for arms that replace it)
 
     def __post_init__(self):
         self.base_params = list(self.model.parameters())
         self.attack_mode = attack_mode(self.args, self.model)
         if self.reference_weights is not None or "distill" in self.args.arms:
-            head = copy.deepcopy(self.model.get_output_embeddings()).requires_grad_(False)
-            cap = getattr(self.model.config, "final_logit_softcapping", None)
-            self.base_head = lambda h: torch.tanh(head(h).float() / cap) * cap if cap else head(h).float()
+            self.base_head = copy.deepcopy(self.model.get_output_embeddings()).requires_grad_(False)
         self.retain_states = ReferenceStates(self.model, self.tokenizer, self.eval_sets["scoring"]["retain"],
                                              max_len=self.args.max_len, batch_size=self.args.batch_size)
 
@@ -3666,8 +3678,7 @@ def mia_reference_gate(arm_members: ArrayLike, arm_nonmembers: ArrayLike, ref_me
               or _check_rows(("non-members", arm_n), ("reference non-members", ref_n)))
     if reason is not None:
         return not_evaluated(reason)
-    ones = (np.ones((1, arm_m.shape[1]), dtype=np.int64), np.ones((1, arm_n.shape[1]), dtype=np.int64))
-    diff = float(_auc_moments(arm_m, arm_n, *ones, None)[0][0] - _auc_moments(ref_m, ref_n, *ones, None)[0][0])
+    diff = _observed_auc(arm_m, arm_n)[0] - _observed_auc(ref_m, ref_n)[0]
     rng, chunk, stars = np.random.default_rng(seed), max(1, _CHUNK_ELEMENTS // (4 * (arm_m.shape[1] + arm_n.shape[1]))), []
     for start in range(0, n_boot, chunk):
         b = min(chunk, n_boot - start)
