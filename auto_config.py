@@ -97,7 +97,7 @@ def lr_ladder(min_lr: float, max_lr: float, num_steps: int) -> np.ndarray:
 
 
 def lr_range_test(step: Callable[[float], float], *, min_lr: float = 1e-7, max_lr: float = 1.0, num_steps: int = 40,
-                  beta: float = 0.98, diverge_factor: float = 4.0) -> dict:
+                  beta: float = 0.98, diverge_factor: float = 4.0, deadline: "Deadline | None" = None) -> dict:
     """LR range test (Smith 2017; as Lightning's lr_find, notes section 1): call step(lr), one training step
     at that lr returning its loss, for lrs rising evenly in log10(lr) from min_lr to max_lr. The loss is
     smoothed by an EMA with bias correction (avg = beta*avg + (1-beta)*loss, smoothed = avg / (1 - beta^(i+1)),
@@ -107,7 +107,8 @@ def lr_range_test(step: Callable[[float], float], *, min_lr: float = 1e-7, max_l
     NLL. The caller restores the model and optimizer afterwards.
 
     Returns {"lr", "loss", "smoothed", "stop"}; "smoothed" (causal, lagging) serves the stopping rule only,
-    suggest_lr smooths without lag."""
+    suggest_lr smooths without lag. A `deadline` that expires stops the sweep ("stop" starts "budget"): the curve
+    then lacks its high-lr end, and the caller should not read a suggestion from it."""
     if not 0 <= beta < 1 or diverge_factor <= 1:
         raise ValueError(f"need 0 <= beta < 1 and diverge_factor > 1 (got {beta}, {diverge_factor})")
     curve = {"lr": [], "loss": [], "smoothed": [], "stop": "end of the sweep"}
@@ -127,6 +128,9 @@ def lr_range_test(step: Callable[[float], float], *, min_lr: float = 1e-7, max_l
         best = min(best, smoothed)
         if i > 0 and smoothed > diverge_factor * best:
             curve["stop"] = f"diverged at lr {lr:.3g} (smoothed loss > {diverge_factor:g} x best)"
+            break
+        if deadline is not None and deadline.expired() and i + 1 < num_steps:
+            curve["stop"] = f"budget: stopped after {i + 1} of {num_steps} steps, at lr {lr:.3g}"
             break
     return curve
 
@@ -216,15 +220,19 @@ def model_size_lr(n_params: int) -> Decision:
                     "GPT-3 Table 2.1's shape, nanoGPT's tiny configs)", {"n_params": n_params})
 
 
-def choose_lr(curve: dict | None, n_params: int, band: float = 10.0) -> Decision:
+def choose_lr(curve: dict | None, n_params: int, band: float = 10.0, why: str = "LR probe off") -> Decision:
     """The LR range test's suggestion, clamped to [center / band, center * band] around model_size_lr, so one
     noisy probe cannot move the lr more than a decade (band=10, ours) from a sane starting point. With the
-    probe off (curve None) or no suggestion (flat, no finite loss), the model-size rule alone."""
+    probe off or over its budget (curve None; `why` says which) or no suggestion (flat, no finite loss), the
+    model-size rule alone."""
     if band < 1:
         raise ValueError(f"band must be at least 1 (got {band})")
     center = model_size_lr(n_params)
     if curve is None:
-        return Decision(center.value, "model-size rule (LR probe off): " + center.rule, center.inputs)
+        return Decision(center.value, f"model-size rule ({why}): " + center.rule, center.inputs)
+    if str(curve.get("stop", "")).startswith("budget"):
+        return Decision(center.value, f"model-size rule (LR probe {curve['stop']}): " + center.rule,
+                        {**center.inputs, "probe_steps": len(curve["lr"])})
     suggestion = suggest_lr(curve)
     inputs = {"suggested": suggestion.value, "suggestion_rule": suggestion.rule, "center": center.value,
               "band": band, "n_params": n_params, **suggestion.inputs}
@@ -278,16 +286,19 @@ def batch_fits(try_batch: Callable[[int], None], batch: int, release: Callable[[
 
 
 def search_batch_size_cuda(try_batch: Callable[[int], None], *, start: int = 8, max_batch: int = 1024,
-                           safety: float = 0.9, release: Callable[[], None] = release_cuda_memory) -> Decision:
+                           safety: float = 0.9, release: Callable[[], None] = release_cuda_memory,
+                           deadline: "Deadline | None" = None) -> Decision:
     """Largest batch that fits, times a safety margin. Lightning's binsearch mode (notes section 2): double
     from `start` until a trial runs out of memory (or reaches max_batch), then bisect between the last success
     and the first failure; O(log) trials. Lightning keeps 95% (margin 0.05) and accelerate backs off to 90%;
     we keep `safety` = 90% (rounded down, at least 1) because memory also moves with fragmentation and the
     optimizer's lazily allocated state. try_batch(b) must run one full training step (forward, backward,
-    optimizer step) at the longest sequence length used (max_len), which is what memory depends on."""
+    optimizer step) at the longest sequence length used (max_len), which is what memory depends on. A `deadline`
+    that expires after a trial that fitted ends the search there (inputs["stop"] says so)."""
     if not 0 < safety <= 1 or start < 1 or max_batch < 1:
         raise ValueError(f"need 0 < safety <= 1, start >= 1, max_batch >= 1 (got {safety}, {start}, {max_batch})")
     largest_ok, smallest_oom, batch, trials = 0, None, min(start, max_batch), []
+    stop = "search finished"
     while True:
         fits = batch_fits(try_batch, batch, release)
         trials.append({"batch": batch, "ok": fits})
@@ -295,6 +306,9 @@ def search_batch_size_cuda(try_batch: Callable[[int], None], *, start: int = 8, 
             largest_ok = batch
         else:
             smallest_oom = batch
+        if fits and deadline is not None and deadline.expired():
+            stop = f"budget: stopped after {len(trials)} trials"
+            break
         if smallest_oom is None:
             if batch >= max_batch:
                 break
@@ -308,31 +322,39 @@ def search_batch_size_cuda(try_batch: Callable[[int], None], *, start: int = 8, 
     value = max(1, math.floor(largest_ok * safety))
     return Decision(value, f"batch-size search: largest fitting batch x {safety:g} (Lightning binsearch; "
                     "accelerate's 0.9 back-off)", {"largest_ok": largest_ok, "smallest_oom": smallest_oom,
-                                                   "safety": safety, "max_batch": max_batch, "trials": trials})
+                                                   "safety": safety, "max_batch": max_batch, "trials": trials,
+                                                   "stop": stop})
 
 
 def choose_batch_size_cpu(measure: Callable[[int], float], candidates: Sequence[int] = (8, 16, 32, 64, 128, 256),
-                          tolerance: float = 0.10, repeats: int = 3) -> Decision:
+                          tolerance: float = 0.10, repeats: int = 3, deadline: "Deadline | None" = None) -> Decision:
     """The smallest candidate whose seconds per item is within `tolerance` (10%, ours) of the best measured.
     On a CPU a bigger batch stops paying once the matrix kernels are saturated; past that it only costs memory
     and coarser progress, so among near-equal throughputs the smallest wins. measure(b) returns seconds per
     item at batch b. Each candidate's time is the minimum of `repeats` rounds over all candidates (timeit's rule:
     noise only ever adds time; interleaved rounds keep a slow spell of the machine from landing on one candidate),
     so that reruns of one command on one machine choose alike (single timings gave 16 in one run and 8 in the
-    next)."""
-    seconds = {}
+    next). A `deadline` that expires stops the rounds after the measurement under way; the choice is then among
+    the candidates measured (inputs["stop"] says so)."""
+    seconds, rounds, stop = {}, 0, "all rounds"
     for _ in range(repeats):
         for batch in sorted(candidates):
             value = float(measure(batch))
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"measure({batch}) must return positive seconds per item (got {value})")
             seconds[batch] = min(value, seconds.get(batch, math.inf))
+            if deadline is not None and deadline.expired():
+                stop = f"budget: stopped in round {rounds + 1} of {repeats} after batch {batch}"
+                break
+        rounds += 1
+        if stop != "all rounds":
+            break
     best = min(seconds.values())
     chosen = min(b for b, s in seconds.items() if s <= best * (1 + tolerance))
     return Decision(chosen, f"CPU throughput: smallest batch within {tolerance:.0%} of the best seconds per item "
                     f"(ours), each the fastest of {repeats} rounds",
                     {"seconds_per_item": seconds, "best_seconds_per_item": best, "tolerance": tolerance,
-                     "repeats": repeats})
+                     "repeats": repeats, "stop": stop})
 
 
 class OOMBackoff:
@@ -468,6 +490,72 @@ class Deadline:
 
     def expired(self) -> bool:
         return self.remaining_s() <= 0
+
+
+PROBE_SHARE = 0.10  # auto-config's probes together may take this share of the run they configure (ours)
+PROBE_FLOOR_S = 60.0  # ...but never less: probes that cost a minute in all are worth more than rules (ours; on the
+# embedded model they take about 40 s, which the floor keeps measured rather than ruled)
+# Each probe's slice of the budget, in the order they run; what one leaves unspent passes to the next (ours: the
+# layer scoring, a generation pass per layer, is the dearest and decides the most).
+PROBE_SHARES = {"batch sizes": 0.15, "power analysis": 0.15, "layer scoring": 0.40, "learning rates": 0.20,
+                "sae k": 0.10}
+
+
+def predicted_run_seconds(*, evaluations: int, prompts_per_evaluation: int, seconds_per_prompt: float,
+                          train_steps: int, seconds_per_step: float) -> dict:
+    """A lower bound of the run's seconds from its measured unit costs: its evaluations (generation of every
+    prompt set, the base, the reference and each arm and seed) and the training steps no early stop can cut.
+    A lower bound, so that a budget taken as a share of it is a share of the real run at most."""
+    evaluation = evaluations * prompts_per_evaluation * seconds_per_prompt
+    training = train_steps * seconds_per_step
+    return {"seconds": evaluation + training, "evaluation_s": evaluation, "training_s": training,
+            "evaluations": evaluations, "prompts_per_evaluation": prompts_per_evaluation,
+            "seconds_per_prompt": seconds_per_prompt, "train_steps": train_steps, "seconds_per_step": seconds_per_step}
+
+
+class ProbeBudget:
+    """The time auto-config's measured probes may spend together: max(PROBE_SHARE x the predicted run,
+    PROBE_FLOOR_S), handed out in PROBE_SHARES slices. A probe asks `allows(name, predicted_s)` before it runs
+    (no: its rule decides instead, and the table says so) and runs under `deadline(name)`, at which it stops
+    with what it has measured. `spent` and `fallbacks` go into the report."""
+
+    def __init__(self, predicted: dict, *, share: float = PROBE_SHARE, floor_s: float = PROBE_FLOOR_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.predicted, self.clock = predicted, clock
+        self.seconds = max(share * predicted["seconds"], floor_s)
+        self.spent: dict[str, float] = {}
+        self.fallbacks: dict[str, str] = {}
+
+    def allowance(self, name: str) -> float:
+        """Seconds left to probe `name`: the cumulative slices up to it, less what the probes before it spent."""
+        order = list(PROBE_SHARES)
+        upto = sum(PROBE_SHARES[n] for n in order[: order.index(name) + 1])
+        return self.seconds * upto - sum(self.spent.values())
+
+    def allows(self, name: str, predicted_s: float) -> bool:
+        fits = predicted_s <= self.allowance(name)
+        if not fits:
+            self.fallbacks[name] = (f"predicted {predicted_s:.3g}s > {max(0.0, self.allowance(name)):.3g}s left of "
+                                    f"the probes' budget ({self.seconds:.3g}s)")
+        return fits
+
+    def deadline(self, name: str) -> Deadline:
+        return Deadline(max(self.allowance(name), 1e-3) / 60, self.clock)
+
+    def charge(self, name: str, seconds: float) -> None:
+        self.spent[name] = self.spent.get(name, 0.0) + seconds
+
+    def stopped(self, name: str, what: str) -> None:
+        self.note(name, f"stopped at its budget: {what}")
+
+    def note(self, name: str, what: str) -> None:
+        """What the budget made a probe do instead of its full measurement."""
+        self.fallbacks[name] = what
+
+    def report(self) -> dict:
+        return {"budget_s": self.seconds, "share": PROBE_SHARE, "floor_s": PROBE_FLOOR_S, "slices": PROBE_SHARES,
+                "predicted_run": self.predicted, "spent_s": self.spent, "total_spent_s": sum(self.spent.values()),
+                "fallbacks": self.fallbacks}
 
 
 # =============================================================================================
@@ -1001,6 +1089,10 @@ def auto_config_report(decisions: dict[str, Decision], user_given: dict[str, obj
         if name in user_given:
             entry.update(value=json_safe(user_given[name]), source="user", auto_value=decision.value)
         entries[name] = entry
+    for name in user_given:
+        if name not in decisions:
+            entries[name] = {"value": json_safe(user_given[name]), "source": "user",
+                             "rule": "given by the user: its probe did not run", "inputs": {}}
     return entries
 
 
@@ -1039,11 +1131,17 @@ class AutoConfig:
     def __init__(self, settings, given: set[str], fixed_values: dict[str, object] | None = None):
         self.settings, self.given = settings, set(given)
         self.decisions: dict[str, Decision] = {}
+        self.not_probed: list[str] = []  # user-given settings whose measured probe was skipped
         self.fixed_values = dict(fixed_values or {})
 
     def decide(self, name: str, decision: Decision | Callable[[], Decision]) -> object:
-        """Record the decision for `name` and apply it unless the user gave `name`; returns the value in force."""
+        """Record the decision for `name` and apply it unless the user gave `name`; returns the value in force.
+        A callable is a measured probe: for a setting the user gave it does not run at all (the user's value
+        wins anyway, and "auto would be X" is only shown where it comes free, from a rule)."""
         if callable(decision):
+            if name in self.given:
+                self.not_probed.append(name)
+                return getattr(self.settings, name)
             decision = decision()
         self.decisions[name] = decision
         if name not in self.given:
@@ -1055,7 +1153,8 @@ class AutoConfig:
         self.decisions[name] = decision
 
     def user_given(self) -> dict[str, object]:
-        return {name: getattr(self.settings, name) for name in self.decisions if name in self.given}
+        return {name: getattr(self.settings, name) for name in [*self.decisions, *self.not_probed]
+                if name in self.given}
 
     def table(self) -> list[str]:
         return decision_table(self.decisions, self.user_given(), self.fixed_values)

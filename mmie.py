@@ -68,10 +68,11 @@ from scipy import optimize, stats
 from statsmodels.stats.multitest import multipletests
 from tqdm.auto import tqdm
 
-from auto_config import (FIXED_BY_DESIGN, AutoConfig, Decision, OOMBackoff, choose_batch_size_cpu, choose_lr,
-                         choose_max_len, choose_max_new_tokens, choose_n_boot, choose_sae_k, first_eligible_layer,
-                         generation_rule, lora_alpha, lora_dropout, lora_rank, lr_range_test, plan_sample_sizes,
-                         reft_rank, sae_expansion_from_memory, search_batch_size_cuda, sparse_probe_auc)
+from auto_config import (FIXED_BY_DESIGN, AutoConfig, Decision, OOMBackoff, ProbeBudget, choose_batch_size_cpu,
+                         choose_lr, choose_max_len, choose_max_new_tokens, choose_n_boot, choose_sae_k,
+                         first_eligible_layer, generation_rule, lora_alpha, lora_dropout, lora_rank, lr_range_test,
+                         plan_sample_sizes, predicted_run_seconds, reft_rank, sae_expansion_from_memory,
+                         search_batch_size_cuda, sparse_probe_auc)
 from auto_config import choose_n_layers as elbow_layer_count
 from auto_config import lora_targets as lora_targets_rule
 from lid_ensemble import EVAL_FRACTION, LID176_LANGUAGES, LIDEnsemble, is_eval_text, language_words, share_true
@@ -155,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="small Hindi set, disjoint from the forget set, for the relearning attack")
     flag(data, "--sample_cap", type=int, default=None, check=at_least(1),
          help="at most this many prompts per set and split (file order)")
+    flag(data, "--prompts", choices=("planned", "all"), default="planned",
+         help="planned: each prompt set capped at the prompts its gate needs for power 0.8 (a power analysis on a "
+              "pilot of the base model's outputs; never below 64); all: every prompt")
     flag(data, "--max_language_mismatch", type=float, default=0.5, check=between(0, 1),
          help="refuse a set when more than this share of its texts is not in its role's language (1 never refuses)")
     flag(data, "--lid_languages", nargs="+", default=None, metavar="LANG",
@@ -280,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="distillation step budget (the embedded model was pretrained for 900 steps of twice the batch)")
     flag(distill, "--undo_retain_tolerance", type=float, default=0.05, check=above(0),
          help="stop once the student's retain NLL is within this share of the teacher's (the paper's 5%%)")
+    flag(distill, "--undo_forget_domain", action="store_true",
+         help="also distil on the forget-train texts (the teacher's suppressed outputs there), as the reference code "
+              "does; off: retain and related-language texts only")
     flag(distill, "--undo_scope", default="auto", choices=["auto", "all", "top_mlp"],
          help=f"what is perturbed and distilled; auto: every weight up to {FULL_ATTACK_MAX_PARAMS // 10**6}M "
               "parameters, else the MLPs of the top half of the layers")
@@ -658,7 +665,9 @@ def build_eval_sets(sets: dict[str, TextSet], checks: dict[str, dict], args: arg
     scoring = {"retain": first(sets["retain"].eval), "forget_train_text": first(sets["forget"].train),
                "forget_eval_text": first(sets["forget"].eval)}
     return {"generation": generation, "scoring": scoring, "related": related, "related_source": related_source,
-            "prompt_counts": counts}
+            "prompt_counts": counts,
+            # the attacks' prompts: never cut by the prompt plan, so G7 keeps --relearn_prompts pairs whatever G1 needs
+            "attack": generation["forget_eval"][: args.relearn_prompts]}
 
 
 # =============================================================================================
@@ -917,7 +926,7 @@ def collect_token_activations(model, tokenizer, texts: list[str], layer_indices:
     on the CPU, texts in length_batches order."""
     device = next(model.parameters()).device
     collected: dict[int, list[torch.Tensor]] = {i: [] for i in layer_indices}
-    for batch in length_batches(tokenizer, texts, batch_size):
+    for batch in progress(length_batches(tokenizer, texts, batch_size), "activations"):
         encoded = encode_texts(tokenizer, [texts[i] for i in batch], max_len, device)
         mask = encoded["attention_mask"].bool()
         if skip_first:
@@ -1102,7 +1111,7 @@ def text_nll(model, tokenizer, texts: list[str], *, batch_size: int, max_len: in
     """Per text: mean next-token NLL over its scored tokens (after `context` when given) and their number."""
     nll, count = np.zeros(len(texts)), np.zeros(len(texts), dtype=np.int64)
     device = next(model.parameters()).device
-    for batch in length_batches(tokenizer, texts, batch_size):
+    for batch in progress(length_batches(tokenizer, texts, batch_size), "score texts"):
         summed, n = token_logprobs(model, encode_texts(tokenizer, [texts[i] for i in batch], max_len, device, context))
         nll[batch] = (-summed / n.clamp(min=1)).cpu().numpy()
         count[batch] = n.long().cpu().numpy()
@@ -1118,7 +1127,7 @@ def text_token_kl(model, tokenizer, texts: list[str], reference: Callable, *, ba
     the base model's forward when it already read them."""
     device = next(model.parameters()).device
     per_text = np.zeros(len(texts))
-    for indices in length_batches(tokenizer, texts, batch_size):
+    for indices in progress(length_batches(tokenizer, texts, batch_size), "token KL"):
         chunk = [texts[i] for i in indices]
         batch = encode_texts(tokenizer, chunk, max_len, device, context)
         base = states.get(indices, reference) if states is not None else \
@@ -1277,7 +1286,7 @@ def content_activations(model, tokenizer, texts: list[str], layer_indices: list[
     device = next(model.parameters()).device
     tokens: dict[int, list[torch.Tensor]] = {i: [] for i in layer_indices}
     owner: list[torch.Tensor] = []
-    for batch in length_batches(tokenizer, texts, batch_size):
+    for batch in progress(length_batches(tokenizer, texts, batch_size), "activations"):
         encoded = encode_texts(tokenizer, [texts[i] for i in batch], max_len, device)
         content = encoded["attention_mask"].bool().clone()
         content[:, 0] = False  # right padding: position 0 is every text's first token
@@ -1374,47 +1383,88 @@ def layer_scores(pooled: dict[str, dict[int, LayerActivations]], layer: int, arg
 
 
 def select_layers(model, tokenizer, lid: LIDEnsemble, sets: dict[str, TextSet], eval_sets: dict,
-                  args: argparse.Namespace, choose_count: Callable[[dict[int, float], list[int]], int] | None = None
-                  ) -> dict:
+                  args: argparse.Namespace, choose_count: Callable[[dict[int, float], list[int]], int] | None = None,
+                  budget: ProbeBudget | None = None) -> dict:
     """Score every layer representationally (layer_scores) and causally (ES drop on a forget sample when the
     layer's Hindi-minus-English direction is ablated, minus causal_nll_penalty times the retain NLL increase),
     then choose the top layers by the causal score: --select_top_k of them, or as many as `choose_count`
-    (auto-config's elbow rule) says. Warns when no causal score is positive (the choice then means little)."""
-    n_layers = len(decoder_layers(model))
-    layer_indices = list(range(n_layers))
+    (auto-config's elbow rule) says. Warns when no causal score is positive (the choice then means little).
+    Under auto-config's `budget` only the eligible layers are scored causally, in order of their probe score, for
+    as many generation passes as the budget's slice holds (the base pass times them); a layer not reached is not
+    chosen, and when none is reached the probe score chooses (the rule says so)."""
+    if args.force_layers:
+        return forced_layers(model, tokenizer, sets, eval_sets, args)
+    deadline = budget.deadline("layer scoring") if budget is not None else None
+    layer_indices = list(range(len(decoder_layers(model))))
     texts = language_train_texts(sets, eval_sets, args.layer_sample)
     pooled = {lang: content_activations(model, tokenizer, t, layer_indices, batch_size=args.batch_size,
                                         max_len=args.max_len, massive_ratio=args.massive_ratio)
               for lang, t in texts.items()}
+    scores = {i: layer_scores(pooled, i, args) for i in layer_indices}
+    directions = {i: hindi_direction(pooled["hi"][i], pooled["en"][i]) for i in layer_indices}
+    eligible = [i for i in layer_indices if i >= args.min_layer]
     forget_prompts = continuation_prompts(texts["hi"], args.prompt_words)
+    started = time.perf_counter()
     es_base = float(np.mean(forget_es(model, tokenizer, lid, forget_prompts, args)))
     nll_base = text_nll(model, tokenizer, texts["en"], batch_size=args.batch_size, max_len=args.max_len)[0].mean()
-    scores, directions = {}, {}
-    for i in progress(layer_indices, "layer scores"):
-        directions[i] = hindi_direction(pooled["hi"][i], pooled["en"][i])
+    order = layer_indices if budget is None else layers_within_budget(
+        sorted(eligible, key=lambda i: -scores[i]["probe_score"]), time.perf_counter() - started, deadline, budget)
+    for i in progress(order, "layer scores", every_s=0.0):
         with edit_layer_outputs(model, {i: project_out(directions[i], pooled["hi"][i].norm_limit)}):
             es_ablated = float(np.mean(forget_es(model, tokenizer, lid, forget_prompts, args)))
             nll_ablated = text_nll(model, tokenizer, texts["en"], batch_size=args.batch_size,
                                    max_len=args.max_len)[0].mean()
         es_drop, nll_increase = es_base - es_ablated, float(nll_ablated - nll_base)
-        scores[i] = {**layer_scores(pooled, i, args), "es_drop": es_drop, "retain_nll_increase": nll_increase,
-                     "causal_score": es_drop - args.causal_nll_penalty * max(0.0, nll_increase)}
-    if all(score["causal_score"] <= 0 for score in scores.values()):
+        scores[i].update(es_drop=es_drop, retain_nll_increase=nll_increase,
+                         causal_score=es_drop - args.causal_nll_penalty * max(0.0, nll_increase))
+        if deadline is not None and deadline.expired() and i != order[-1]:
+            budget.note("layer scoring", f"stopped at its budget after {order.index(i) + 1} of {len(order)} layers")
+            break
+    chosen, rule = choose_layers(scores, eligible, args, choose_count)
+    return {"chosen": chosen, "rule": rule, "scores": scores, "es_base_sample": es_base,
+            "directions": directions, "norm_limits": {i: pooled["hi"][i].norm_limit for i in layer_indices}}
+
+
+def layers_within_budget(ranked: list[int], seconds_per_pass: float, deadline, budget: ProbeBudget) -> list[int]:
+    """The first of `ranked` (eligible layers, best probe score first) whose causal passes fit what is left of
+    the layer scoring's budget, at the base pass's measured seconds each."""
+    affordable = max(0, int(deadline.remaining_s() // max(seconds_per_pass, 1e-9)))
+    if affordable < len(ranked):
+        budget.note("layer scoring", f"causal scoring of {affordable} of {len(ranked)} eligible layers, best probe "
+                    f"score first ({seconds_per_pass:.1f}s a layer, {max(0.0, deadline.remaining_s()):.0f}s left)")
+    return ranked[:affordable]
+
+
+def choose_layers(scores: dict[int, dict], eligible: list[int], args, choose_count: Callable | None
+                  ) -> tuple[list[int], str]:
+    """The top eligible layers by causal score (or by probe score when no layer was scored causally)."""
+    causal = {i: scores[i]["causal_score"] for i in eligible if "causal_score" in scores[i]}
+    if not causal:
+        chosen = sorted(sorted(eligible, key=lambda i: -scores[i]["probe_score"])[: args.select_top_k])
+        return chosen, (f"top {args.select_top_k} probe_score among layers >= {args.min_layer} (no causal scoring "
+                        "within the budget)")
+    if all(score <= 0 for score in causal.values()):
         warn("no layer's causal score is positive (ablating its Hindi direction costs at least as much retain NLL "
              "as it removes Hindi), so the layer choice means little")
-    eligible = [i for i in layer_indices if i >= args.min_layer]
-    ranked = sorted(eligible, key=lambda i: -scores[i]["causal_score"])
-    if args.force_layers:
-        chosen, rule = sorted(args.force_layers), "--force_layers"
-    elif choose_count is not None:
-        count = choose_count({i: scores[i]["causal_score"] for i in eligible}, eligible)
-        chosen, rule = sorted(ranked[:count]), f"top {count} causal_score among layers >= {args.min_layer} (auto)"
-    else:
-        chosen = sorted(ranked[: args.select_top_k])
-        rule = f"top {args.select_top_k} causal_score among layers >= {args.min_layer}"
-    return {"chosen": chosen, "rule": rule, "scores": scores, "es_base_sample": es_base,
-            "directions": {i: directions[i] for i in layer_indices},
-            "norm_limits": {i: pooled["hi"][i].norm_limit for i in layer_indices}}
+    ranked = sorted(causal, key=lambda i: -causal[i])
+    scored = "" if len(causal) == len(eligible) else f" ({len(causal)} of {len(eligible)} scored within the budget)"
+    if choose_count is not None:
+        count = choose_count(causal, list(causal))
+        return sorted(ranked[:count]), f"top {count} causal_score among layers >= {args.min_layer} (auto){scored}"
+    return (sorted(ranked[: args.select_top_k]),
+            f"top {args.select_top_k} causal_score among layers >= {args.min_layer}{scored}")
+
+
+def forced_layers(model, tokenizer, sets: dict[str, TextSet], eval_sets: dict, args: argparse.Namespace) -> dict:
+    """--force_layers: no layer is scored (the user chose); only what the arms need is computed, the Hindi
+    direction and sink norm limit of each forced layer, from one forward pass over the Hindi and English texts."""
+    chosen = sorted(set(args.force_layers))
+    texts = language_train_texts(sets, eval_sets, args.layer_sample)
+    pooled = {lang: content_activations(model, tokenizer, texts[lang], chosen, batch_size=args.batch_size,
+                                        max_len=args.max_len, massive_ratio=args.massive_ratio) for lang in ("hi", "en")}
+    return {"chosen": chosen, "rule": "--force_layers (no layer scored)", "scores": {}, "es_base_sample": None,
+            "directions": {i: hindi_direction(pooled["hi"][i], pooled["en"][i]) for i in chosen},
+            "norm_limits": {i: pooled["hi"][i].norm_limit for i in chosen}}
 
 
 def check_lora_targets(model, requested: list[str] | None) -> None:
@@ -1502,7 +1552,7 @@ def sequence_logprobs(model, tokenizer, texts: list[str], *, batch_size: int, ma
     """Summed log-likelihood of each text's scored tokens."""
     device = next(model.parameters()).device
     summed = torch.zeros(len(texts), device=device)
-    for batch in length_batches(tokenizer, texts, batch_size):
+    for batch in progress(length_batches(tokenizer, texts, batch_size), "score texts"):
         summed[batch] = token_logprobs(model, encode_texts(tokenizer, [texts[i] for i in batch], max_len, device))[0]
     return summed
 
@@ -1918,11 +1968,19 @@ def total_variance(x: torch.Tensor) -> torch.Tensor:
     return ((x - x.mean(0)) ** 2).sum(-1).mean()
 
 
+def sparse_decode(W_dec: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """sum_j values[b, j] W_dec[indices[b, j]]: the decoder product of a top-k code without its dense [tokens,
+    n_latents] form (k of n_latents entries are nonzero: the dense product and its backward cost ~n_latents / k
+    times the work; OpenAI's sparse_autoencoder uses a sparse kernel for the same reason). Equal to
+    dense_code @ W_dec up to summation order."""
+    return torch.nn.functional.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+
+
 def train_sae(acts: torch.Tensor, *, expansion: int, k: int, aux_k: int, steps: int, lr: float, batch_size: int,
               seed: int, aux_coef: float = 1 / 32, dead_tokens_threshold: int = 100_000, eval_fraction: float = 0.1,
               b_pre_init: Literal["geometric_median", "mean"] = "geometric_median", median_sample: int = 32_768,
               adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 6.25e-10,
-              device: str | torch.device = "cpu", progress: bool = True) -> tuple[TopKSAE, dict]:
+              device: str | torch.device = "cpu", show_progress: bool = True) -> tuple[TopKSAE, dict]:
     """Train a TopK SAE with AuxK on token activations `acts` [N, d_model] (float32, on `device`;
     the SAE comes back there).
 
@@ -1961,24 +2019,24 @@ def train_sae(acts: torch.Tensor, *, expansion: int, k: int, aux_k: int, steps: 
     batches = shuffled_batches(len(train_acts), batch_size, generator)
     mse = aux = torch.zeros((), device=device)
 
-    for _ in tqdm(range(steps), desc="train SAE", leave=False, disable=not progress):
+    for _ in progress(range(steps), "train SAE") if show_progress else range(steps):
         x = train_acts[next(batches).to(device)]
         pre = sae.pre_activations(x)
-        z = sae.topk(pre)
-        x_hat = sae.decode(z)
+        values, indices = pre.topk(sae.k, dim=-1)
+        x_hat = sparse_decode(sae.W_dec, values, indices) + sae.b_pre
         mse = normalised_mse(x_hat, x, data_variance)
         # Dead-latent bookkeeping comes before AuxK, so this batch's firings count (as in the paper).
         tokens_since_fired += len(x)
-        tokens_since_fired[(z > 0).any(0)] = 0
+        tokens_since_fired[indices[values > 0]] = 0
         dead = tokens_since_fired >= dead_tokens_threshold
         aux = torch.zeros((), device=device)
         if aux_coef > 0 and dead.any():
             n_aux = min(aux_k, int(dead.sum()))
             # pre >= 0 after the ReLU, so -1 keeps live latents out of the top n_aux <= n_dead.
-            values, indices = pre.masked_fill(~dead, -1.0).topk(n_aux, dim=-1)
-            z_aux = torch.zeros_like(pre).scatter(-1, indices, values)
+            aux_values, aux_indices = pre.masked_fill(~dead, -1.0).topk(n_aux, dim=-1)
             error = x - x_hat.detach()
-            aux = normalised_mse(z_aux @ sae.W_dec, error, total_variance(error).clamp(min=1e-12))
+            aux = normalised_mse(sparse_decode(sae.W_dec, aux_values, aux_indices), error,
+                                 total_variance(error).clamp(min=1e-12))
         loss = mse + aux_coef * aux
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -2302,7 +2360,7 @@ def activation_probabilities(model, tokenizer, texts: list[str], *, batch_size: 
 
     handles = [mlp_activation_module(layer).register_forward_hook(counter(i)) for i, layer in enumerate(layers)]
     try:
-        for indices in length_batches(tokenizer, texts, batch_size):
+        for indices in progress(length_batches(tokenizer, texts, batch_size), "neuron activations"):
             batch = encode_texts(tokenizer, [texts[i] for i in indices], max_len, device)
             current_mask["mask"] = batch["attention_mask"].bool()
             total += int(batch["attention_mask"].sum())
@@ -2714,8 +2772,9 @@ UNDO_VARIANT = (
     "distillation): the student is the unlearned teacher's weights (the lora arm, adapter merged), each weight "
     "matrix w <- (1 - alpha) w + alpha beta xavier_uniform, each vector w <- (1 - alpha) w; forward KL(teacher || "
     "student) per token; stop when the student's retain NLL is within the tolerance of the teacher's (the paper's 5%) "
-    "or at the step budget. Deviations: distilled on retain and related-language train texts only (the reference code "
-    "interleaves forget-domain text 50/50, the teacher's suppressed outputs there), linear warmup then a constant lr "
+    "or at the step budget. Deviations: distilled on retain and related-language train texts (the reference code "
+    "interleaves forget-domain text 50/50, the teacher's suppressed outputs there; --undo_forget_domain mixes the "
+    "forget-train texts into the one pool instead, about a third of it here), linear warmup then a constant lr "
     "at the embedded model's pretraining lr (the reference decays 9e-4 to 7e-4 by cosine), and on large models only "
     "the scope the rule chooses is perturbed and trained")
 
@@ -2782,7 +2841,8 @@ class DistillTrainer(Trainer):
 def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
     """UNDO's student for one seed: the lora arm's unlearned model (read back from its stage, or trained there) as the
     teacher, its merged weights shrunk and perturbed within `scope` and distilled from the teacher on the retain and
-    related-language train texts. Returns the student's changed parameters by name, and the record."""
+    related-language train texts (and the forget-train texts under --undo_forget_domain). Returns the student's
+    changed parameters by name, and the record."""
     args, model, tokenizer = ctx.args, ctx.model, ctx.tokenizer
     student = copy.deepcopy(model)  # no arm is active here: a clean copy of the base model
     names = {id(p): name for name, p in model.named_parameters()}
@@ -2791,7 +2851,8 @@ def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dic
     order = np.random.default_rng(seed).permutation(len(retain))
     n_val = max(8, round(args.adaptive_val_share * len(retain)))
     validation = [retain[i] for i in order[:n_val]]
-    texts = [retain[i] for i in order[n_val:]] + benign_texts(ctx)
+    texts = [retain[i] for i in order[n_val:]] + benign_texts(ctx) + (
+        list(ctx.sets["forget"].train) if args.undo_forget_domain else [])
     lora_stage = ctx.stage_dir("lora", seed)
     read_back = any(lora_stage.glob("**/*.safetensors")) or (lora_stage / "sine_lora.pt").is_file()
 
@@ -2836,7 +2897,8 @@ def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dic
     record = {"teacher": {"arm": "lora", "stage": str(lora_stage), "read_back": read_back, "recipe": recipe},
               "teacher_retain_val_nll": teacher_nll, "merged_retain_val_nll": merged_nll,
               "limit": teacher_nll * (1 + args.undo_retain_tolerance), "stop": trainer.stop, "curve": trainer.curve,
-              "train_log": trainer.log, "n_distill_texts": len(texts), "n_validation": len(validation)}
+              "train_log": trainer.log, "n_distill_texts": len(texts), "n_validation": len(validation),
+              "forget_domain": args.undo_forget_domain}
     changed = set(scope) | {names[id(weight)] for weight in deltas}
     return {name: own[name].detach().clone() for name in sorted(changed)}, record
 
@@ -2922,7 +2984,7 @@ def sae_features(ctx: "Experiment", seed: int) -> tuple[dict, dict, dict]:
             saes[layer], info["sae"][layer] = train_sae(
                 torch.cat([acts["forget"][layer], acts["retain"][layer]]), expansion=args.sae_expansion, k=args.sae_k,
                 aux_k=args.sae_aux_k, steps=args.train_sae_steps, lr=args.sae_lr, batch_size=args.sae_batch_size,
-                seed=seed, progress=False)
+                seed=seed)
             sae_dir.mkdir(parents=True, exist_ok=True)
             save_sae(saes[layer], path)
         features[layer], info["features"][layer] = select_hindi_features(
@@ -2973,8 +3035,9 @@ def attacks_run(args: argparse.Namespace) -> bool:
 
 
 def attack_prompts(ctx: "Experiment") -> list[str]:
-    """The prompts every attack is scored on: the first --relearn_prompts forget-eval prompts (paired across arms)."""
-    return ctx.eval_sets["generation"]["forget_eval"][: ctx.args.relearn_prompts]
+    """The prompts every attack is scored on: the first --relearn_prompts forget-eval prompts (paired across arms; the
+    prompt plan does not cut them: G7 is not among the gates it plans)."""
+    return ctx.eval_sets["attack"]
 
 
 @contextmanager
@@ -3166,6 +3229,11 @@ class PhaseTimer:
         self.started = now
 
 
+BASE_NOT_ATTACKED = ("the base model is not attacked when a reference model is the yardstick: it holds its Hindi, "
+                     "which relearning cannot bring back, only add to; the check that the attack separates it from the "
+                     "reference reads its ES on the attack's prompts (es_attack_prompts), which relearning only raises")
+
+
 def run_arm(ctx: Experiment, name: str, seed: int, stage_dir: Path) -> dict:
     """Apply, evaluate and remove one arm for one seed: every metric of docs/METHODS.md, per prompt."""
     args, timer = ctx.args, PhaseTimer(f"{name} seed {seed}")
@@ -3181,7 +3249,11 @@ def run_arm(ctx: Experiment, name: str, seed: int, stage_dir: Path) -> dict:
             context=arm.context, states=ctx.retain_states, base_head=ctx.base_head if arm.own_head else None)
         timer.lap("token_kl")
         recovery = {"removable": arm.removable}
-        if attacks_run(args) and not arm.removable and not arm.unchanged:  # a removable edit is dropped by the attacker
+        if attacks_run(args) and name == "base" and ctx.reference_weights is not None:
+            per_prompt["es_attack_prompts"] = forget_es(ctx.model, ctx.tokenizer, ctx.lid, attack_prompts(ctx), args)
+            recovery["not_attacked"] = BASE_NOT_ATTACKED
+            timer.lap("relearn")
+        elif attacks_run(args) and not arm.removable and not arm.unchanged:  # the attacker drops a removable edit
             attacked, record = recoverability(ctx, arm, seed)
             per_prompt.update(attacked)
             recovery.update(record)
@@ -3864,11 +3936,15 @@ def yardstick_findings(base: dict, reference: dict | None, args: argparse.Namesp
                           f"the base model already passes (AUC {base_privacy['estimate']:.3f}, p "
                           f"{base_privacy['p']:.3g}): it never memorised the forget texts")
     base_relearn = np.mean(base["es_relearn"]) if not _is_empty(base.get("es_relearn")) else None
+    base_side = "worst-case relearned ES"
+    if base_relearn is None and reference and not _is_empty(base.get("es_attack_prompts")):
+        base_relearn, base_side = np.mean(base["es_attack_prompts"]), "the base's ES (not attacked)"
     if base_relearn is not None and reference and not _is_empty(reference.get("es_relearn")):
         gap = base_relearn - float(np.mean(reference["es_relearn"]))
         if gap < args.gate_relearn_margin:
-            findings["G7"] = (f"the attack does not separate the base from the reference (worst-case relearned ES "
-                              f"{base_relearn:.3f} vs {base_relearn - gap:.3f}, less than the margin apart)")
+            findings["G7"] = (f"the attack does not separate the base from the reference ({base_side} "
+                              f"{base_relearn:.3f} vs the reference's worst-case relearned ES {base_relearn - gap:.3f}, "
+                              "less than the margin apart)")
     elif base_relearn is not None and not reference and base_relearn < args.gate_min_base_es:
         findings["G7"] = f"the attack gives the base model little Hindi (worst-case relearned ES {base_relearn:.3f})"
     return findings
@@ -3991,7 +4067,8 @@ def compute_statistics(report: dict, args: argparse.Namespace) -> None:
         if seeds and all((outcome.get("recoverability") or {}).get("removable") for outcome in seeds):
             gates[name]["G7"] = {**not_evaluated(REMOVABLE_REASON), "applicable": False, "removable": True,
                                  "metric": "es_relearn"}
-        for gate, shortfall in underpowered_gates(report.get("auto_config") or {}).items():
+        for gate, shortfall in underpowered_gates({**report.get("prompt_plan", {}),
+                                                   **(report.get("auto_config") or {})}).items():
             if gate in gates[name]:
                 gates[name][gate]["underpowered"] = shortfall
         for gate, reason in uninformative.items():
@@ -4051,9 +4128,27 @@ def show_warnings_once() -> None:
     warnings.showwarning = show
 
 
-def progress(iterable, desc: str):
-    """A progress bar on a terminal only: a log redirected to a file gets the one-line summaries instead."""
-    return tqdm(iterable, desc=desc, leave=False, disable=not sys.stderr.isatty())
+LOG_EVERY_S = 30.0  # a redirected log gets a progress line at most this often per loop (ours)
+
+
+def progress(iterable, desc: str, every_s: float = LOG_EVERY_S):
+    """A progress bar on a terminal; in a redirected log, one line at most every `every_s` seconds of a loop
+    ("desc: 40/300 (1.2 s each, about 5.2 min left)"), so a log read after an hour tells where the time went."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, leave=False)
+    return logged_progress(iterable, desc, every_s)
+
+
+def logged_progress(iterable, desc: str, every_s: float):
+    total = len(iterable) if hasattr(iterable, "__len__") else None
+    started = last = time.perf_counter()
+    for done, item in enumerate(iterable, 1):
+        yield item
+        now = time.perf_counter()
+        if now - last >= every_s:
+            last, each = now, (now - started) / done
+            left = f", about {each * (total - done) / 60:.1f} min left" if total else ""
+            print(f"mmie:   {desc}: {done}{f'/{total}' if total else ''} ({each:.2f} s each{left})", flush=True)
 
 
 def json_safe(value):
@@ -5052,7 +5147,8 @@ def figure_training(report: dict):
 
 def relearning_curves(report: dict) -> dict[str, dict[str, dict[int, float]]]:
     """arm -> learning rate -> {attack steps: mean ES over prompts and the arm's seeds}; step 0 is the arm's own ES on
-    the attack's prompts (the first forget-eval prompts). Arms that were not attacked are left out."""
+    the first forget-eval prompts (the attack's, or as many of them as the prompt plan kept). Arms that were not
+    attacked are left out."""
     curves = {}
     for arm, record in (report.get("arms") or {}).items():
         seeds = [o for o in record["seeds"].values() if o.get("status") == "ok" and (o.get("recoverability") or {}).get("curves")]
@@ -5165,8 +5261,8 @@ def aggregate_reports(paths: list[Path], args: argparse.Namespace, parser: argpa
             if other_design[what] != first_design[what]:
                 raise InputError(f"{path}: not the same design as {paths[0]}: {what} differs; pool only reports of "
                                  "one design")
-    pooled = {key: first[key] for key in ("config", "config_sources", "auto_config", "facts", "env", "data", "prompts",
-                                          "layers") if key in first}
+    pooled = {key: first[key] for key in ("config", "config_sources", "auto_config", "prompt_plan", "facts", "env",
+                                          "data", "prompts", "layers") if key in first}
     pooled["aggregated_from"] = [str(p) for p in paths]
     pooled["arms"] = {}
     for name in first["arms"]:
@@ -5250,34 +5346,106 @@ def psutil_free_gib() -> float:
     return pages * page_size / 2**30
 
 
-def auto_batch_sizes(auto: AutoConfig, model, tokenizer, eval_sets: dict, args, device: str) -> None:
+UNIT_PROMPTS = 16  # prompts generated once to time one prompt (a batch the CPU search also tries)
+UNIT_TEXTS = 8  # copies of the longest scored text in the one timed training step
+CPU_GENERATION_BATCHES, CPU_TRAINING_BATCHES = (16, 32, 64, 128, 256), (8, 16, 32)
+
+
+def generation_seconds_per_prompt(model, tokenizer, prompts: list[str], batch: int, max_new_tokens: int, args) -> float:
+    sample = (prompts * (batch // max(1, len(prompts)) + 1))[:batch]
+    started = time.perf_counter()
+    generate(model, tokenizer, sample, max_new_tokens=max_new_tokens, batch_size=batch, max_len=args.max_len,
+             chat=uses_chat_template(tokenizer, args))
+    return (time.perf_counter() - started) / batch
+
+
+def longest_scored_text(eval_sets: dict) -> str:
+    return sorted(eval_sets["scoring"]["retain"] + eval_sets["scoring"]["forget_eval_text"], key=len)[-1]
+
+
+def measure_unit_costs(model, tokenizer, eval_sets: dict, args) -> dict:
+    """What auto-config's budget and its probes' predictions are made from, measured once: seconds per generated
+    prompt (UNIT_PROMPTS at once, the run's max_new_tokens) and per text of one LoRA training step (UNIT_TEXTS
+    copies of the longest scored text)."""
+    started = time.perf_counter()
+    prompts = [p for ps in eval_sets["generation"].values() for p in ps]
+    units = {"generate_s_per_prompt": generation_seconds_per_prompt(model, tokenizer, prompts, UNIT_PROMPTS,
+                                                                    args.max_new_tokens, args),
+             "train_s_per_text": lora_probe_step_seconds(model, tokenizer, [longest_scored_text(eval_sets)] * UNIT_TEXTS,
+                                                         args)}
+    units["seconds"] = time.perf_counter() - started
+    return units
+
+
+def run_probe_budget(units: dict, eval_sets: dict, args, with_reference: bool) -> ProbeBudget:
+    """The probes' budget from a prediction of this run: an evaluation of every prompt set (each at least as
+    large as the power analysis's floor allows) for the base, the reference and every arm and seed, and the
+    LoRA and ReFT training steps before early stopping can first end a run (patience validations)."""
+    runs = 1 + with_reference + sum(1 if ARMS[name].deterministic else len(args.seeds) for name in args.arms)
+    prompts = sum(min(len(p), MIN_PROMPTS) for p in eval_sets["generation"].values())
+    first_stop = args.adaptive_eval_every * (args.adaptive_patience + 1)
+    steps = sum(len(args.seeds) * min(getattr(args, f"{name}_steps"), first_stop)
+                for name in ("lora", "reft") if name in args.arms)
+    return ProbeBudget({**predicted_run_seconds(
+        evaluations=runs, prompts_per_evaluation=prompts, seconds_per_prompt=units["generate_s_per_prompt"],
+        train_steps=steps, seconds_per_step=units["train_s_per_text"] * args.train_batch_size), "units": units})
+
+
+@contextmanager
+def probe_phase(budget: ProbeBudget | None, name: str):
+    """One log line when an auto-config probe starts and one when it ends (seconds, and a fallback or a stop at
+    its budget if there was one); the seconds are charged to the budget."""
+    print(f"mmie: auto-config: {name} ...", flush=True)
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds = time.perf_counter() - started
+        note = ""
+        if budget is not None:
+            budget.charge(name, seconds)
+            note = f"; {budget.fallbacks[name]}" if name in budget.fallbacks else ""
+        print(f"mmie: auto-config: {name} done ({seconds:.1f}s{note})", flush=True)
+
+
+def auto_batch_sizes(auto: AutoConfig, model, tokenizer, eval_sets: dict, args, device: str, units: dict,
+                     budget: ProbeBudget) -> None:
     """Generation/scoring and training batch sizes: on CUDA the largest worst-case batch that fits (binary
     search up to out-of-memory, with a safety margin); on a CPU the smallest within 10% of the best
-    throughput, measured."""
+    throughput, measured, unless the search's predicted cost (its rounds at the measured unit costs) exceeds
+    its budget: then the smallest candidate, by rule (a model slow enough for that saturates the CPU's matrix
+    kernels at small batches, which is what the search would find)."""
+    if {"batch_size", "train_batch_size"} <= auto.given:
+        auto.not_probed += ["batch_size", "train_batch_size"]
+        return
     prompts = [p for ps in eval_sets["generation"].values() for p in ps]
-    longest = sorted(eval_sets["scoring"]["retain"] + eval_sets["scoring"]["forget_eval_text"], key=len)[-1]
-    chat = uses_chat_template(tokenizer, args)
-
-    def generate_seconds_per_prompt(batch: int) -> float:
-        sample = (prompts * (batch // max(1, len(prompts)) + 1))[:batch]
-        started = time.perf_counter()
-        generate(model, tokenizer, sample, max_new_tokens=8, batch_size=batch, max_len=args.max_len, chat=chat)
-        return (time.perf_counter() - started) / batch
-
-    def train_seconds_per_text(batch: int) -> float:
-        return lora_probe_step_seconds(model, tokenizer, [longest] * batch, args)
-
+    longest = longest_scored_text(eval_sets)
+    deadline = budget.deadline("batch sizes")
     if device == "cuda":
         def score_worst_case(batch: int) -> None:
             with torch.no_grad():
                 token_logprobs(model, encode_texts(tokenizer, [longest] * batch, args.max_len, model.device))
 
-        auto.decide("batch_size", lambda: search_batch_size_cuda(score_worst_case, max_batch=512))
+        auto.decide("batch_size", lambda: search_batch_size_cuda(score_worst_case, max_batch=512, deadline=deadline))
         auto.decide("train_batch_size", lambda: search_batch_size_cuda(
-            lambda batch: lora_probe_step_seconds(model, tokenizer, [longest] * batch, args), max_batch=64))
-    else:
-        auto.decide("batch_size", lambda: choose_batch_size_cpu(generate_seconds_per_prompt, (16, 32, 64, 128, 256)))
-        auto.decide("train_batch_size", lambda: choose_batch_size_cpu(train_seconds_per_text, (8, 16, 32)))
+            lambda batch: lora_probe_step_seconds(model, tokenizer, [longest] * batch, args), max_batch=64,
+            deadline=deadline))
+        return
+    rounds = 3
+    predicted = rounds * (sum(CPU_GENERATION_BATCHES) * units["generate_s_per_prompt"] * min(1.0, 8 / args.max_new_tokens)
+                          + sum(CPU_TRAINING_BATCHES) * units["train_s_per_text"])
+    if not budget.allows("batch sizes", predicted):
+        why = f"CPU rule (search {budget.fallbacks['batch sizes']}): the smallest candidate"
+        auto.decide("batch_size", Decision(CPU_GENERATION_BATCHES[0], why, {"predicted_search_s": predicted, **units}))
+        auto.decide("train_batch_size", Decision(CPU_TRAINING_BATCHES[0], why, {"predicted_search_s": predicted,
+                                                                                **units}))
+        return
+    auto.decide("batch_size", lambda: choose_batch_size_cpu(
+        lambda b: generation_seconds_per_prompt(model, tokenizer, prompts, b, 8, args), CPU_GENERATION_BATCHES,
+        deadline=deadline))
+    auto.decide("train_batch_size", lambda: choose_batch_size_cpu(
+        lambda b: lora_probe_step_seconds(model, tokenizer, [longest] * b, args), CPU_TRAINING_BATCHES,
+        deadline=deadline))
 
 
 def lora_probe_step_seconds(model, tokenizer, texts: list[str], args) -> float:
@@ -5308,11 +5476,28 @@ def planned_gates(args, eval_sets: dict) -> dict[str, tuple[str, str, dict]]:
     return gates
 
 
-def auto_sample_sizes(auto: AutoConfig, model, tokenizer, lid, eval_sets: dict, args) -> dict[str, int]:
-    """Power analysis (auto_config.plan_sample_sizes): the base model's outputs on the first PILOT_PROMPTS of each
-    set give each gate's per-prompt spread; each set is capped at the prompts its gate needs for power 0.8 at
-    level q/m (never below MIN_PROMPTS), and a set with fewer says which gate is underpowered. forget_train
-    (no gate) follows forget_eval; the MIA texts are never capped (G5 is planned, and short, at full size)."""
+def auto_sample_sizes(auto: AutoConfig, model, tokenizer, lid, eval_sets: dict, args, units: dict,
+                      budget: ProbeBudget) -> dict[str, int]:
+    """The power analysis's prompt caps as auto-config decisions (plan_prompts); when the pilot's predicted cost
+    exceeds its budget, or with --prompts all, no set is capped (every prompt is evaluated)."""
+    if args.prompts == "all":
+        return {}
+    n_pilot = sum(min(PILOT_PROMPTS, len(p)) for p in eval_sets["generation"].values())
+    if not budget.allows("power analysis", n_pilot * units["generate_s_per_prompt"]):
+        auto.record("prompts", Decision("all", f"every prompt (power analysis {budget.fallbacks['power analysis']})",
+                                        {"pilot_prompts": n_pilot, **units}))
+        return {}
+    plan = plan_prompts(model, tokenizer, lid, eval_sets, args)
+    for name, decision in plan.items():
+        auto.record(name, decision)
+    return prompt_caps(plan)
+
+
+def plan_prompts(model, tokenizer, lid, eval_sets: dict, args) -> dict[str, Decision]:
+    """Power analysis (auto_config.plan_sample_sizes), "prompts_<set>" -> its decision: the base model's outputs on
+    the first PILOT_PROMPTS of each set give each gate's per-prompt spread; each set is capped at the prompts its
+    gate needs for power 0.8 at level q/m (never below MIN_PROMPTS), and a set with fewer says which gate is
+    underpowered. The MIA texts are never capped (G5 is planned, and short, at full size)."""
     pilot_sets = {"generation": {name: prompts[:PILOT_PROMPTS] for name, prompts in eval_sets["generation"].items()},
                   "scoring": {"retain": eval_sets["scoring"]["retain"][:PILOT_PROMPTS]},
                   "related": eval_sets["related"]}
@@ -5324,14 +5509,20 @@ def auto_sample_sizes(auto: AutoConfig, model, tokenizer, lid, eval_sets: dict, 
                     "n_members": len(eval_sets["scoring"]["forget_train_text"]),
                     "n_nonmembers": len(eval_sets["scoring"]["forget_eval_text"])}
     alpha = args.fdr_q / (GATES_PER_ARM * max(1, len(args.arms)))
-    plans = plan_sample_sizes({name: pilot[metric] for name, (_, metric, _) in gates.items()}, specs, alpha)
-    caps = {}
-    for name, plan in plans.items():
+    decisions = {}
+    for name, plan in plan_sample_sizes({name: pilot[metric] for name, (_, metric, _) in gates.items()}, specs,
+                                        alpha).items():
         if name != "mia":
-            caps[name] = max(int(plan.value), min(MIN_PROMPTS, specs[name]["n_available"]))
-            floor = f" (floor {MIN_PROMPTS})" if caps[name] > plan.value else ""
-            plan = Decision(caps[name], plan.rule + floor, {**plan.inputs, "n_planned": plan.value})
-        auto.record(f"prompts_{name}", plan)
+            cap = max(int(plan.value), min(MIN_PROMPTS, specs[name]["n_available"]))
+            floor = f" (floor {MIN_PROMPTS})" if cap > plan.value else ""
+            plan = Decision(cap, plan.rule + floor, {**plan.inputs, "n_planned": plan.value})
+        decisions[f"prompts_{name}"] = plan
+    return decisions
+
+
+def prompt_caps(plan: dict[str, Decision]) -> dict[str, int]:
+    """Set -> its prompt cap, from plan_prompts; forget_train (no gate) follows forget_eval."""
+    caps = {name.removeprefix("prompts_"): int(d.value) for name, d in plan.items() if name != "prompts_mia"}
     caps["forget_train"] = caps["forget_eval"]
     return caps
 
@@ -5359,19 +5550,29 @@ def underpowered_gates(auto_report: dict) -> dict[str, dict]:
     return short
 
 
-def auto_learning_rates(auto: AutoConfig, ctx: "Experiment") -> None:
+def auto_learning_rates(auto: AutoConfig, ctx: "Experiment", budget: ProbeBudget) -> None:
     """lora_lr and reft_lr: an LR range test of each arm's own trainable parameters on the retain NLL (the
     ascent objective has no minimum), clamped around the model-size rule; the model-size rule alone with
-    --no_lr_probe. The probe's adapter is discarded: the arm trains from its own fresh start."""
+    --no_lr_probe, when the tests' predicted cost (LR_PROBE_STEPS steps each at the measured step time) exceeds
+    their budget, or when a test reaches its deadline. The probe's adapter is discarded: the arm trains from its
+    own fresh start."""
     args = ctx.args
     n_params = sum(p.numel() for p in ctx.model.parameters())
+    arms = [(arm, name) for arm, name in (("lora", "lora_lr"), ("reft", "reft_lr"))
+            if arm in args.arms and name not in auto.given]
+    predicted = len(arms) * LR_PROBE_STEPS * args.train_batch_size * budget.predicted["units"]["train_s_per_text"]
+    probe = not args.no_lr_probe and budget.allows("learning rates", predicted)
+    deadline = budget.deadline("learning rates")
     for arm, name in (("lora", "lora_lr"), ("reft", "reft_lr")):
         if arm in args.arms:
-            auto.decide(name, lambda arm=arm: choose_lr(None if args.no_lr_probe else lr_range_probe(ctx, arm),
-                                                        n_params))
+            why = "LR probe off" if args.no_lr_probe else f"LR probe {budget.fallbacks.get('learning rates')}"
+            auto.decide(name, lambda arm=arm, why=why: choose_lr(lr_range_probe(ctx, arm, deadline) if probe else None,
+                                                                 n_params, why=why))
+    if any(auto.decisions.get(name) and "(LR probe budget:" in auto.decisions[name].rule for _, name in arms):
+        budget.stopped("learning rates", "an LR range test reached its deadline (the model-size rule decided)")
 
 
-def lr_range_probe(ctx: "Experiment", arm: str) -> dict:
+def lr_range_probe(ctx: "Experiment", arm: str, deadline=None) -> dict:
     """auto_config.lr_range_test on the arm's own trainable parameters (a fresh LoRA adapter or LoReFT modules at
     the chosen layers), one retain-NLL step per learning rate; the model is left as it was."""
     from peft import LoraConfig
@@ -5389,7 +5590,7 @@ def lr_range_probe(ctx: "Experiment", arm: str) -> dict:
         model.train()
         try:
             return lr_range_test(lambda lr, step=iter(range(LR_PROBE_STEPS)): trainer.train_step(next(step), lr)["loss"],
-                                 num_steps=LR_PROBE_STEPS)
+                                 num_steps=LR_PROBE_STEPS, deadline=deadline)
         finally:
             model.eval()
 
@@ -5404,13 +5605,26 @@ def lr_range_probe(ctx: "Experiment", arm: str) -> dict:
         return sweep([p for m in modules.values() for p in m.parameters()])
 
 
-def auto_sae_k(auto: AutoConfig, ctx: "Experiment") -> None:
+def auto_sae_k(auto: AutoConfig, ctx: "Experiment", budget: ProbeBudget) -> None:
     """sae_k among SAE_K_CANDIDATES by sparse probing: an SAE per candidate on the first chosen layer (fewer
     steps than the arms' SAEs), its FVU and dead share, and sparse-probe AUCs of its mean-pooled codes for
     Hindi vs English and Hindi vs Urdu (auto_config.choose_sae_k)."""
-    args = ctx.args
-    if not {"sae_gate", "randgate", "dsg"} & set(args.arms):
+    if not {"sae_gate", "randgate", "dsg"} & set(ctx.args.arms):
         return
+    if not budget.allows("sae k", 0.0):  # nothing left: no SAE step has been timed to predict from
+        auto.decide("sae_k", Decision(ctx.args.sae_k, f"the default (sparse probing {budget.fallbacks['sae k']})"))
+        return
+    deadline = budget.deadline("sae k")
+    auto.decide("sae_k", lambda: choose_sae_k(sae_k_candidates(ctx, deadline)))
+    tried = auto.decisions.get("sae_k")
+    if tried is not None and len(tried.inputs.get("candidates", SAE_K_CANDIDATES)) < len(SAE_K_CANDIDATES):
+        budget.stopped("sae k", f"{len(tried.inputs['candidates'])} of {len(SAE_K_CANDIDATES)} candidates tried")
+
+
+def sae_k_candidates(ctx: "Experiment", deadline=None) -> list[dict]:
+    """Per candidate k: an SAE's FVU and dead share and its codes' sparse-probe AUCs (see auto_sae_k); the
+    candidates stop at the deadline (one is always tried)."""
+    args = ctx.args
     layer = ctx.layers["chosen"][0]
     acts = collect_token_activations(ctx.model, ctx.tokenizer, ctx.sets["forget"].train + ctx.sets["retain"].train,
                                      [layer], batch_size=args.batch_size, max_len=args.max_len, skip_first=True)[layer]
@@ -5422,13 +5636,16 @@ def auto_sae_k(auto: AutoConfig, ctx: "Experiment") -> None:
     for k in SAE_K_CANDIDATES:
         sae, stats_ = train_sae(acts, expansion=args.sae_expansion, k=k, aux_k=args.sae_aux_k,
                                 steps=min(args.train_sae_steps, 100), lr=args.sae_lr, batch_size=args.sae_batch_size,
-                                seed=args.seeds[0], progress=False)
+                                seed=args.seeds[0], show_progress=False)
         codes = {lang: pooled_codes(ctx, sae, layer, t) for lang, t in texts.items()}
         hi_en = sparse_probe_auc(codes["hi"], codes["en"], k=5)
         candidates.append({"k": k, "fvu": stats_["fvu"], "dead_fraction": stats_["dead_fraction"],
                            "probe_auc_hi_en": hi_en,
                            "probe_auc_hi_ur": sparse_probe_auc(codes["hi"], codes["ur"], k=5) if "ur" in codes else hi_en})
-    auto.decide("sae_k", choose_sae_k(candidates))
+        each = deadline.elapsed_s() / len(candidates) if deadline is not None else 0.0
+        if deadline is not None and deadline.remaining_s() < each and len(candidates) < len(SAE_K_CANDIDATES):
+            break  # the next candidate, as long as the mean one so far, would overrun the budget
+    return candidates
 
 
 @torch.no_grad()
@@ -5436,7 +5653,7 @@ def pooled_codes(ctx: "Experiment", sae: TopKSAE, layer: int, texts: list[str]) 
     """Per text, the mean of its tokens' SAE codes (first position left out): [texts, n_latents]."""
     args, device = ctx.args, next(ctx.model.parameters()).device
     pooled = np.zeros((len(texts), sae.n_latents))
-    for batch in length_batches(ctx.tokenizer, texts, args.batch_size):
+    for batch in progress(length_batches(ctx.tokenizer, texts, args.batch_size), "SAE codes"):
         encoded = encode_texts(ctx.tokenizer, [texts[i] for i in batch], args.max_len, device)
         with record_layer_outputs(ctx.model, [layer]) as outputs:
             ctx.model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
@@ -5483,7 +5700,7 @@ def resolve_settings(args: argparse.Namespace, given: set[str], parser: argparse
 
 
 def cached_layers(model, tokenizer, lid, sets, eval_sets, args, folder: Path, choose_count: Callable | None = None,
-                  auto: AutoConfig | None = None) -> dict:
+                  auto: AutoConfig | None = None, budget: ProbeBudget | None = None) -> dict:
     """Layer selection, read back from its stage folder when it already ran with the same inputs (with the
     auto-config layer count it decided, replayed)."""
     path = folder / "layers.json"
@@ -5496,7 +5713,8 @@ def cached_layers(model, tokenizer, lid, sets, eval_sets, args, folder: Path, ch
         print(f"mmie: layer selection read back from {path}")
         return layers
     started = time.time()
-    layers = select_layers(model, tokenizer, lid, sets, eval_sets, args, choose_count)
+    with probe_phase(budget, "layer scoring") if budget is not None else nullcontext():
+        layers = select_layers(model, tokenizer, lid, sets, eval_sets, args, choose_count, budget)
     if auto is not None and "select_top_k" in auto.decisions:
         layers["count_decision"] = auto.decisions["select_top_k"].as_dict()
     write_json_atomic(path, {**layers, "directions": {i: d.tolist() for i, d in layers["directions"].items()}})
@@ -5551,23 +5769,44 @@ def replay_decisions(auto: AutoConfig, saved: dict) -> None:
 
 
 def resolve_before_layers(auto: AutoConfig, model, tokenizer, lid, sets, eval_sets, args, device: str,
-                          saved: dict | None) -> dict[str, int]:
-    """Auto-config's first phase (static rules, batch sizes, the power analysis's prompt caps); the caps."""
+                          saved: dict | None) -> tuple[dict[str, int], ProbeBudget]:
+    """Auto-config's first phase (static rules, the unit costs and the probes' budget, batch sizes, the power
+    analysis's prompt caps); the caps and the budget (the later probes' share of it)."""
     if saved is not None:
         replay_decisions(auto, saved["phase1"])
-        return saved["caps"]
+        return saved["caps"], ProbeBudget(saved["budget"]["predicted_run"])
     auto_static(auto, model, tokenizer, sets, args, device)
-    auto_batch_sizes(auto, model, tokenizer, eval_sets, args, device)
-    return auto_sample_sizes(auto, model, tokenizer, lid, eval_sets, args)
+    units = measure_unit_costs(model, tokenizer, eval_sets, args)
+    budget = run_probe_budget(units, eval_sets, args, args.reference_resolved is not None)
+    budget.charge("unit costs", units["seconds"])
+    print(f"mmie: auto-config: the probes' budget is {budget.seconds:.0f}s ({budget.predicted['seconds']:.0f}s "
+          f"predicted for the run; {units['generate_s_per_prompt']:.3f}s a generated prompt, "
+          f"{units['train_s_per_text']:.3f}s a trained text)", flush=True)
+    with probe_phase(budget, "batch sizes"):
+        auto_batch_sizes(auto, model, tokenizer, eval_sets, args, device, units, budget)
+        note_budget_stops(auto, budget, "batch sizes", ("batch_size", "train_batch_size"))
+    with probe_phase(budget, "power analysis"):
+        caps = auto_sample_sizes(auto, model, tokenizer, lid, eval_sets, args, units, budget)
+    return caps, budget
 
 
-def resolve_after_layers(auto: AutoConfig, ctx: "Experiment", saved: dict | None) -> None:
+def note_budget_stops(auto: AutoConfig, budget: ProbeBudget, probe: str, names: tuple[str, ...]) -> None:
+    """A search that stopped at its deadline says so in its decision's inputs; the budget's record says it too."""
+    stops = [f"{name} {auto.decisions[name].inputs['stop']}" for name in names
+             if name in auto.decisions and str(auto.decisions[name].inputs.get("stop", "")).startswith("budget")]
+    if stops:
+        budget.stopped(probe, "; ".join(stops))
+
+
+def resolve_after_layers(auto: AutoConfig, ctx: "Experiment", saved: dict | None, budget: ProbeBudget) -> None:
     """Auto-config's second phase, on the chosen layers: learning rates (LR range tests) and the SAE's k."""
     if saved is not None:
         replay_decisions(auto, saved["phase2"])
         return
-    auto_learning_rates(auto, ctx)
-    auto_sae_k(auto, ctx)
+    with probe_phase(budget, "learning rates"):
+        auto_learning_rates(auto, ctx, budget)
+    with probe_phase(budget, "sae k"):
+        auto_sae_k(auto, ctx, budget)
 
 
 def layer_count_rule(auto: AutoConfig | None, args, depth: int) -> Callable | None:
@@ -5640,7 +5879,7 @@ def recoverability_protocol(run: dict, args: argparse.Namespace) -> dict:
     return {"reference": args.reference_resolved, "reference_reason": run["reference_reason"], "attacks": attacks_run(args),
             "mode": mode, "mode_reason": why,
             "grid": {"lrs": args.relearn_lrs, "steps": args.relearn_steps, "batch_size": args.relearn_batch_size,
-                     "prompts": min(args.relearn_prompts, len(run["eval_sets"]["generation"]["forget_eval"]))},
+                     "prompts": len(run["eval_sets"]["attack"])},
             "grid_rule": "fixed by design: the attack must not adapt to the arm (docs/METHODS.md, Recoverability)",
             "worst_case": "per arm and seed, the grid point with the highest mean ES (es_relearn)",
             "benign": "the strongest grid point on the related languages' train texts (es_relearn_benign)",
@@ -5670,20 +5909,32 @@ def run_order(args, with_reference: bool) -> list[str]:
 
 
 def run_experiment(args, parser, argv: list[str], started: float) -> dict:
+    timer = PhaseTimer("run")  # the run's phases, in the log and in report["phase_seconds"]
     run = prepare(args, parser, argv)
+    timer.lap("set-up (data, language identification, model)")
     model, tokenizer, lid, sets, eval_sets, facts = (run[k] for k in ("model", "tokenizer", "lid", "sets", "eval_sets",
                                                                       "facts"))
-    auto, saved, auto_file = None, None, None
+    auto, saved, auto_file, budget = None, None, None, None
     if args.auto_config:
         auto = AutoConfig(args, run["given"], {name: getattr(args, name) for name in FIXED_BY_DESIGN
                                                if hasattr(args, name)})
         auto_file = auto_stage_file(args, parser, facts, run["given"])
         saved = json.loads(auto_file.read_text(encoding="utf-8")) if auto_file.is_file() and not args.fresh else None
-        caps = resolve_before_layers(auto, model, tokenizer, lid, sets, eval_sets, args, run["device"], saved)
+        caps, budget = resolve_before_layers(auto, model, tokenizer, lid, sets, eval_sets, args, run["device"], saved)
         apply_prompt_caps(eval_sets, caps)
+        timer.lap("auto-config before layer selection")
         facts["prompt_caps"] = caps
         facts["layer_count_rule"] = "elbow" if "select_top_k" not in run["given"] else "user"
         facts["auto_config"] = True  # its trainers stop early (the step rule) even where a setting comes out equal
+    plan = {}
+    if auto is None and args.prompts == "planned":
+        plan = plan_prompts(model, tokenizer, lid, eval_sets, args)
+        facts["prompt_caps"] = prompt_caps(plan)
+        apply_prompt_caps(eval_sets, facts["prompt_caps"])
+        timer.lap("prompt plan (power analysis)")
+    if facts.get("prompt_caps"):
+        print("mmie: prompts per set (power analysis): " + ", ".join(
+            f"{name} {len(prompts)}" for name, prompts in eval_sets["generation"].items()), flush=True)
 
     def stage_dir(stage: str, seed: int | None = None) -> Path:
         folder = args.ckpt_dir / stage / stage_key(parser, args, stage, facts)
@@ -5695,20 +5946,28 @@ def run_experiment(args, parser, argv: list[str], started: float) -> dict:
     report = new_report(run, args, parser, None)
     try:
         layers = cached_layers(model, tokenizer, lid, sets, eval_sets, args, stage_dir("layers"),
-                               layer_count_rule(auto, args, len(decoder_layers(model))), auto)
+                               layer_count_rule(auto, args, len(decoder_layers(model))), auto, budget)
+        timer.lap("layer selection")
         ctx = Experiment(args, model, tokenizer, lid, sets, eval_sets, layers, stage_dir,
                          reference_weights=run["reference_weights"])
         if auto is not None:
-            resolve_after_layers(auto, ctx, saved)
+            resolve_after_layers(auto, ctx, saved, budget)
             if saved is None:
-                write_json_atomic(auto_file, {"caps": facts["prompt_caps"], **phase_split(auto)})
+                write_json_atomic(auto_file, {"caps": facts["prompt_caps"], "budget": budget.report(),
+                                              **phase_split(auto)})
+            timer.lap("auto-config after layer selection")
             print("\nmmie: auto-config decisions\n" + "\n".join("  " + line for line in auto.table()) + "\n")
         report = new_report(run, args, parser, auto)
+        report["prompt_plan"] = {name: decision.as_dict() for name, decision in plan.items()}
+        if auto is not None:
+            report["auto_config_probes"] = (saved or {}).get("budget") or budget.report()
         report["layers"] = {key: layers[key] for key in ("chosen", "rule", "scores", "es_base_sample")}
         report["stages"] = {stage: str(stage_dir(stage))
                             for stage in ["layers", "sae", *run_order(args, ctx.reference_weights is not None)]}
         print(f"mmie: layers {layers['chosen']} ({layers['rule']})")
+        report["phase_seconds"] = timer.seconds
         run_arms(ctx, report, run["out_path"], stage_dir)
+        timer.lap("arms")
     except (KeyboardInterrupt, Interrupted) as err:
         report["interrupted"] = f"{type(err).__name__} {err}".strip()
         write_json_atomic(run["out_path"], report)
@@ -5717,9 +5976,12 @@ def run_experiment(args, parser, argv: list[str], started: float) -> dict:
               f"{run['out_path']}; run the same command again to resume", file=sys.stderr)
         raise SystemExit(130) from None
     compute_statistics(report, args)
+    timer.lap("statistics")
     report["run_seconds"] = round(time.time() - started, 1)
     write_json_atomic(run["out_path"], report)
     figures = write_figures(report, run["out_path"].parent)
+    timer.lap("figures")
+    write_json_atomic(run["out_path"], report)  # with the figures' seconds
     print_table(report, args.show_outputs)
     print(f"\nmmie: report written to {run['out_path']} ({report['run_seconds']:.0f}s), {len(figures)} figures beside it")
     return report

@@ -203,7 +203,9 @@ def section_memory(batch: int = 8, length: int = 256) -> None:
 def section_report(path: Path) -> None:
     report = json.loads(path.read_text(encoding="utf-8"))
     total = report.get("run_seconds")
-    print(f"6. time of {path} ({total}s in all), by arm and phase (seconds):")
+    print(f"6. time of {path} ({total}s in all), by run phase (seconds): " + ", ".join(
+        f"{name} {seconds:.1f}" for name, seconds in report.get("phase_seconds", {}).items()))
+    print("   and by arm and phase (seconds):")
     phases = ["build", "evaluate", "token_kl", "relearn", "probes"]
     print(f"   {'arm':10s}{'seed':>6s}{'total':>8s}" + "".join(f"{p:>10s}" for p in phases))
     for arm, record in report["arms"].items():

@@ -647,3 +647,93 @@ def test_sae_width_is_also_limited_by_the_training_text():
     decision = ac.sae_expansion_from_memory(256, 1, plenty, n_tokens=55_000)
     assert decision.value == 8 and decision.inputs["n_tokens"] == 55_000  # 8 x 256 x 16 = 32,768 <= 55,000
     assert ac.sae_expansion_from_memory(1536, 1, plenty, n_tokens=30_000).value == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The probes' budget: a share of the predicted run, slices in order, deadlines, and no probe for a user's flag
+# ---------------------------------------------------------------------------------------------
+def fake_clock(start: float = 0.0):
+    now = [start]
+    return now, (lambda: now[0])
+
+
+def test_the_probes_budget_is_a_share_of_the_predicted_run_with_a_floor_and_slices_in_order():
+    predicted = ac.predicted_run_seconds(evaluations=4, prompts_per_evaluation=288, seconds_per_prompt=0.5,
+                                         train_steps=40, seconds_per_step=12.0)
+    assert predicted["seconds"] == 4 * 288 * 0.5 + 40 * 12.0 == 1056.0
+    budget = ac.ProbeBudget(predicted)
+    assert budget.seconds == pytest.approx(105.6)  # 10%, above the floor
+    assert ac.ProbeBudget({"seconds": 100.0}).seconds == ac.PROBE_FLOOR_S
+    assert budget.allowance("batch sizes") == pytest.approx(0.15 * 105.6)
+    budget.charge("batch sizes", 2.0)  # the unspent part of a slice passes to the next probe
+    assert budget.allowance("power analysis") == pytest.approx(0.30 * 105.6 - 2.0)
+    assert budget.allows("power analysis", 10.0) and "power analysis" not in budget.fallbacks
+    assert not budget.allows("layer scoring", 100.0)
+    assert budget.fallbacks["layer scoring"].startswith("predicted 100s > ")
+    assert sum(ac.PROBE_SHARES.values()) == pytest.approx(1.0)
+    json.dumps(budget.report(), allow_nan=False)
+
+
+def test_a_probe_deadline_is_what_its_slice_has_left():
+    now, clock = fake_clock()
+    budget = ac.ProbeBudget({"seconds": 1000.0}, clock=clock)  # 100 s in all
+    deadline = budget.deadline("batch sizes")
+    assert deadline.remaining_s() == pytest.approx(15.0)
+    now[0] = 16.0
+    assert deadline.expired()
+
+
+def test_the_cpu_batch_search_stops_at_its_deadline_and_chooses_among_what_it_measured():
+    now, clock = fake_clock()
+    deadline = ac.Deadline(10 / 60, clock)
+
+    def measure(batch):
+        now[0] += 4.0  # each measurement takes 4 s: the deadline passes during the third
+        return {8: 1.0, 16: 0.48, 32: 0.45, 64: 0.44}[batch]
+
+    decision = ac.choose_batch_size_cpu(measure, (8, 16, 32, 64), deadline=deadline)
+    assert decision.inputs["stop"].startswith("budget: stopped in round 1 of 3 after batch 32")
+    assert set(decision.inputs["seconds_per_item"]) == {"8", "16", "32"} and decision.value == 16
+
+
+def test_the_cuda_batch_search_stops_at_its_deadline_after_a_batch_that_fitted():
+    now, clock = fake_clock()
+    deadline = ac.Deadline(1 / 60, clock)
+
+    def try_batch(batch):
+        now[0] += 0.6
+
+    decision = ac.search_batch_size_cuda(try_batch, start=8, max_batch=1024, release=lambda: None, deadline=deadline)
+    assert decision.inputs["stop"] == "budget: stopped after 2 trials" and decision.inputs["largest_ok"] == 16
+
+
+def test_an_lr_range_test_stopped_at_its_budget_gives_way_to_the_model_size_rule():
+    now, clock = fake_clock()
+    deadline = ac.Deadline(5 / 60, clock)
+
+    def step(lr):
+        now[0] += 1.0
+        return 3.0 - 0.01 * len(str(lr))
+
+    curve = ac.lr_range_test(step, num_steps=40, deadline=deadline)
+    assert len(curve["lr"]) == 5 and curve["stop"].startswith("budget: stopped after 5 of 40 steps")
+    decision = ac.choose_lr(curve, 124e6)
+    assert decision.value == ac.model_size_lr(124e6).value and "LR probe budget" in decision.rule
+    assert ac.choose_lr(None, 124e6, why="LR probe over budget").rule.startswith("model-size rule (LR probe over")
+
+
+def test_a_probe_for_a_setting_the_user_gave_never_runs():
+    """--batch_size 32 --train_batch_size 8 ran the whole CPU search anyway, to print "auto would be X"."""
+    class Settings:
+        batch_size, lr = 32, 0.1
+
+    def probe():
+        raise AssertionError("the probe ran")
+
+    auto = ac.AutoConfig(Settings, given={"batch_size"})
+    assert auto.decide("batch_size", probe) == 32
+    assert auto.decide("lr", ac.Decision(0.01, "rule: free")) == 0.01  # a rule costs nothing: still recorded
+    rows = {line.split()[0]: line for line in auto.table()[1:]}
+    assert rows["batch_size"].split()[1:3] == ["32", "user"] and "auto would be" not in rows["batch_size"]
+    assert auto.report()["batch_size"] == {"value": 32, "source": "user", "inputs": {},
+                                           "rule": "given by the user: its probe did not run"}

@@ -48,6 +48,9 @@ def test_report_shape_and_per_prompt_outcomes(first_run):
     assert on_disk["config"]["model_resolved"] == str(mmie.EMBEDDED_MODEL)
     assert on_disk["config_sources"]["lora_steps"] == "user" and on_disk["config_sources"]["lora_lr"] == "default"
     assert on_disk["prompts"]["forget_eval"]["n_distinct"] == 12 and on_disk["facts"]["dtype"] == "torch.float32"
+    plan = on_disk["prompt_plan"]  # --prompts planned (the default): a power analysis sized every set
+    assert plan["prompts_forget_eval"]["value"] >= 12 and "power analysis" in plan["prompts_forget_eval"]["rule"]
+    assert set(plan) >= {"prompts_forget_roman", "prompts_mixed", "prompts_retain", "prompts_xlang_ur", "prompts_mia"}
     assert on_disk["env"]["packages"]["torch"] and on_disk["env"]["dtype"] == "float32"
     assert on_disk["data"]["forget"]["n"] == on_disk["data"]["forget"]["n_train"] + on_disk["data"]["forget"]["n_eval"]
     assert len(on_disk["data"]["forget"]["sha256"]) == 64
@@ -70,15 +73,18 @@ def test_report_shape_and_per_prompt_outcomes(first_run):
     assert set(on_disk["arms"]) == {"base", "reference", *mmie.DEFAULT_ARMS} and "reference" not in on_disk["gates"]
     assert on_disk["recoverability"]["reference"] == str(mmie.REFERENCE_MODEL)
     assert "against the reference model" in on_disk["statistics_config"]["G7_rule"]
-    attacked = {"base", "reference", "lora"}  # the weight edits; every other arm's edit is removable
+    attacked = {"reference", "lora"}  # a weight edit and the yardstick; every other arm's edit is removable
     for arm in ["base", "reference", *mmie.DEFAULT_ARMS]:
         outcome = on_disk["arms"][arm]["seeds"]["0"]
         assert outcome["status"] == "ok", (arm, outcome.get("error"))
         assert {"es_forget_eval", "fidelity_pa"} <= set(outcome["per_prompt"])
         assert ("es_relearn" in outcome["per_prompt"]) == (arm in attacked), arm
-        assert outcome["recoverability"]["removable"] == (arm not in attacked), arm
+        assert outcome["recoverability"]["removable"] == (arm not in attacked | {"base"}), arm
+    base = on_disk["arms"]["base"]["seeds"]["0"]  # with a reference, the base is not attacked: its ES on those prompts
+    assert "not attacked" in base["recoverability"]["not_attacked"] and len(base["per_prompt"]["es_attack_prompts"]) == 12
         assert len(outcome["probe_auc_by_layer"]["hi_vs_en"]) == 4 and "hi_vs_ur" in outcome["probe_auc_by_layer"]
-        assert set(outcome["phase_seconds"]) >= {"build", "evaluate", "probes"} | ({"relearn"} if arm in attacked else set())
+        assert set(outcome["phase_seconds"]) >= {"build", "evaluate", "probes"} | (
+            {"relearn"} if arm in attacked | {"base"} else set())
         if arm in mmie.YARDSTICKS:
             continue
         assert "token_kl_retain" in outcome["per_prompt"]
@@ -167,8 +173,8 @@ def test_an_interrupted_run_keeps_what_finished_and_resumes(tmp_path):
     report lists the finished stages, and the same command does only what was left."""
     # lora with many steps follows the base arm, so the interrupt lands in training however slowly this test
     # process is scheduled (with a quick arm there the run could finish before the signal arrived)
-    command = [sys.executable, str(REPO / "mmie.py"), *SMALL, "--arms", "lora", "--lora_steps", "120",
-               "--out", str(tmp_path / "run"), "--ckpt_dir", str(tmp_path / "ckpt")]
+    command = [sys.executable, str(REPO / "mmie.py"), *SMALL, "--arms", "lora", "--lora_steps", "120", "--reference",
+               "none", "--relearn_steps", "0", "--out", str(tmp_path / "run"), "--ckpt_dir", str(tmp_path / "ckpt")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     # a shell without job control starts background jobs with SIGINT ignored, and Python keeps an inherited
     # SIG_IGN: give the run the default disposition, as on a terminal, wherever the test itself was started
@@ -201,7 +207,7 @@ def test_aggregate_of_single_seed_reports_equals_a_two_seed_run(tmp_path):
     arms = ["--arms", "lora", "dim"]
     run_main(tmp_path, *arms, "--seeds", "0", out="seed0.json")
     run_main(tmp_path, *arms, "--seeds", "1", out="seed1.json")
-    both = run_main(tmp_path, *arms, "--seeds", "0", "1", out="both.json", ckpt="ckpt_both")  # computed afresh
+    both = run_main(tmp_path, *arms, "--seeds", "0", "1", out="both.json")  # its stages read back: the same outcomes
     pooled = mmie.main(["--aggregate", str(tmp_path / "seed0.json"), str(tmp_path / "seed1.json"),
                         "--n_boot", "200", "--n_boot_gates", "200", "--out", str(tmp_path / "pooled.json")])
     assert (tmp_path / "forget_vs_utility.png").is_file()  # figures beside every report, pooled ones too

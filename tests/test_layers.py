@@ -113,3 +113,47 @@ def test_warns_when_no_causal_score_is_positive(tokenizer, lid, capsys, monkeypa
                                 args)
     assert all(score["causal_score"] <= 0 for score in layers["scores"].values())
     assert "no layer's causal score is positive" in capsys.readouterr().err
+
+
+def counting_forget_es(monkeypatch):
+    """forget_es counted, with a Hindi share that falls with the ablated layer's index (so scores differ)."""
+    calls = []
+
+    def forget_es(model, tokenizer, lid, prompts, args, instruction=None):
+        calls.append(len(prompts))
+        return [0.5] * len(prompts)
+
+    monkeypatch.setattr(mmie, "forget_es", forget_es)
+    return calls
+
+
+def test_forced_layers_are_not_scored_only_their_directions_computed(tokenizer, lid, monkeypatch):
+    """--force_layers still scored all 18 layers of a 270M model by generation (25 minutes) before using the one
+    the user gave: now no layer is scored, and the arms get their directions."""
+    calls = counting_forget_es(monkeypatch)
+    model = tiny("qwen2", len(tokenizer), tokenizer.eos_token_id)
+    args = mmie.build_parser().parse_args(["--layer_sample", "6", "--force_layers", "2"])
+    layers = mmie.select_layers(model, tokenizer, lid, mmie.load_sets(args), {"related": {}, "related_source": {}},
+                                args)
+    assert calls == [] and layers["scores"] == {} and layers["chosen"] == [2]
+    assert set(layers["directions"]) == {2} and float(layers["directions"][2].norm()) == pytest.approx(1.0)
+    assert layers["rule"].startswith("--force_layers")
+
+
+def test_layer_scoring_under_a_budget_scores_the_best_probe_scores_first_and_says_so(tokenizer, lid, monkeypatch):
+    calls = counting_forget_es(monkeypatch)
+    model = tiny("qwen2", len(tokenizer), tokenizer.eos_token_id)
+    args = mmie.build_parser().parse_args(["--layer_sample", "6", "--min_layer", "0"])
+    sets, eval_sets = mmie.load_sets(args), {"related": {}, "related_source": {}}
+    budget = mmie.ProbeBudget({"seconds": 0.0}, floor_s=1e-6)  # nothing left: no causal pass fits
+    layers = mmie.select_layers(model, tokenizer, lid, sets, eval_sets, args, budget=budget)
+    assert len(calls) == 1  # the base pass alone, which times a layer's pass
+    assert "no causal scoring within the budget" in layers["rule"] and len(layers["chosen"]) == args.select_top_k
+    best = max(layers["scores"], key=lambda i: layers["scores"][i]["probe_score"])
+    assert best in layers["chosen"] and not any("causal_score" in s for s in layers["scores"].values())
+    assert budget.fallbacks["layer scoring"].startswith("causal scoring of 0 of 3 eligible layers")
+    calls.clear()
+    budget = mmie.ProbeBudget({"seconds": 1e9})  # plenty: every eligible layer, none below min_layer is skipped
+    layers = mmie.select_layers(model, tokenizer, lid, sets, eval_sets, args, budget=budget)
+    assert len(calls) == 1 + 3 and all("causal_score" in s for s in layers["scores"].values())
+    assert "layer scoring" not in budget.fallbacks

@@ -69,7 +69,8 @@ def attack_context(model, tokenizer, lid, **settings):
     prompts = ["नमस्ते आप कैसे हैं", "मेरा नाम राम है", "आज मौसम अच्छा है", "हम बाजार गए", "यह किताब मेरी है",
                "वह स्कूल जाता है"]
     return SimpleNamespace(model=model, tokenizer=tokenizer, args=args, lid=lid, base_params=list(model.parameters()),
-                           eval_sets={"generation": {"forget_eval": prompts}}, attack_mode=mmie.attack_mode(args, model))
+                           eval_sets={"generation": {"forget_eval": prompts}, "attack": prompts},
+                           attack_mode=mmie.attack_mode(args, model))
 
 
 def with_left_padding(tokenizer):
@@ -339,10 +340,13 @@ def test_the_distill_arm_runs_its_partial_path_on_a_hub_style_gemma3(tmp_path, t
     report = mmie.main(["--model", str(folder), "--sample_cap", "10", "--n_boot", "99", "--n_boot_gates", "99",
                         "--layer_sample", "10", "--lora_steps", "2", "--relearn_steps", "1", "--probe_folds", "2",
                         "--relearn_prompts", "6", "--max_new_tokens", "6", "--arms", "distill", "--undo_steps", "3",
-                        "--undo_scope", "top_mlp", "--out", str(tmp_path / "run"), "--ckpt_dir", str(tmp_path / "ckpt")])
+                        "--undo_scope", "top_mlp", "--undo_forget_domain", "--out", str(tmp_path / "run"),
+                        "--ckpt_dir", str(tmp_path / "ckpt")])
     outcome = report["arms"]["distill"]["seeds"]["0"]
     assert outcome["status"] == "ok", outcome.get("error")
     info = outcome["info"]
+    n_forget = report["data"]["forget"]["n_train"]  # --undo_forget_domain: the forget-train texts are in the pool
+    assert info["forget_domain"] and info["n_distill_texts"] > n_forget
     assert info["scope"].startswith("the MLPs of layers 2-3") and info["teacher"]["arm"] == "lora"
     assert len(info["train_log"]) <= 3 and info["stop"]["reason"]
     assert outcome["recoverability"]["removable"] is False and "es_relearn" in outcome["per_prompt"]

@@ -52,7 +52,7 @@ def sparse_activations(n: int, *, d: int, n_true: int, active: int, rank: int, s
 # ---------------------------------------------------------------------------------------------
 def test_training_lowers_fvu_keeps_topk_sparsity_and_unit_decoder():
     acts = sparse_activations(6000, d=32, n_true=64, active=4, rank=32, seed=0)
-    common = dict(expansion=4, k=8, aux_k=32, lr=3e-3, batch_size=256, seed=0, progress=False)
+    common = dict(expansion=4, k=8, aux_k=32, lr=3e-3, batch_size=256, seed=0, show_progress=False)
     untrained, before = train_sae(acts, steps=0, **common)
     _, early = train_sae(acts, steps=30, **common)
     sae, after = train_sae(acts, steps=300, **common)
@@ -68,7 +68,7 @@ def test_training_lowers_fvu_keeps_topk_sparsity_and_unit_decoder():
 
 def test_training_is_deterministic_for_a_seed():
     acts = sparse_activations(1000, d=16, n_true=32, active=3, rank=16, seed=1)
-    common = dict(expansion=2, k=4, aux_k=8, steps=30, lr=3e-3, batch_size=64, progress=False)
+    common = dict(expansion=2, k=4, aux_k=8, steps=30, lr=3e-3, batch_size=64, show_progress=False)
     first, stats = train_sae(acts, seed=3, **common)
     again, stats_again = train_sae(acts, seed=3, **common)
     other, _ = train_sae(acts, seed=4, **common)
@@ -82,7 +82,7 @@ def test_auxk_revives_dead_latents():
     # never win the top-k; with 64 true features for 128 latents there is work for revived ones.
     acts = sparse_activations(4000, d=64, n_true=64, active=8, rank=16, seed=0)
     common = dict(expansion=2, k=4, aux_k=32, steps=300, lr=3e-3, batch_size=128, seed=0,
-                  dead_tokens_threshold=2000, progress=False)
+                  dead_tokens_threshold=2000, show_progress=False)
     _, without = train_sae(acts, aux_coef=0.0, **common)
     _, with_auxk = train_sae(acts, aux_coef=1 / 32, **common)
     assert without["dead_fraction"] > 0.1  # the setup does create dead latents
@@ -93,7 +93,7 @@ def test_auxk_revives_dead_latents():
 
 def test_save_load_round_trip(tmp_path):
     sae, _ = train_sae(sparse_activations(500, d=16, n_true=32, active=3, rank=16, seed=2), expansion=2, k=4,
-                       aux_k=8, steps=10, lr=1e-3, batch_size=64, seed=0, progress=False)
+                       aux_k=8, steps=10, lr=1e-3, batch_size=64, seed=0, show_progress=False)
     save_sae(sae, tmp_path / "sae.pt")
     loaded = load_sae(tmp_path / "sae.pt")
     assert (loaded.d_model, loaded.n_latents, loaded.k) == (16, 32, 4)
@@ -188,7 +188,7 @@ def model(tokenizer):
 def sae(model, tokenizer):
     acts = mmie.collect_token_activations(model, tokenizer, TEXTS, [LAYER], batch_size=8, max_len=64)[LAYER]
     trained, _ = train_sae(acts, expansion=2, k=8, aux_k=16, steps=100, lr=3e-3, batch_size=64, seed=0,
-                           eval_fraction=0.0, progress=False)
+                           eval_fraction=0.0, show_progress=False)
     return trained
 
 
