@@ -7,7 +7,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 READY := $(VENV)/.mmie-installed
 ARGS ?=
-PYTEST_ARGS ?= -q
+PYTEST_ARGS ?= -q -n 2 --dist loadfile  # two workers (pytest-xdist), a test file each at a time
 
 $(READY): requirements.txt
 	python3 -m venv $(VENV)

@@ -3859,8 +3859,8 @@ def evaluate_gates(base_per_prompt: dict, arm_seeds_per_prompt: list[dict], thre
     base_per_prompt = base_per_prompt or {}
     gates = {}
 
-    def run(name: str, key: str, test: Callable, **kwargs):
-        arm, base, reason = _rows_of(base_per_prompt, arm_seeds_per_prompt, key)
+    def run(name: str, key: str, test: Callable, with_base: bool = True, **kwargs):
+        arm, base, reason = _rows_of(base_per_prompt, arm_seeds_per_prompt, key, with_base)
         gates[name] = not_evaluated(reason) if reason else test(arm, base, n_boot=n_boot,
                                                                  seed=_child_seed(seed, name), **kwargs)
         gates[name]["metric"] = key
@@ -3887,9 +3887,9 @@ def evaluate_gates(base_per_prompt: dict, arm_seeds_per_prompt: list[dict], thre
         gates["G7"] = {**not_evaluated(f"no relearning attack on the {rule} model"), "metric": "es_relearn"}
     else:
         yardstick_rows = as_seed_rows(yardstick["es_relearn"])
-        run("G7", "es_relearn", lambda arm, _, **kw: recoverability_gate(
+        run("G7", "es_relearn", lambda arm, _, **kw: recoverability_gate(  # the yardstick's rows, not the base's
             arm, yardstick_rows, rule=rule, margin=limits["gate_relearn_margin"], ratio=limits["gate_relearn_ratio"],
-            **kw))
+            **kw), with_base=rule == "base")
     gates["GH"] = health_gate(base_per_prompt, arm_seeds_per_prompt, limits, n_boot=n_boot, seed=seed)
     gates["GH"]["metric"] = "empty_rate, repetition"
     return dict(sorted(gates.items(), key=lambda item: gate_rank(item[0])))

@@ -24,3 +24,5 @@ for alpha in ${ALPHAS:-0.3 0.6 0.9}; do
     run "distill_a$alpha" "${common[@]}" --arms lora distill --undo_alpha "$alpha"
 done
 run lora_no_sam "${common[@]}" --arms lora --no_sam
+# UNDO with the forget-domain texts in the distillation pool, as the reference code does (--undo_forget_domain)
+run distill_a0.9_forget_domain "${common[@]}" --arms lora distill --undo_alpha 0.9 --undo_forget_domain
