@@ -184,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     flag(gen, "--max_new_tokens", type=int, default=32, check=at_least(1))
     flag(gen, "--prompt_words", type=int, default=8, check=at_least(1),
          help="a continuation prompt is the first min(this, half) of a text's words, lengthened until distinct")
-    flag(gen, "--batch_size", type=int, default=128, check=at_least(1), help="prompts or texts per forward batch")
+    flag(gen, "--batch_size", type=int, default=128, check=at_least(1), help="prompts per generation batch")
+    flag(gen, "--score_batch_size", type=int, default=32, check=at_least(1),
+         help="texts per forward batch when scoring (likelihoods, token KL, activations): on a CPU scoring is fastest "
+              "at smaller batches than generation (BENCHMARKS.md section 6); auto-config sets it on CUDA")
     flag(gen, "--repetition_ngram", type=int, default=10, check=at_least(2),
          help="repetition = share of an output's character n-grams of this length that repeat an earlier one")
 
@@ -1198,7 +1201,7 @@ def evaluate_model(model, tokenizer, lid: LIDEnsemble, eval_sets: dict, args: ar
         offset += len(outputs[name])
     per_prompt = score_outputs(outputs, eval_sets["related"], lid, args.repetition_ngram)
     for name, texts in eval_sets["scoring"].items():
-        nll, count = text_nll(model, tokenizer, texts, batch_size=args.batch_size, max_len=args.max_len,
+        nll, count = text_nll(model, tokenizer, texts, batch_size=args.score_batch_size, max_len=args.max_len,
                               context=instruction)
         per_prompt[f"nll_{name}"] = nll.tolist()
         per_prompt[f"ntok_{name}"] = count.tolist()
@@ -1397,7 +1400,7 @@ def select_layers(model, tokenizer, lid: LIDEnsemble, sets: dict[str, TextSet], 
     deadline = budget.deadline("layer scoring") if budget is not None else None
     layer_indices = list(range(len(decoder_layers(model))))
     texts = language_train_texts(sets, eval_sets, args.layer_sample)
-    pooled = {lang: content_activations(model, tokenizer, t, layer_indices, batch_size=args.batch_size,
+    pooled = {lang: content_activations(model, tokenizer, t, layer_indices, batch_size=args.score_batch_size,
                                         max_len=args.max_len, massive_ratio=args.massive_ratio)
               for lang, t in texts.items()}
     scores = {i: layer_scores(pooled, i, args) for i in layer_indices}
@@ -1406,13 +1409,13 @@ def select_layers(model, tokenizer, lid: LIDEnsemble, sets: dict[str, TextSet], 
     forget_prompts = continuation_prompts(texts["hi"], args.prompt_words)
     started = time.perf_counter()
     es_base = float(np.mean(forget_es(model, tokenizer, lid, forget_prompts, args)))
-    nll_base = text_nll(model, tokenizer, texts["en"], batch_size=args.batch_size, max_len=args.max_len)[0].mean()
+    nll_base = text_nll(model, tokenizer, texts["en"], batch_size=args.score_batch_size, max_len=args.max_len)[0].mean()
     order = layer_indices if budget is None else layers_within_budget(
         sorted(eligible, key=lambda i: -scores[i]["probe_score"]), time.perf_counter() - started, deadline, budget)
     for i in progress(order, "layer scores", every_s=0.0):
         with edit_layer_outputs(model, {i: project_out(directions[i], pooled["hi"][i].norm_limit)}):
             es_ablated = float(np.mean(forget_es(model, tokenizer, lid, forget_prompts, args)))
-            nll_ablated = text_nll(model, tokenizer, texts["en"], batch_size=args.batch_size,
+            nll_ablated = text_nll(model, tokenizer, texts["en"], batch_size=args.score_batch_size,
                                    max_len=args.max_len)[0].mean()
         es_drop, nll_increase = es_base - es_ablated, float(nll_ablated - nll_base)
         scores[i].update(es_drop=es_drop, retain_nll_increase=nll_increase,
@@ -1460,7 +1463,7 @@ def forced_layers(model, tokenizer, sets: dict[str, TextSet], eval_sets: dict, a
     direction and sink norm limit of each forced layer, from one forward pass over the Hindi and English texts."""
     chosen = sorted(set(args.force_layers))
     texts = language_train_texts(sets, eval_sets, args.layer_sample)
-    pooled = {lang: content_activations(model, tokenizer, texts[lang], chosen, batch_size=args.batch_size,
+    pooled = {lang: content_activations(model, tokenizer, texts[lang], chosen, batch_size=args.score_batch_size,
                                         max_len=args.max_len, massive_ratio=args.massive_ratio) for lang in ("hi", "en")}
     return {"chosen": chosen, "rule": "--force_layers (no layer scored)", "scores": {}, "es_base_sample": None,
             "directions": {i: hindi_direction(pooled["hi"][i], pooled["en"][i]) for i in chosen},
@@ -1701,14 +1704,14 @@ def unlearning_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], refe
     ref_seq_logp = None
     if args.forget_obj == "npo":
         with reference():
-            ref_seq_logp = sequence_logprobs(model, tokenizer, pools["forget"], batch_size=args.batch_size,
+            ref_seq_logp = sequence_logprobs(model, tokenizer, pools["forget"], batch_size=args.score_batch_size,
                                              max_len=args.max_len)
 
     def forget(batch, idx):
         ref = None if ref_seq_logp is None else ref_seq_logp[torch.as_tensor(idx, device=ref_seq_logp.device)]
         return forget_losses(args.forget_obj, model, batch, ref, args)
 
-    states = ReferenceStates(model, tokenizer, pools["retain"], max_len=args.max_len, batch_size=args.batch_size)
+    states = ReferenceStates(model, tokenizer, pools["retain"], max_len=args.max_len, batch_size=args.score_batch_size)
 
     def retain(batch, idx):
         losses = retain_losses(args.retain_obj, model, batch, lambda: states.get(idx, reference))
@@ -1771,7 +1774,7 @@ def adaptive_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], refere
     ref_seq_logp = base_nll = None
     if settings.stages or args.forget_obj == "npo" or settings.reweight or settings.curriculum:
         with reference():  # one pass: NPO's reference log-likelihoods and the curriculum's and reweighting's start
-            base_nll, count = text_nll(model, tokenizer, pools["forget"], batch_size=args.batch_size,
+            base_nll, count = text_nll(model, tokenizer, pools["forget"], batch_size=args.score_batch_size,
                                        max_len=args.max_len)
         ref_seq_logp = torch.as_tensor(-base_nll * count, dtype=torch.float32, device=device)
 
@@ -1790,7 +1793,7 @@ def adaptive_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], refere
             losses = losses - settings.english_target_weight * target_logp / target_length.clamp(min=1)
         return losses, -seq_logp / length.clamp(min=1)
 
-    states = ReferenceStates(model, tokenizer, pools["retain"], max_len=args.max_len, batch_size=args.batch_size)
+    states = ReferenceStates(model, tokenizer, pools["retain"], max_len=args.max_len, batch_size=args.score_batch_size)
 
     def retain(batch, idx):
         losses = retain_losses(args.retain_obj, model, batch, lambda: states.get(idx, reference))
@@ -1813,7 +1816,7 @@ def adaptive_trainer(ctx: "Experiment", params: list[torch.nn.Parameter], refere
         model, tokenizer, params, pools, settings=settings, validation=validation, forget_groups=groups,
         forget_objective=forget,
         retain_objective=retain, encode=lambda texts: encode_texts(tokenizer, texts, args.max_len, device),
-        score_nll=lambda texts: text_nll(model, tokenizer, texts, batch_size=args.batch_size, max_len=args.max_len)[0],
+        score_nll=lambda texts: text_nll(model, tokenizer, texts, batch_size=args.score_batch_size, max_len=args.max_len)[0],
         reference=reference, static_objective=args.forget_obj, bounded_parameterisation=bounded_parameterisation,
         forget_probe=forget_probe if settings.early_stop else None, start_nll=base_nll,
         health_margins={measure: getattr(args, flag) for measure, flag in HEALTH_MEASURES.items()},
@@ -2753,7 +2756,7 @@ def lape_arm(ctx: "Experiment", seed: int, stage_dir: Path):
     """Zero the Hindi-specific MLP neurons (LAPE). Selecting none leaves the model unchanged: every gate is then
     "not applicable", never a pass."""
     args = ctx.args
-    probabilities = {lang: activation_probabilities(ctx.model, ctx.tokenizer, texts, batch_size=args.batch_size,
+    probabilities = {lang: activation_probabilities(ctx.model, ctx.tokenizer, texts, batch_size=args.score_batch_size,
                                                     max_len=args.max_len)
                      for lang, texts in language_train_texts(ctx.sets, ctx.eval_sets, args.layer_sample).items()}
     neurons = lape_hindi_neurons(probabilities, bottom_share=args.lape_bottom_share,
@@ -2857,7 +2860,7 @@ def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dic
     read_back = any(lora_stage.glob("**/*.safetensors")) or (lora_stage / "sine_lora.pt").is_file()
 
     def nll_of(network) -> float:
-        return float(text_nll(network, tokenizer, validation, batch_size=args.batch_size, max_len=args.max_len)[0].mean())
+        return float(text_nll(network, tokenizer, validation, batch_size=args.score_batch_size, max_len=args.max_len)[0].mean())
 
     with ARMS["lora"].build(ctx, seed, lora_stage) as teacher:
         deltas = teacher.weight_deltas()
@@ -2941,16 +2944,16 @@ def prompt_batches(tokenizer, prompts: list[str], args: argparse.Namespace, mode
     chat = uses_chat_template(tokenizer, args)
     texts = format_prompts(tokenizer, prompts, chat)
     device = next(model.parameters()).device
-    return [tokenizer(texts[s : s + args.batch_size], return_tensors="pt", padding=True, truncation=True,
+    return [tokenizer(texts[s : s + args.score_batch_size], return_tensors="pt", padding=True, truncation=True,
                       max_length=args.max_len, add_special_tokens=not chat, padding_side="left").to(device)
-            for s in range(0, len(texts), args.batch_size)]
+            for s in range(0, len(texts), args.score_batch_size)]
 
 
 def text_batches(tokenizer, texts: list[str], args: argparse.Namespace, model) -> list[dict]:
     """Texts encoded exactly as scoring encodes them."""
     device = next(model.parameters()).device
-    return [encode_texts(tokenizer, texts[s : s + args.batch_size], args.max_len, device)
-            for s in range(0, len(texts), args.batch_size)]
+    return [encode_texts(tokenizer, texts[s : s + args.score_batch_size], args.max_len, device)
+            for s in range(0, len(texts), args.score_batch_size)]
 
 
 @torch.no_grad()
@@ -2970,7 +2973,7 @@ def sae_features(ctx: "Experiment", seed: int) -> tuple[dict, dict, dict]:
     if seed in ctx.sae_cache:
         return ctx.sae_cache[seed]
     model, tokenizer, args, chosen = ctx.model, ctx.tokenizer, ctx.args, ctx.layers["chosen"]
-    options = {"batch_size": args.batch_size, "max_len": args.max_len, "skip_first": True}
+    options = {"batch_size": args.score_batch_size, "max_len": args.max_len, "skip_first": True}
     acts = {name: collect_token_activations(model, tokenizer, ctx.sets[source].train, chosen, **options)
             for name, source in (("forget", "forget"), ("retain", "retain"), ("roman", "forget_roman"))}
     sae_dir = ctx.stage_dir("sae", seed)
@@ -3005,7 +3008,7 @@ def layer_probes(ctx: "Experiment", seed: int) -> dict[str, dict[int, float]]:
     texts = {"hi": ctx.sets["forget"].eval[: args.layer_sample], "en": ctx.sets["retain"].eval[: args.layer_sample]}
     for key, lang in ctx.eval_sets["related"].items():
         texts[lang] = ctx.sets[ctx.eval_sets["related_source"][key]].eval[: args.layer_sample]
-    pooled = {lang: content_activations(ctx.model, ctx.tokenizer, t, layers, batch_size=args.batch_size,
+    pooled = {lang: content_activations(ctx.model, ctx.tokenizer, t, layers, batch_size=args.score_batch_size,
                                         max_len=args.max_len, massive_ratio=args.massive_ratio)
               for lang, t in texts.items()}
     return {f"hi_vs_{lang}": {i: probe_auc(pooled["hi"][i].pooled, pooled[lang][i].pooled, seed, C=args.probe_C,
@@ -3210,7 +3213,7 @@ class Experiment:
         if self.reference_weights is not None or "distill" in self.args.arms:
             self.base_head = copy.deepcopy(self.model.get_output_embeddings()).requires_grad_(False)
         self.retain_states = ReferenceStates(self.model, self.tokenizer, self.eval_sets["scoring"]["retain"],
-                                             max_len=self.args.max_len, batch_size=self.args.batch_size)
+                                             max_len=self.args.max_len, batch_size=self.args.score_batch_size)
 
 
 class PhaseTimer:
@@ -3245,7 +3248,7 @@ def run_arm(ctx: Experiment, name: str, seed: int, stage_dir: Path) -> dict:
         timer.lap("evaluate")
         retain = ctx.eval_sets["scoring"]["retain"]
         per_prompt["token_kl_retain"] = [0.0] * len(retain) if name == "base" else text_token_kl(  # 0 by construction
-            ctx.model, ctx.tokenizer, retain, arm.reference, batch_size=args.batch_size, max_len=args.max_len,
+            ctx.model, ctx.tokenizer, retain, arm.reference, batch_size=args.score_batch_size, max_len=args.max_len,
             context=arm.context, states=ctx.retain_states, base_head=ctx.base_head if arm.own_head else None)
         timer.lap("token_kl")
         recovery = {"removable": arm.removable}
@@ -5426,7 +5429,11 @@ def auto_batch_sizes(auto: AutoConfig, model, tokenizer, eval_sets: dict, args, 
             with torch.no_grad():
                 token_logprobs(model, encode_texts(tokenizer, [longest] * batch, args.max_len, model.device))
 
-        auto.decide("batch_size", lambda: search_batch_size_cuda(score_worst_case, max_batch=512, deadline=deadline))
+        batch = auto.decide("batch_size", lambda: search_batch_size_cuda(score_worst_case, max_batch=512,
+                                                                         deadline=deadline))
+        if "batch_size" in auto.decisions:  # the search was of scoring's worst case: it serves both
+            auto.decide("score_batch_size", Decision(batch, "the batch-size search (scoring's worst case)",
+                                                     auto.decisions["batch_size"].inputs))
         auto.decide("train_batch_size", lambda: search_batch_size_cuda(
             lambda batch: lora_probe_step_seconds(model, tokenizer, [longest] * batch, args), max_batch=64,
             deadline=deadline))
@@ -5627,7 +5634,7 @@ def sae_k_candidates(ctx: "Experiment", deadline=None) -> list[dict]:
     args = ctx.args
     layer = ctx.layers["chosen"][0]
     acts = collect_token_activations(ctx.model, ctx.tokenizer, ctx.sets["forget"].train + ctx.sets["retain"].train,
-                                     [layer], batch_size=args.batch_size, max_len=args.max_len, skip_first=True)[layer]
+                                     [layer], batch_size=args.score_batch_size, max_len=args.max_len, skip_first=True)[layer]
     texts = {"hi": ctx.sets["forget"].train[:SAE_PROBE_TEXTS], "en": ctx.sets["retain"].train[:SAE_PROBE_TEXTS]}
     urdu = [key for key, lang in ctx.eval_sets["related"].items() if lang == "ur"]
     if urdu:
@@ -5653,7 +5660,7 @@ def pooled_codes(ctx: "Experiment", sae: TopKSAE, layer: int, texts: list[str]) 
     """Per text, the mean of its tokens' SAE codes (first position left out): [texts, n_latents]."""
     args, device = ctx.args, next(ctx.model.parameters()).device
     pooled = np.zeros((len(texts), sae.n_latents))
-    for batch in progress(length_batches(ctx.tokenizer, texts, args.batch_size), "SAE codes"):
+    for batch in progress(length_batches(ctx.tokenizer, texts, args.score_batch_size), "SAE codes"):
         encoded = encode_texts(ctx.tokenizer, [texts[i] for i in batch], args.max_len, device)
         with record_layer_outputs(ctx.model, [layer]) as outputs:
             ctx.model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])

@@ -71,8 +71,8 @@ def raw_model_work(model, tokenizer, eval_sets, settings) -> None:
             model.generate(**encoded, max_new_tokens=settings.max_new_tokens, do_sample=False,
                            pad_token_id=tokenizer.pad_token_id)
         for texts in eval_sets["scoring"].values():
-            for start in range(0, len(texts), settings.batch_size):
-                encoded = tokenizer(texts[start : start + settings.batch_size], return_tensors="pt", padding=True)
+            for start in range(0, len(texts), settings.score_batch_size):
+                encoded = tokenizer(texts[start : start + settings.score_batch_size], return_tensors="pt", padding=True)
                 model(**encoded)
 
 
