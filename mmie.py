@@ -5491,8 +5491,8 @@ def auto_sample_sizes(auto: AutoConfig, model, tokenizer, lid, eval_sets: dict, 
         return {}
     n_pilot = sum(min(PILOT_PROMPTS, len(p)) for p in eval_sets["generation"].values())
     if not budget.allows("power analysis", n_pilot * units["generate_s_per_prompt"]):
-        auto.record("prompts", Decision("all", f"every prompt (power analysis {budget.fallbacks['power analysis']})",
-                                        {"pilot_prompts": n_pilot, **units}))
+        auto.record("prompt_plan", Decision("all", f"every prompt (power analysis {budget.fallbacks['power analysis']})",
+                                            {"pilot_prompts": n_pilot, **units}))
         return {}
     plan = plan_prompts(model, tokenizer, lid, eval_sets, args)
     for name, decision in plan.items():
@@ -5781,6 +5781,7 @@ def resolve_before_layers(auto: AutoConfig, model, tokenizer, lid, sets, eval_se
     analysis's prompt caps); the caps and the budget (the later probes' share of it)."""
     if saved is not None:
         replay_decisions(auto, saved["phase1"])
+        auto.not_probed = list(saved["not_probed"])  # the user's settings whose probes did not run, in the table again
         return saved["caps"], ProbeBudget(saved["budget"]["predicted_run"])
     auto_static(auto, model, tokenizer, sets, args, device)
     units = measure_unit_costs(model, tokenizer, eval_sets, args)
@@ -5961,7 +5962,7 @@ def run_experiment(args, parser, argv: list[str], started: float) -> dict:
             resolve_after_layers(auto, ctx, saved, budget)
             if saved is None:
                 write_json_atomic(auto_file, {"caps": facts["prompt_caps"], "budget": budget.report(),
-                                              **phase_split(auto)})
+                                              "not_probed": auto.not_probed, **phase_split(auto)})
             timer.lap("auto-config after layer selection")
             print("\nmmie: auto-config decisions\n" + "\n".join("  " + line for line in auto.table()) + "\n")
         report = new_report(run, args, parser, auto)

@@ -49,10 +49,11 @@ def test_every_probe_falls_back_to_its_rule_when_the_budget_holds_none(gemma3_26
     """With no time for any probe, auto-config still decides everything (by rules, each saying why), the run
     reaches its arms, the user's batch sizes run no search, and every phase is a line of the log."""
     monkeypatch.setattr(mmie, "ProbeBudget", functools.partial(auto_config.ProbeBudget, share=0.0, floor_s=0.0))
-    report = mmie.main(["--model", str(gemma3_262k), "--auto_config", "--arms", "lora", "--sample_cap", "8",
-                        "--layer_sample", "8", "--probe_folds", "2", "--lora_steps", "2", "--relearn_steps", "0",
-                        "--batch_size", "16", "--train_batch_size", "8", "--n_boot", "99", "--max_new_tokens", "4",
-                        *small_sets(tmp_path), "--out", str(tmp_path / "run"), "--ckpt_dir", str(tmp_path / "ckpt")])
+    argv = ["--model", str(gemma3_262k), "--auto_config", "--arms", "lora", "--sample_cap", "8", "--layer_sample",
+            "8", "--probe_folds", "2", "--lora_steps", "2", "--relearn_steps", "0", "--batch_size", "16",
+            "--train_batch_size", "8", "--n_boot", "99", "--max_new_tokens", "4", *small_sets(tmp_path),
+            "--out", str(tmp_path / "run"), "--ckpt_dir", str(tmp_path / "ckpt")]
+    report = mmie.main(argv)
     log = capsys.readouterr().out
     decisions = report["auto_config"]
     for name in ("batch_size", "train_batch_size"):  # given: no search ran, and no "auto would be"
@@ -61,7 +62,7 @@ def test_every_probe_falls_back_to_its_rule_when_the_budget_holds_none(gemma3_26
     table = log[log.index("auto-config decisions"):]
     assert [line.split()[:3] for line in table.splitlines() if line.split()[:1] == ["batch_size"]] == [
         ["batch_size", "16", "user"]] and "auto would be 16" not in table
-    assert decisions["prompts"]["value"] == "all" and "power analysis predicted" in decisions["prompts"]["rule"]
+    assert decisions["prompt_plan"]["value"] == "all" and "power analysis predicted" in decisions["prompt_plan"]["rule"]
     assert decisions["lora_lr"]["rule"].startswith("model-size rule (LR probe predicted")
     assert "no causal scoring within the budget" in report["layers"]["rule"]
     probes = report["auto_config_probes"]
@@ -75,6 +76,8 @@ def test_every_probe_falls_back_to_its_rule_when_the_budget_holds_none(gemma3_26
                                             "auto-config after layer selection", "arms", "statistics", "figures"}
     assert report["arms"]["lora"]["seeds"]["0"]["status"] == "ok"
     assert "mmie: run: arms done (" in log and "mmie: lora seed 0: build done (" in log
+    again = mmie.main(argv)  # a rerun replays the decisions: the user's settings are listed as before, no probe runs
+    assert again["auto_config"] == decisions and "auto-config: layer scoring" not in capsys.readouterr().out
 
 
 def test_a_redirected_log_gets_a_progress_line_per_pass(capsys):
