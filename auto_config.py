@@ -232,7 +232,7 @@ def choose_lr(curve: dict | None, n_params: int, band: float = 10.0, why: str = 
         return Decision(center.value, f"model-size rule ({why}): " + center.rule, center.inputs)
     if str(curve.get("stop", "")).startswith("budget"):
         return Decision(center.value, f"model-size rule (LR probe {curve['stop']}): " + center.rule,
-                        {**center.inputs, "probe_steps": len(curve["lr"])})
+                        {**center.inputs, "probe_steps": len(curve["lr"]), "stop": curve["stop"]})
     suggestion = suggest_lr(curve)
     inputs = {"suggested": suggestion.value, "suggestion_rule": suggestion.rule, "center": center.value,
               "band": band, "n_params": n_params, **suggestion.inputs}
@@ -336,17 +336,16 @@ def choose_batch_size_cpu(measure: Callable[[int], float], candidates: Sequence[
     so that reruns of one command on one machine choose alike (single timings gave 16 in one run and 8 in the
     next). A `deadline` that expires stops the rounds after the measurement under way; the choice is then among
     the candidates measured (inputs["stop"] says so)."""
-    seconds, rounds, stop = {}, 0, "all rounds"
-    for _ in range(repeats):
+    seconds, stop = {}, "all rounds"
+    for round_number in range(1, repeats + 1):
         for batch in sorted(candidates):
             value = float(measure(batch))
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"measure({batch}) must return positive seconds per item (got {value})")
             seconds[batch] = min(value, seconds.get(batch, math.inf))
             if deadline is not None and deadline.expired():
-                stop = f"budget: stopped in round {rounds + 1} of {repeats} after batch {batch}"
+                stop = f"budget: stopped in round {round_number} of {repeats} after batch {batch}"
                 break
-        rounds += 1
         if stop != "all rounds":
             break
     best = min(seconds.values())

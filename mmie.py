@@ -1412,7 +1412,7 @@ def select_layers(model, tokenizer, lid: LIDEnsemble, sets: dict[str, TextSet], 
     nll_base = text_nll(model, tokenizer, texts["en"], batch_size=args.score_batch_size, max_len=args.max_len)[0].mean()
     order = layer_indices if budget is None else layers_within_budget(
         sorted(eligible, key=lambda i: -scores[i]["probe_score"]), time.perf_counter() - started, deadline, budget)
-    for i in progress(order, "layer scores", every_s=0.0):
+    for done, i in enumerate(progress(order, "layer scores", every_s=0.0), 1):
         with edit_layer_outputs(model, {i: project_out(directions[i], pooled["hi"][i].norm_limit)}):
             es_ablated = float(np.mean(forget_es(model, tokenizer, lid, forget_prompts, args)))
             nll_ablated = text_nll(model, tokenizer, texts["en"], batch_size=args.score_batch_size,
@@ -1420,8 +1420,8 @@ def select_layers(model, tokenizer, lid: LIDEnsemble, sets: dict[str, TextSet], 
         es_drop, nll_increase = es_base - es_ablated, float(nll_ablated - nll_base)
         scores[i].update(es_drop=es_drop, retain_nll_increase=nll_increase,
                          causal_score=es_drop - args.causal_nll_penalty * max(0.0, nll_increase))
-        if deadline is not None and deadline.expired() and i != order[-1]:
-            budget.note("layer scoring", f"stopped at its budget after {order.index(i) + 1} of {len(order)} layers")
+        if deadline is not None and deadline.expired() and done < len(order):
+            budget.note("layer scoring", f"stopped at its budget after {done} of {len(order)} layers")
             break
     chosen, rule = choose_layers(scores, eligible, args, choose_count)
     return {"chosen": chosen, "rule": rule, "scores": scores, "es_base_sample": es_base,
@@ -5352,6 +5352,7 @@ def psutil_free_gib() -> float:
 UNIT_PROMPTS = 16  # prompts generated once to time one prompt (a batch the CPU search also tries)
 UNIT_TEXTS = 8  # copies of the longest scored text in the one timed training step
 CPU_GENERATION_BATCHES, CPU_TRAINING_BATCHES = (16, 32, 64, 128, 256), (8, 16, 32)
+CPU_SEARCH_ROUNDS, CPU_SEARCH_NEW_TOKENS = 3, 8  # the CPU search's timing rounds and tokens generated per timing
 
 
 def generation_seconds_per_prompt(model, tokenizer, prompts: list[str], batch: int, max_new_tokens: int, args) -> float:
@@ -5438,9 +5439,9 @@ def auto_batch_sizes(auto: AutoConfig, model, tokenizer, eval_sets: dict, args, 
             lambda batch: lora_probe_step_seconds(model, tokenizer, [longest] * batch, args), max_batch=64,
             deadline=deadline))
         return
-    rounds = 3
-    predicted = rounds * (sum(CPU_GENERATION_BATCHES) * units["generate_s_per_prompt"] * min(1.0, 8 / args.max_new_tokens)
-                          + sum(CPU_TRAINING_BATCHES) * units["train_s_per_text"])
+    tokens_share = min(1.0, CPU_SEARCH_NEW_TOKENS / args.max_new_tokens)  # the unit timing generated max_new_tokens
+    predicted = CPU_SEARCH_ROUNDS * (sum(CPU_GENERATION_BATCHES) * units["generate_s_per_prompt"] * tokens_share
+                                     + sum(CPU_TRAINING_BATCHES) * units["train_s_per_text"])
     if not budget.allows("batch sizes", predicted):
         why = f"CPU rule (search {budget.fallbacks['batch sizes']}): the smallest candidate"
         auto.decide("batch_size", Decision(CPU_GENERATION_BATCHES[0], why, {"predicted_search_s": predicted, **units}))
@@ -5448,11 +5449,11 @@ def auto_batch_sizes(auto: AutoConfig, model, tokenizer, eval_sets: dict, args, 
                                                                                 **units}))
         return
     auto.decide("batch_size", lambda: choose_batch_size_cpu(
-        lambda b: generation_seconds_per_prompt(model, tokenizer, prompts, b, 8, args), CPU_GENERATION_BATCHES,
-        deadline=deadline))
+        lambda b: generation_seconds_per_prompt(model, tokenizer, prompts, b, CPU_SEARCH_NEW_TOKENS, args),
+        CPU_GENERATION_BATCHES, repeats=CPU_SEARCH_ROUNDS, deadline=deadline))
     auto.decide("train_batch_size", lambda: choose_batch_size_cpu(
         lambda b: lora_probe_step_seconds(model, tokenizer, [longest] * b, args), CPU_TRAINING_BATCHES,
-        deadline=deadline))
+        repeats=CPU_SEARCH_ROUNDS, deadline=deadline))
 
 
 def lora_probe_step_seconds(model, tokenizer, texts: list[str], args) -> float:
@@ -5557,6 +5558,9 @@ def underpowered_gates(auto_report: dict) -> dict[str, dict]:
     return short
 
 
+LR_SETTINGS = (("lora", "lora_lr"), ("reft", "reft_lr"))  # the arms whose learning rate auto-config probes
+
+
 def auto_learning_rates(auto: AutoConfig, ctx: "Experiment", budget: ProbeBudget) -> None:
     """lora_lr and reft_lr: an LR range test of each arm's own trainable parameters on the retain NLL (the
     ascent objective has no minimum), clamped around the model-size rule; the model-size rule alone with
@@ -5565,18 +5569,15 @@ def auto_learning_rates(auto: AutoConfig, ctx: "Experiment", budget: ProbeBudget
     own fresh start."""
     args = ctx.args
     n_params = sum(p.numel() for p in ctx.model.parameters())
-    arms = [(arm, name) for arm, name in (("lora", "lora_lr"), ("reft", "reft_lr"))
-            if arm in args.arms and name not in auto.given]
-    predicted = len(arms) * LR_PROBE_STEPS * args.train_batch_size * budget.predicted["units"]["train_s_per_text"]
+    arms = [(arm, name) for arm, name in LR_SETTINGS if arm in args.arms]
+    probed = [name for _, name in arms if name not in auto.given]
+    predicted = len(probed) * LR_PROBE_STEPS * args.train_batch_size * budget.predicted["units"]["train_s_per_text"]
     probe = not args.no_lr_probe and budget.allows("learning rates", predicted)
+    why = "LR probe off" if args.no_lr_probe else f"LR probe {budget.fallbacks.get('learning rates')}"
     deadline = budget.deadline("learning rates")
-    for arm, name in (("lora", "lora_lr"), ("reft", "reft_lr")):
-        if arm in args.arms:
-            why = "LR probe off" if args.no_lr_probe else f"LR probe {budget.fallbacks.get('learning rates')}"
-            auto.decide(name, lambda arm=arm, why=why: choose_lr(lr_range_probe(ctx, arm, deadline) if probe else None,
-                                                                 n_params, why=why))
-    if any(auto.decisions.get(name) and "(LR probe budget:" in auto.decisions[name].rule for _, name in arms):
-        budget.stopped("learning rates", "an LR range test reached its deadline (the model-size rule decided)")
+    for arm, name in arms:
+        auto.decide(name, lambda arm=arm: choose_lr(lr_range_probe(ctx, arm, deadline) if probe else None, n_params,
+                                                    why=why))
 
 
 def lr_range_probe(ctx: "Experiment", arm: str, deadline=None) -> dict:
@@ -5719,14 +5720,12 @@ def cached_layers(model, tokenizer, lid, sets, eval_sets, args, folder: Path, ch
             replay_decisions(auto, {"select_top_k": layers["count_decision"]})
         print(f"mmie: layer selection read back from {path}")
         return layers
-    started = time.time()
     with probe_phase(budget, "layer scoring") if budget is not None else nullcontext():
         layers = select_layers(model, tokenizer, lid, sets, eval_sets, args, choose_count, budget)
     if auto is not None and "select_top_k" in auto.decisions:
         layers["count_decision"] = auto.decisions["select_top_k"].as_dict()
     write_json_atomic(path, {**layers, "directions": {i: d.tolist() for i, d in layers["directions"].items()}})
-    print(f"mmie: layer selection done ({time.time() - started:.0f}s)")
-    return layers
+    return layers  # its seconds: the run's "layer selection" phase
 
 
 def run_stage(ctx: Experiment, name: str, seed: int, folder: Path) -> tuple[dict, bool]:
@@ -5813,6 +5812,7 @@ def resolve_after_layers(auto: AutoConfig, ctx: "Experiment", saved: dict | None
         return
     with probe_phase(budget, "learning rates"):
         auto_learning_rates(auto, ctx, budget)
+        note_budget_stops(auto, budget, "learning rates", tuple(name for _, name in LR_SETTINGS))
     with probe_phase(budget, "sae k"):
         auto_sae_k(auto, ctx, budget)
 

@@ -719,6 +719,7 @@ def test_an_lr_range_test_stopped_at_its_budget_gives_way_to_the_model_size_rule
     assert len(curve["lr"]) == 5 and curve["stop"].startswith("budget: stopped after 5 of 40 steps")
     decision = ac.choose_lr(curve, 124e6)
     assert decision.value == ac.model_size_lr(124e6).value and "LR probe budget" in decision.rule
+    assert decision.inputs["stop"] == curve["stop"]  # what the run's budget record reads (note_budget_stops)
     assert ac.choose_lr(None, 124e6, why="LR probe over budget").rule.startswith("model-size rule (LR probe over")
 
 

@@ -31,18 +31,16 @@ def gemma3_262k(tmp_path_factory, tokenizer):
 def small_sets(folder) -> list[str]:
     """The first 60 texts of every shipped set, as flags: every text scored through a 262k-row head costs (the
     adaptive trainer scores its whole forget pool), so the sets are kept small."""
+    def first_60(name: str) -> str:
+        lines = (mmie.DATA_DIR / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()[:60]
+        (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return str(folder / f"{name}.jsonl")
+
     flags = []
     for flag, name in (("--forget", "forget_hi"), ("--forget_roman", "forget_hi_roman"), ("--retain", "retain_en"),
                        ("--mixed", "mixed"), ("--adversarial", "adversarial"), ("--relearn", "relearn_hi")):
-        lines = (mmie.DATA_DIR / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()[:60]
-        (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        flags += [flag, str(folder / f"{name}.jsonl")]
-    flags.append("--xlang")
-    for name in ("urdu", "punjabi", "bengali"):
-        lines = (mmie.DATA_DIR / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()[:60]
-        (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        flags.append(str(folder / f"{name}.jsonl"))
-    return flags
+        flags += [flag, first_60(name)]
+    return [*flags, "--xlang", *(first_60(name) for name in ("urdu", "punjabi", "bengali"))]
 
 
 def test_every_probe_falls_back_to_its_rule_when_the_budget_holds_none(gemma3_262k, tmp_path, monkeypatch, capsys):
