@@ -1246,20 +1246,27 @@ def metrics_from_per_prompt(per_prompt: dict[str, list[float]]) -> dict[str, flo
     return metrics
 
 
+# Held-out requests for Hindi the embedded model must answer in Hindi: twice --gate_min_base_es's default (0.10), the
+# base ES below which G6 is uninformative.
+ADVERSARIAL_BAR = 0.2
+
+
 def language_continuation_quality(model_dir: Path, data_dir: Path, n_prompts: int) -> dict:
     """The embedded model's quality bar: share of held-out prompts of each language that the model
-    continues in that language (greedy, as in every metric)."""
-    bars = {"hi": ("forget_hi", 0.8), "en": ("retain_en", 0.9), "ur": ("urdu", 0.8), "pa": ("punjabi", 0.8),
-            "bn": ("bengali", 0.8)}
+    continues in that language (greedy, as in every metric), and share of held-out adversarial requests (whole, as
+    G6 reads them) that it answers in Hindi: without that, G6 has nothing to measure."""
+    bars = {"hi": ("forget_hi", "hi", 0.8), "en": ("retain_en", "en", 0.9), "ur": ("urdu", "ur", 0.8),
+            "pa": ("punjabi", "pa", 0.8), "bn": ("bengali", "bn", 0.8), "adversarial": ("adversarial", "hi", ADVERSARIAL_BAR)}
     model, tokenizer = load_model(str(model_dir), "cpu", torch.float32, "sdpa", False)
     lid = LIDEnsemble()
     rates = {}
-    for lang, (stem, bar) in bars.items():
+    for row, (stem, lang, bar) in bars.items():
         texts, _ = read_jsonl(data_dir / f"{stem}.jsonl", "data")
-        prompts = continuation_prompts([t for t in texts if is_eval_text(t)], 8)[:n_prompts]
+        held_out = [t for t in texts if is_eval_text(t)]
+        prompts = (held_out if row == "adversarial" else continuation_prompts(held_out, 8))[:n_prompts]
         outputs = generate(model, tokenizer, prompts, max_new_tokens=32, batch_size=64, max_len=256)
         rate = float(np.mean([g.lang == lang for g in lid.identify(outputs)]))
-        rates[lang] = {"rate": rate, "n": len(prompts), "bar": bar, "passes": rate >= bar}
+        rates[row] = {"rate": rate, "n": len(prompts), "bar": bar, "passes": rate >= bar, "language": lang}
     return {"rates": rates, "max_new_tokens": 32, "prompt_words": 8, "split": "eval"}
 
 
@@ -2777,8 +2784,8 @@ UNDO_VARIANT = (
     "student) per token; stop when the student's retain NLL is within the tolerance of the teacher's (the paper's 5%) "
     "or at the step budget. Deviations: distilled on retain and related-language train texts (the reference code "
     "interleaves forget-domain text 50/50, the teacher's suppressed outputs there; --undo_forget_domain mixes the "
-    "forget-train texts into the one pool instead, about a third of it here), linear warmup then a constant lr "
-    "at the embedded model's pretraining lr (the reference decays 9e-4 to 7e-4 by cosine), and on large models only "
+    "forget-train texts into the one pool instead, about a third of it here), the embedded model's pretraining lr "
+    "and schedule (linear warmup, cosine to 0.1x; the reference decays 9e-4 to 7e-4 by cosine), and on large models only "
     "the scope the rule chooses is perturbed and trained")
 
 
@@ -2814,8 +2821,11 @@ def shrink_perturb(params: Iterable[torch.nn.Parameter], alpha: float, beta: flo
             p.mul_(1 - alpha)
 
 
+DISTILL_LR_FLOOR = 0.1  # the last step's lr as a share of the peak, as in data/train_tiny_lm.py
+
+
 class DistillTrainer(Trainer):
-    """The distillation on the one training loop: linear warmup then a constant lr; every `check_every` steps the
+    """The distillation on the one training loop: linear warmup then cosine decay; every `check_every` steps the
     student's retain-validation NLL is compared with the teacher's and training stops once it is within the
     tolerance (recorded in `curve` and `stop`)."""
 
@@ -2825,7 +2835,12 @@ class DistillTrainer(Trainer):
         self.curve, self.stop = [], {"reason": "step budget spent", "step": self.steps}
 
     def lr_factor(self, step: int) -> float:
-        return min(1.0, (step + 1) / self.warmup)
+        """Linear warmup, then cosine to DISTILL_LR_FLOOR of the peak over the step budget: the embedded model's
+        pretraining schedule (the reference code decays its lr by cosine too)."""
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return DISTILL_LR_FLOOR + (1 - DISTILL_LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def after_step(self, record: dict) -> bool:
         done = record["step"] + 1

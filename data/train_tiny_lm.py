@@ -5,8 +5,9 @@
     python data/train_tiny_lm.py --no_hindi --tokenizer data/tiny-lm --out data/tiny-lm-nohindi   # the reference
 
 --no_hindi trains the exact-unlearning reference: the same recipe, seed and (with --tokenizer) tokenizer on the
-same train texts less every Hindi-bearing one (see hindi_bearing), for as many epochs as the full build (its step
-count is scaled by the share of texts kept, so each kept text is seen as often as in the shipped model).
+same train texts less every Hindi-bearing one (see hindi_bearing) and less the adversarial requests' Hindi answers,
+for as many epochs as the full build (its step count is scaled by the share of texts kept, so each kept text is seen
+as often as in the shipped model).
 
 Deterministic for a given seed on a given machine: the tokenizer is a byte-level BPE trained on
 the train texts in file order, the model a small Qwen2-architecture decoder (so the default
@@ -81,18 +82,26 @@ def hindi_bearing(texts: list[str]) -> list[bool]:
 
 
 # --- data: train splits of every shipped set (less the Hindi-bearing texts under --no_hindi) --------
+# A line with an "answer" (the adversarial requests' Hindi replies) trains as request + answer, so that the model
+# answers a held-out request in Hindi as an instruction-tuned model would, and gate G6 can read something. The split
+# is decided by the request alone (MMIE's prompts); the reference keeps the request and never sees the answer.
 fingerprints, train_texts, n_all = {}, [], 0
 for name in SETS:
     path = args.data_dir / f"{name}.jsonl"
     raw = path.read_bytes()
-    texts = [json.loads(line)["text"] for line in raw.decode("utf-8").splitlines() if line.strip()]
-    train = [t for t in texts if not is_eval_text(t)]
-    fingerprints[name] = {"sha256": hashlib.sha256(raw).hexdigest(), "n": len(texts), "n_train": len(train)}
+    every = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
+    rows = [row for row in every if not is_eval_text(row["text"])]
+    train = [row["text"] for row in rows]
+    fingerprints[name] = {"sha256": hashlib.sha256(raw).hexdigest(), "n": len(every), "n_train": len(train),
+                          "n_train_answered": sum("answer" in row for row in rows)}
     n_all += len(train)
     if args.no_hindi:
         dropped = train if name in HINDI_SETS else [t for t, hindi in zip(train, hindi_bearing(train)) if hindi]
         train = [t for t in train if t not in set(dropped)]
         fingerprints[name]["n_train_left_out"] = len(dropped)
+        fingerprints[name]["n_answers_left_out"] = fingerprints[name]["n_train_answered"]
+    else:
+        train = [f"{row['text']} {row['answer']}" if "answer" in row else row["text"] for row in rows]
     train_texts.extend(train)
 if args.no_hindi:  # as many epochs as the full build: each kept text is seen as often as in the shipped model
     args.steps = round(args.steps * len(train_texts) / n_all)
@@ -199,4 +208,4 @@ if not args.skip_quality:
     quality = mmie.language_continuation_quality(args.out, args.data_dir, n_prompts=args.quality_prompts)
     (args.out / "quality.json").write_text(json.dumps(quality, indent=1) + "\n", encoding="utf-8")
     for lang, row in quality["rates"].items():
-        print(f"{lang}: {row['rate']:.3f} of {row['n']} held-out prompts continued in {lang} (bar {row['bar']})")
+        print(f"{lang}: {row['rate']:.3f} of {row['n']} held-out prompts continued in {row['language']} (bar {row['bar']})")

@@ -60,3 +60,25 @@ def test_relearn_set_shares_no_five_word_run_with_the_forget_set():
 
     forget_runs = set().union(*(runs(row["text"]) for row in records("forget_hi")))
     assert not [row["text"] for row in records("relearn_hi") if runs(row["text"]) & forget_runs]
+
+
+def test_every_adversarial_request_has_a_hindi_answer_the_relearn_set_never_saw(lid):
+    """The embedded model trains on request + answer (data/train_tiny_lm.py), so that it answers held-out requests in
+    Hindi and G6 has something to measure; the relearning attack's texts must stay unseen."""
+    rows = records("adversarial")
+    answers = [row["answer"] for row in rows]
+    for answer in answers:
+        assert isinstance(answer, str) and answer == answer.strip() and 40 <= len(answer) <= 220, answer
+        assert not re.search(r'["\\\t\n]', answer), answer
+    guesses = lid.identify(answers)
+    assert all(g.lang == "hi" for g in guesses), [a for a, g in zip(answers, guesses) if g.lang != "hi"]
+    by_kind = Counter(row["kind"] for row, g in zip(rows, guesses) if g.script == "Latn")
+    assert by_kind == Counter({"romanized": 46})  # romanized requests get romanized answers, the rest Devanagari
+    assert len(set(answers)) == len(answers)
+
+    def runs(text):
+        words = text.split()
+        return {tuple(words[i : i + 5]) for i in range(len(words) - 4)}
+
+    relearn_runs = set().union(*(runs(row["text"]) for row in records("relearn_hi")))
+    assert not [answer for answer in answers if runs(answer) & relearn_runs]

@@ -27,6 +27,8 @@ def test_reference_model_ships_with_the_shipped_tokenizer_and_never_learned_hind
     assert log["data"]["mixed"]["n_train_left_out"] == log["data"]["mixed"]["n_train"]
     quality = json.loads((folder / "quality.json").read_text(encoding="utf-8"))["rates"]
     assert quality["hi"]["rate"] <= 0.05  # almost no Hindi on held-out Hindi prompts
+    assert quality["adversarial"]["rate"] <= 0.05  # nor on held-out requests for Hindi (it never saw an answer)
+    assert log["data"]["adversarial"]["n_answers_left_out"] == log["data"]["adversarial"]["n_train"]
     assert all(quality[lang]["rate"] >= quality[lang]["bar"] for lang in ("en", "ur", "pa", "bn"))
     model, ref_tokenizer = mmie.load_model(str(mmie.EMBEDDED_MODEL), "cpu", torch.float32, "sdpa", False)
     weights = mmie.load_reference_weights(folder, model, ref_tokenizer)
