@@ -290,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag(distill, "--undo_forget_domain", action="store_true",
          help="also distil on the forget-train texts (the teacher's suppressed outputs there), as the reference code "
               "does; off: retain and related-language texts only")
+    flag(distill, "--undo_top_k", type=int, default=0, check=at_least(0),
+         help="distil the teacher's k most likely tokens per position, renormalised (0: its whole distribution, as "
+              "the paper); the tail is where the unlearned teacher still ranks Hindi tokens")
     flag(distill, "--undo_scope", default="auto", choices=["auto", "all", "top_mlp"],
          help=f"what is perturbed and distilled; auto: every weight up to {FULL_ATTACK_MAX_PARAMS // 10**6}M "
               "parameters, else the MLPs of the top half of the layers")
@@ -2786,7 +2789,8 @@ UNDO_VARIANT = (
     "interleaves forget-domain text 50/50, the teacher's suppressed outputs there; --undo_forget_domain mixes the "
     "forget-train texts into the one pool instead, about a third of it here), the embedded model's pretraining lr "
     "and schedule (linear warmup, cosine to 0.1x; the reference decays 9e-4 to 7e-4 by cosine), and on large models only "
-    "the scope the rule chooses is perturbed and trained")
+    "the scope the rule chooses is perturbed and trained; --undo_top_k k distils only the teacher's k most likely "
+    "tokens per position, renormalised (top-k distillation, not in the paper)")
 
 
 def undo_scope(args: argparse.Namespace, model) -> tuple[list[str], str]:
@@ -2856,6 +2860,19 @@ class DistillTrainer(Trainer):
         return False
 
 
+def distillation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Per position KL(teacher || student). With top_k, the teacher's distribution is truncated to its k most likely
+    tokens and renormalised (top-k distillation): the student learns nothing from the teacher's tail, where a teacher
+    that still knows Hindi ranks Hindi tokens it gives almost no mass to (dark knowledge)."""
+    student_logp = torch.log_softmax(student_logits, -1)
+    if top_k:
+        values, index = teacher_logits.topk(min(top_k, teacher_logits.shape[-1]), -1)
+        teacher_logp, student_logp = torch.log_softmax(values, -1), student_logp.gather(-1, index)
+    else:
+        teacher_logp = torch.log_softmax(teacher_logits, -1)
+    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+
+
 def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
     """UNDO's student for one seed: the lora arm's unlearned model (read back from its stage, or trained there) as the
     teacher, its merged weights shrunk and perturbed within `scope` and distilled from the teacher on the retain and
@@ -2895,9 +2912,7 @@ def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dic
             hidden, _, rows = scored_hidden(student, batch)
 
             def kl(h, t):
-                teacher_logp = torch.log_softmax(logits_from_hidden(model, t), -1)
-                student_logp = torch.log_softmax(logits_from_hidden(student, h), -1)
-                return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+                return distillation_kl(logits_from_hidden(model, t), logits_from_hidden(student, h), args.undo_top_k)
 
             n_rows = batch["input_ids"].shape[0]
             count = per_row(torch.ones_like(rows, dtype=torch.float32), rows, n_rows).clamp(min=1)
@@ -2916,7 +2931,7 @@ def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dic
               "teacher_retain_val_nll": teacher_nll, "merged_retain_val_nll": merged_nll,
               "limit": teacher_nll * (1 + args.undo_retain_tolerance), "stop": trainer.stop, "curve": trainer.curve,
               "train_log": trainer.log, "n_distill_texts": len(texts), "n_validation": len(validation),
-              "forget_domain": args.undo_forget_domain}
+              "forget_domain": args.undo_forget_domain, "teacher_top_k": args.undo_top_k or "all tokens"}
     changed = set(scope) | {names[id(weight)] for weight in deltas}
     return {name: own[name].detach().clone() for name in sorted(changed)}, record
 

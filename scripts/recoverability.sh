@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The experiments behind the recoverability closing notes (G7 against the reference model): the adaptive LoRA with
-# and without SAM, and UNDO (the distill arm) over a sweep of alpha, three seeds each, on the embedded model (CPU).
+# and without SAM, and UNDO (the distill arm) over a sweep of alpha and with top-k distillation, three seeds each, on
+# the embedded model (CPU).
 # Every run shares one stage cache, so the distill runs reuse the lora arm's trained teachers and one set of
 # auto-config decisions (the adaptive and distill groups stay out of its key). A run whose .seconds file is already
 # written is skipped, so the script can be restarted.
@@ -20,8 +21,12 @@ run() {  # name, flags...
 }
 # Batch sizes pinned as in the ablation (auto-config's timed CPU search flips between runs; variants must pair).
 common=(--auto_config --adaptive_unlearning --seeds 0 1 2 --batch_size 128 --train_batch_size 16)
-for alpha in ${ALPHAS:-0.3 0.6 0.9}; do
+for alpha in ${ALPHAS:-1.0 0.9 0.6}; do
     run "distill_a$alpha" "${common[@]}" --arms lora distill --undo_alpha "$alpha"
+done
+# Top-k distillation: the student learns only the teacher's k most likely tokens per position, not its tail
+for k in ${TOP_KS:-32 8}; do
+    run "distill_a1.0_top$k" "${common[@]}" --arms lora distill --undo_alpha 1.0 --undo_top_k "$k"
 done
 run lora_no_sam "${common[@]}" --arms lora --no_sam
 # UNDO with the forget-domain texts in the distillation pool, as the reference code does (--undo_forget_domain)

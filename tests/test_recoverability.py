@@ -318,6 +318,22 @@ def test_shrink_perturb_mixes_matrices_with_noise_and_shrinks_vectors():
     assert noise.abs().max() <= bound + 1e-6 and noise.std() > bound / 3
 
 
+def test_top_k_distillation_ignores_the_teachers_tail_and_k_of_the_vocabulary_is_the_full_kl():
+    torch.manual_seed(0)
+    teacher, student = torch.randn(5, 50) * 3, torch.randn(5, 50, requires_grad=True)
+    full = mmie.distillation_kl(teacher, student, top_k=0)
+    expected = torch.nn.functional.kl_div(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1),
+                                          log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(full, expected, atol=1e-5) and (full >= 0).all()
+    assert torch.allclose(mmie.distillation_kl(teacher, student, top_k=50), full, atol=1e-5)
+    top = mmie.distillation_kl(teacher, student, top_k=4)
+    tail = teacher.clone()
+    tail[tail < tail.topk(4, -1).values[:, -1:]] -= 7.0  # the teacher ranks its tail differently: nothing changes
+    assert torch.allclose(mmie.distillation_kl(tail, student, top_k=4), top, atol=1e-6)
+    assert not torch.allclose(mmie.distillation_kl(tail, student, top_k=0), full, atol=1e-3)
+    assert (top >= 0).all()
+
+
 def test_undo_scope_is_every_weight_when_small_and_the_top_mlps_when_large(model):
     args = mmie.build_parser().parse_args([])
     names, rule = mmie.undo_scope(args, model)
