@@ -1,6 +1,6 @@
 """Train MMIE's embedded tiny causal LM on the train splits of the shipped sets.
 
-    python data/train_tiny_lm.py                    # full build into data/tiny-lm (about 8 min on 2 idle CPU cores)
+    python data/train_tiny_lm.py                    # full build into data/tiny-lm (about 12 min on 2 idle CPU cores)
     python data/train_tiny_lm.py --steps 5 --out /tmp/tiny-smoke --skip_quality   # smoke rebuild
     python data/train_tiny_lm.py --no_hindi --tokenizer data/tiny-lm --out data/tiny-lm-nohindi   # the reference
 
