@@ -1587,7 +1587,8 @@ class Trainer:
       sample(kind, step)           -> indices into that kind's pool
       weights(kind, idx, step)     -> per-sample weights summing to 1 (default: uniform)
       loss_scale(kind, step)       -> factor on the step's loss (default 1)
-      lr_factor(step)              -> multiplier of the base learning rate (default: warmup, then cosine)
+      lr_factor(step)              -> multiplier of the base learning rate (default: warmup, then cosine down to
+                                      lr_floor of the peak)
       after_step(record)           -> True stops training (validation, early stopping, logging)
     A step that runs out of accelerator memory is redone with half the micro-batch and twice the gradient
     accumulation (auto_config.OOMBackoff: the effective batch is kept; logged in backoff.events). A non-finite
@@ -1596,12 +1597,13 @@ class Trainer:
     def __init__(self, model, tokenizer, params: list[torch.nn.Parameter], pools: dict[str, list[str]],
                  objectives: dict[str, Callable[[dict, np.ndarray], torch.Tensor]], *, steps: int, lr: float,
                  batch_size: int, max_len: int, seed: int, max_grad_norm: float = math.inf, weight_decay: float = 0.0,
-                 warmup_share: float = 0.0, schedule: Literal["cosine", "constant"] = "cosine",
+                 warmup_share: float = 0.0, schedule: Literal["cosine", "constant"] = "cosine", lr_floor: float = 0.0,
                  cycle: Sequence[str] | None = None, desc: str = "train"):
         self.model, self.tokenizer, self.params, self.pools, self.objectives = model, tokenizer, params, pools, objectives
         self.steps, self.lr, self.batch_size, self.max_len = steps, lr, batch_size, max_len
         self.max_grad_norm, self.weight_decay, self.warmup_share, self.schedule = (max_grad_norm, weight_decay,
                                                                                    warmup_share, schedule)
+        self.lr_floor = lr_floor
         self.cycle = list(cycle or pools)
         self.rng = np.random.default_rng(seed)
         self.device = next(model.parameters()).device
@@ -1635,7 +1637,8 @@ class Trainer:
         warmup = max(1, round(self.warmup_share * self.steps))
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, self.steps - warmup)))
+        cosine = 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, self.steps - warmup)))
+        return self.lr_floor + (1.0 - self.lr_floor) * cosine
 
     def after_step(self, record: dict) -> bool:
         return False
@@ -2829,22 +2832,15 @@ DISTILL_LR_FLOOR = 0.1  # the last step's lr as a share of the peak, as in data/
 
 
 class DistillTrainer(Trainer):
-    """The distillation on the one training loop: linear warmup then cosine decay; every `check_every` steps the
-    student's retain-validation NLL is compared with the teacher's and training stops once it is within the
-    tolerance (recorded in `curve` and `stop`)."""
+    """The distillation on the one training loop (the embedded model's pretraining schedule: linear warmup, then
+    cosine to DISTILL_LR_FLOOR of the peak; the reference code decays its lr by cosine too); every `check_every`
+    steps the student's retain-validation NLL is compared with the teacher's and training stops once it is within
+    the tolerance (recorded in `curve` and `stop`)."""
 
-    def __init__(self, *args, warmup: int, check: Callable[[], float], limit: float, check_every: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.warmup, self.check, self.limit, self.check_every = warmup, check, limit, check_every
+    def __init__(self, *args, check: Callable[[], float], limit: float, check_every: int, **kwargs):
+        super().__init__(*args, lr_floor=DISTILL_LR_FLOOR, **kwargs)
+        self.check, self.limit, self.check_every = check, limit, check_every
         self.curve, self.stop = [], {"reason": "step budget spent", "step": self.steps}
-
-    def lr_factor(self, step: int) -> float:
-        """Linear warmup, then cosine to DISTILL_LR_FLOOR of the peak over the step budget: the embedded model's
-        pretraining schedule (the reference code decays its lr by cosine too)."""
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
-        return DISTILL_LR_FLOOR + (1 - DISTILL_LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def after_step(self, record: dict) -> bool:
         done = record["step"] + 1
@@ -2922,7 +2918,8 @@ def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dic
             trainer = DistillTrainer(student, tokenizer, params, {"distill": texts}, {"distill": kl_to_teacher},
                                      steps=args.undo_steps, lr=args.undo_lr, batch_size=args.train_batch_size,
                                      max_len=args.max_len, seed=seed, max_grad_norm=1.0, desc="distill",
-                                     warmup=min(50, max(1, args.undo_steps // 10)), check=lambda: nll_of(student),
+                                     warmup_share=min(50, max(1, args.undo_steps // 10)) / args.undo_steps,
+                                     check=lambda: nll_of(student),
                                      limit=teacher_nll * (1 + args.undo_retain_tolerance), check_every=25)
             trainer.run()
     recipe = "the adaptive trainer (--adaptive_unlearning)" if args.adaptive_unlearning else \

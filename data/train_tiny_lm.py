@@ -97,7 +97,8 @@ for name in SETS:
     n_all += len(train)
     if args.no_hindi:
         dropped = train if name in HINDI_SETS else [t for t, hindi in zip(train, hindi_bearing(train)) if hindi]
-        train = [t for t in train if t not in set(dropped)]
+        left_out = set(dropped)
+        train = [t for t in train if t not in left_out]
         fingerprints[name]["n_train_left_out"] = len(dropped)
         fingerprints[name]["n_answers_left_out"] = fingerprints[name]["n_train_answered"]
     else:

@@ -13,6 +13,11 @@ MIN_SIZES = {"forget_hi": 600, "forget_hi_roman": 200, "retain_en": 600, "mixed"
 NATIVE_LANG = {"forget_hi": "hi", "retain_en": "en", "urdu": "ur", "punjabi": "pa", "bengali": "bn", "relearn_hi": "hi"}
 
 
+def five_word_runs(text):
+    words = text.split()
+    return {tuple(words[i : i + 5]) for i in range(len(words) - 4)}
+
+
 def records(name):
     lines = (DATA_DIR / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines]
@@ -54,12 +59,8 @@ def test_romanized_set_is_latin_hindi(lid):
 
 
 def test_relearn_set_shares_no_five_word_run_with_the_forget_set():
-    def runs(text):
-        words = text.split()
-        return {tuple(words[i : i + 5]) for i in range(len(words) - 4)}
-
-    forget_runs = set().union(*(runs(row["text"]) for row in records("forget_hi")))
-    assert not [row["text"] for row in records("relearn_hi") if runs(row["text"]) & forget_runs]
+    forget_runs = set().union(*(five_word_runs(row["text"]) for row in records("forget_hi")))
+    assert not [row["text"] for row in records("relearn_hi") if five_word_runs(row["text"]) & forget_runs]
 
 
 def test_every_adversarial_request_has_a_hindi_answer_the_relearn_set_never_saw(lid):
@@ -76,9 +77,5 @@ def test_every_adversarial_request_has_a_hindi_answer_the_relearn_set_never_saw(
     assert by_kind == Counter({"romanized": 46})  # romanized requests get romanized answers, the rest Devanagari
     assert len(set(answers)) == len(answers)
 
-    def runs(text):
-        words = text.split()
-        return {tuple(words[i : i + 5]) for i in range(len(words) - 4)}
-
-    relearn_runs = set().union(*(runs(row["text"]) for row in records("relearn_hi")))
-    assert not [answer for answer in answers if runs(answer) & relearn_runs]
+    relearn_runs = set().union(*(five_word_runs(row["text"]) for row in records("relearn_hi")))
+    assert not [answer for answer in answers if five_word_runs(answer) & relearn_runs]
