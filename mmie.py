@@ -75,7 +75,8 @@ from auto_config import (FIXED_BY_DESIGN, AutoConfig, Decision, OOMBackoff, Prob
                          search_batch_size_cuda, sparse_probe_auc)
 from auto_config import choose_n_layers as elbow_layer_count
 from auto_config import lora_targets as lora_targets_rule
-from lid_ensemble import EVAL_FRACTION, LID176_LANGUAGES, LIDEnsemble, is_eval_text, language_words, share_true
+from lid_ensemble import (EVAL_FRACTION, LID176_LANGUAGES, SCRIPT_LETTERS, LIDEnsemble, is_eval_text, language_words,
+                          share_true)
 
 REPO = Path(__file__).resolve().parent
 DATA_DIR = REPO / "data"
@@ -293,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     flag(distill, "--undo_top_k", type=int, default=0, check=at_least(0),
          help="distil the teacher's k most likely tokens per position, renormalised (0: its whole distribution, as "
               "the paper); the tail is where the unlearned teacher still ranks Hindi tokens")
+    flag(distill, "--undo_mask_forget_script", action="store_true",
+         help="the teacher gives no mass to tokens with a letter of the forget language's script (Devanagari), "
+              "renormalised: the student learns of them only what a model trained without Hindi text does (pushed "
+              "away); off: the teacher's distribution as it is")
     flag(distill, "--undo_scope", default="auto", choices=["auto", "all", "top_mlp"],
          help=f"what is perturbed and distilled; auto: every weight up to {FULL_ATTACK_MAX_PARAMS // 10**6}M "
               "parameters, else the MLPs of the top half of the layers")
@@ -2793,7 +2798,9 @@ UNDO_VARIANT = (
     "forget-train texts into the one pool instead, about a third of it here), the embedded model's pretraining lr "
     "and schedule (linear warmup, cosine to 0.1x; the reference decays 9e-4 to 7e-4 by cosine), and on large models only "
     "the scope the rule chooses is perturbed and trained; --undo_top_k k distils only the teacher's k most likely "
-    "tokens per position, renormalised (top-k distillation, not in the paper)")
+    "tokens per position, renormalised (top-k distillation, not in the paper); --undo_mask_forget_script gives the "
+    "teacher's tokens of the forget language's script no mass (not in the paper); every distillation text ends in "
+    "the tokenizer's EOS, as in pretraining")
 
 
 def undo_scope(args: argparse.Namespace, model) -> tuple[list[str], str]:
@@ -2856,17 +2863,31 @@ class DistillTrainer(Trainer):
         return False
 
 
-def distillation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+def script_token_ids(tokenizer, script: str) -> list[int]:
+    """The vocabulary ids whose text holds a letter of `script` (lid_ensemble's letter ranges). Byte fragments of a
+    letter (byte-level BPE pieces that decode to no whole character) are not among them."""
+    letters = re.compile(f"[{SCRIPT_LETTERS[script]}]")
+    decoded = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return [i for i, text in enumerate(decoded) if letters.search(text)]
+
+
+def distillation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, top_k: int,
+                    blocked: torch.Tensor | None = None) -> torch.Tensor:
     """Per position KL(teacher || student). With top_k, the teacher's distribution is truncated to its k most likely
     tokens and renormalised (top-k distillation): the student learns nothing from the teacher's tail, where a teacher
-    that still knows Hindi ranks Hindi tokens it gives almost no mass to (dark knowledge)."""
+    that still knows Hindi ranks Hindi tokens it gives almost no mass to (dark knowledge). With `blocked` (token
+    ids), the teacher gives those tokens no mass (renormalised over the rest), while the student's distribution keeps
+    the whole vocabulary: the student is only ever pushed away from them, as a model trained on text without them."""
+    if blocked is not None:
+        teacher_logits = teacher_logits.index_fill(-1, blocked, float("-inf"))
     student_logp = torch.log_softmax(student_logits, -1)
     if top_k:
         values, index = teacher_logits.topk(min(top_k, teacher_logits.shape[-1]), -1)
         teacher_logp, student_logp = torch.log_softmax(values, -1), student_logp.gather(-1, index)
     else:
         teacher_logp = torch.log_softmax(teacher_logits, -1)
-    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    teacher_p = teacher_logp.exp()
+    return torch.where(teacher_p > 0, teacher_p * (teacher_logp - student_logp), 0.0).sum(-1)
 
 
 def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -2884,6 +2905,9 @@ def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dic
     validation = [retain[i] for i in order[:n_val]]
     texts = [retain[i] for i in order[n_val:]] + benign_texts(ctx) + (
         list(ctx.sets["forget"].train) if args.undo_forget_domain else [])
+    # Each text ends in EOS, as in pretraining: a student distilled from fresh weights learns where a text ends
+    end = tokenizer.eos_token or ""
+    texts, validation = [text + end for text in texts], [text + end for text in validation]
     lora_stage = ctx.stage_dir("lora", seed)
     read_back = any(lora_stage.glob("**/*.safetensors")) or (lora_stage / "sine_lora.pt").is_file()
 
@@ -2902,13 +2926,17 @@ def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dic
         for p in student.parameters():
             p.requires_grad_(id(p) in trained)
 
+        vocab = model.get_output_embeddings().weight.shape[0]
+        blocked = (torch.tensor([i for i in script_token_ids(tokenizer, EXPECTED_LANG["forget"][1]) if i < vocab],
+                                device=model.device) if args.undo_mask_forget_script else None)
+
         def kl_to_teacher(batch, idx):
             with torch.no_grad():
                 target = scored_hidden(model, batch)[0]
             hidden, _, rows = scored_hidden(student, batch)
 
             def kl(h, t):
-                return distillation_kl(logits_from_hidden(model, t), logits_from_hidden(student, h), args.undo_top_k)
+                return distillation_kl(logits_from_hidden(model, t), logits_from_hidden(student, h), args.undo_top_k, blocked)
 
             n_rows = batch["input_ids"].shape[0]
             count = per_row(torch.ones_like(rows, dtype=torch.float32), rows, n_rows).clamp(min=1)
@@ -2928,7 +2956,8 @@ def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dic
               "teacher_retain_val_nll": teacher_nll, "merged_retain_val_nll": merged_nll,
               "limit": teacher_nll * (1 + args.undo_retain_tolerance), "stop": trainer.stop, "curve": trainer.curve,
               "train_log": trainer.log, "n_distill_texts": len(texts), "n_validation": len(validation),
-              "forget_domain": args.undo_forget_domain, "teacher_top_k": args.undo_top_k or "all tokens"}
+              "forget_domain": args.undo_forget_domain, "teacher_top_k": args.undo_top_k or "all tokens",
+              "masked_forget_script_tokens": 0 if blocked is None else len(blocked)}
     changed = set(scope) | {names[id(weight)] for weight in deltas}
     return {name: own[name].detach().clone() for name in sorted(changed)}, record
 
@@ -4105,12 +4134,22 @@ def compute_statistics(report: dict, args: argparse.Namespace) -> None:
             if gates[name][gate].get("evaluated"):
                 gates[name][gate].update(uninformative=True, reason=reason)
     report["gates"] = apply_fdr(gates, q=args.fdr_q)
+    report["reference_gates"] = reference_gates(base, reference_seeds, thresholds, args) if reference_seeds else None
     report["decision"] = decide(report["gates"])
     report["outcome"] = {arm: arm_outcome(arm_gates) for arm, arm_gates in report["gates"].items()}
     report["statistics_config"] = {"n_boot": args.n_boot, "n_boot_gates": args.n_boot_gates, "ci_level": args.ci_level,
                                    "stats_seed": args.stats_seed,
                                    "fdr_q": args.fdr_q, **thresholds, "inference": INFERENCE_NOTE,
                                    "G7_rule": g7_rule(reference is not None, args)}
+
+
+def reference_gates(base: dict, reference_seeds: list[dict], thresholds: dict, args: argparse.Namespace) -> dict:
+    """The reference model's own gates, as if it were an arm (G5 and G7, against itself, hold by construction and
+    are left out), each passing at its raw p <= q: outside Benjamini-Hochberg and every decision. A gate that the
+    model which never learned Hindi fails is one that no arm matching it can pass."""
+    gates = evaluate_gates(base, reference_seeds, thresholds, n_boot=args.n_boot_gates, seed=args.stats_seed)
+    return {name: {**result, "pass": bool(result["evaluated"] and result["p"] <= args.fdr_q)}
+            for name, result in gates.items() if name not in ("G5", "G7")}
 
 
 def g7_rule(with_reference: bool, args: argparse.Namespace) -> str:
@@ -4815,6 +4854,12 @@ def closing_summary(report: dict) -> list[str]:
     rule = (report.get("statistics_config") or {}).get("G7_rule")
     if rule:
         lines.append(f"  G7 rule: {rule}")
+    yardstick = report.get("reference_gates") or {}
+    failing = [name for name, result in yardstick.items() if result.get("evaluated") and not result.get("pass")]
+    if failing:
+        lines.append("  the reference model itself fails " + "; ".join(gate_finding(name, yardstick[name])[0]
+                                                                          for name in failing) +
+                     f" (raw p > q): no arm that matches it can pass {', '.join(failing)}")
     if not gates:
         return lines + ["  no gates in the report (base evaluation only)"]
     for arm, arm_gates in gates.items():

@@ -272,6 +272,22 @@ def test_an_arm_restored_to_its_start_is_unchanged():
     assert any("did nothing" in line for line in mmie.closing_summary(report))
 
 
+def test_the_reference_models_own_gates_say_which_gates_no_arm_that_matches_it_can_pass():
+    """The reference is silent on Hindi requests where the base answered: output health against the base fails
+    for the yardstick itself, which the conclusion states (outside BH and the decisions)."""
+    base, silent = per_prompt(40), per_prompt(40, empty_sets=("adversarial",), es=0.0)
+    report = {"arms": {"base": {"seeds": {"0": {"status": "ok", "per_prompt": base}}},
+                       "reference": {"seeds": {"0": {"status": "ok", "per_prompt": silent}}},
+                       "lora": {"seeds": {"0": {"status": "ok", "per_prompt": per_prompt(40, es=0.0)}}}}}
+    args = mmie.build_parser().parse_args(["--n_boot", "99", "--n_boot_gates", "99"])
+    mmie.compute_statistics(report, args)
+    own = report["reference_gates"]
+    assert "G5" not in own and "G7" not in own and not own["GH"]["pass"] and own["G1"]["pass"]
+    assert own["GH"]["worst"] == "adversarial/empty_rate" and set(report["gates"]) == {"lora"}  # not in BH
+    line = next(line for line in mmie.closing_summary(report) if "reference model itself fails" in line)
+    assert "GH" in line and "adversarial" in line
+
+
 def test_no_file_cites_anything_outside_the_repository():
     """Eight places cited a design document that is not in the repository; what a reader needs is in docs/."""
     outside = ["DESIGN" + ".md", "DESIGN" + " section", "/wo" + "rk/", "sha" + "red/", "no" + "tes/"]
@@ -334,6 +350,30 @@ def test_top_k_distillation_ignores_the_teachers_tail_and_k_of_the_vocabulary_is
     assert (top >= 0).all()
 
 
+def test_masked_distillation_gives_the_forget_script_no_mass_and_only_pushes_the_student_away(tokenizer):
+    blocked = mmie.script_token_ids(tokenizer, "Deva")
+    texts = tokenizer.batch_decode([[i] for i in blocked])
+    assert blocked and all(any("\u0900" <= c <= "\u097f" for c in text) for text in texts)
+    shared = set("\u0964\u0965") | {chr(0x0966 + d) for d in range(10)}  # no letters (lid_ensemble)
+    others = "".join(tokenizer.decode([i]) for i in set(range(len(tokenizer))) - set(blocked))
+    assert not {c for c in others if "\u0900" <= c <= "\u097f"} - shared
+    torch.manual_seed(0)
+    teacher, student = torch.randn(6, 50) * 3, torch.randn(6, 50, requires_grad=True)
+    ids = torch.tensor([1, 7, 30])
+    masked = mmie.distillation_kl(teacher, student, 0, ids)
+    kept = torch.ones(50, dtype=torch.bool)
+    kept[ids] = False
+    target = torch.softmax(teacher[:, kept], -1)  # the teacher renormalised over the other tokens
+    expected = (target * (target.log() - torch.log_softmax(student, -1)[:, kept])).sum(-1)
+    assert torch.allclose(masked, expected, atol=1e-5)
+    masked.sum().backward()
+    assert torch.isfinite(student.grad).all() and (student.grad[:, ids] > 0).all()  # descent lowers them only
+    shifted = teacher.clone()
+    shifted[:, ids] += 5.0  # how the teacher ranks the blocked tokens no longer matters
+    assert torch.allclose(mmie.distillation_kl(shifted, student, 0, ids), masked, atol=1e-5)
+    assert torch.allclose(mmie.distillation_kl(shifted, student, 4, ids), mmie.distillation_kl(teacher, student, 4, ids))
+
+
 def test_undo_scope_is_every_weight_when_small_and_the_top_mlps_when_large(model):
     args = mmie.build_parser().parse_args([])
     names, rule = mmie.undo_scope(args, model)
@@ -358,13 +398,14 @@ def test_the_distill_arm_runs_its_partial_path_on_a_hub_style_gemma3(tmp_path, t
     report = mmie.main(["--model", str(folder), "--sample_cap", "10", "--n_boot", "99", "--n_boot_gates", "99",
                         "--layer_sample", "10", "--lora_steps", "2", "--relearn_steps", "1", "--probe_folds", "2",
                         "--relearn_prompts", "6", "--max_new_tokens", "6", "--arms", "distill", "--undo_steps", "3",
-                        "--undo_scope", "top_mlp", "--undo_forget_domain", "--out", str(tmp_path / "run"),
+                        "--undo_scope", "top_mlp", "--undo_forget_domain", "--undo_mask_forget_script", "--out", str(tmp_path / "run"),
                         "--ckpt_dir", str(tmp_path / "ckpt")])
     outcome = report["arms"]["distill"]["seeds"]["0"]
     assert outcome["status"] == "ok", outcome.get("error")
     info = outcome["info"]
     n_forget = report["data"]["forget"]["n_train"]  # --undo_forget_domain: the forget-train texts are in the pool
     assert info["forget_domain"] and info["n_distill_texts"] > n_forget
+    assert info["masked_forget_script_tokens"] == len(mmie.script_token_ids(tokenizer, "Deva")) > 0
     assert info["scope"].startswith("the MLPs of layers 2-3") and info["teacher"]["arm"] == "lora"
     assert len(info["train_log"]) <= 3 and info["stop"]["reason"]
     assert outcome["recoverability"]["removable"] is False and "es_relearn" in outcome["per_prompt"]
