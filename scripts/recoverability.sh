@@ -29,8 +29,11 @@ for k in ${TOP_KS:-32 8}; do
     run "distill_a1.0_top$k" "${common[@]}" --arms lora distill --undo_alpha 1.0 --undo_top_k "$k"
 done
 # The teacher's tokens of the Hindi script get no mass (the student only learns to avoid them, as the reference
-# did), distilled from fresh weights for 1500 steps (about as many texts as the embedded model's pretraining)
-run distill_a1.0_mask_s1500 "${common[@]}" --arms lora distill --undo_alpha 1.0 --undo_mask_forget_script --undo_steps 1500
+# did), distilled from fresh weights for the default 600 steps and for 1500 (more texts than the pretraining saw)
+for steps in 600 1500; do
+    run "distill_a1.0_mask_s$steps" "${common[@]}" --arms lora distill --undo_alpha 1.0 --undo_mask_forget_script \
+        --undo_steps "$steps"
+done
 run lora_no_sam "${common[@]}" --arms lora --no_sam
 # UNDO with the forget-domain texts in the distillation pool, as the reference code does (--undo_forget_domain)
 run distill_a0.9_forget_domain "${common[@]}" --arms lora distill --undo_alpha 0.9 --undo_forget_domain
