@@ -2865,7 +2865,9 @@ class DistillTrainer(Trainer):
 
 def script_token_ids(tokenizer, script: str) -> list[int]:
     """The vocabulary ids whose text holds a letter of `script` (lid_ensemble's letter ranges). Byte fragments of a
-    letter (byte-level BPE pieces that decode to no whole character) are not among them."""
+    letter (byte-level BPE pieces that decode to no whole character) are not among them. Not
+    lid_ensemble.script_letter_counts: it marks letters with control characters, which a byte-level vocabulary holds
+    as tokens of their own (the shipped one reads token "\x01" as a Devanagari letter)."""
     letters = re.compile(f"[{SCRIPT_LETTERS[script]}]")
     decoded = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
     return [i for i, text in enumerate(decoded) if letters.search(text)]
@@ -2936,7 +2938,8 @@ def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dic
             hidden, _, rows = scored_hidden(student, batch)
 
             def kl(h, t):
-                return distillation_kl(logits_from_hidden(model, t), logits_from_hidden(student, h), args.undo_top_k, blocked)
+                return distillation_kl(logits_from_hidden(model, t), logits_from_hidden(student, h), args.undo_top_k,
+                                       blocked)
 
             n_rows = batch["input_ids"].shape[0]
             count = per_row(torch.ones_like(rows, dtype=torch.float32), rows, n_rows).clamp(min=1)

@@ -371,7 +371,8 @@ def test_masked_distillation_gives_the_forget_script_no_mass_and_only_pushes_the
     shifted = teacher.clone()
     shifted[:, ids] += 5.0  # how the teacher ranks the blocked tokens no longer matters
     assert torch.allclose(mmie.distillation_kl(shifted, student, 0, ids), masked, atol=1e-5)
-    assert torch.allclose(mmie.distillation_kl(shifted, student, 4, ids), mmie.distillation_kl(teacher, student, 4, ids))
+    assert torch.allclose(mmie.distillation_kl(shifted, student, 4, ids),
+                          mmie.distillation_kl(teacher, student, 4, ids))
 
 
 def test_undo_scope_is_every_weight_when_small_and_the_top_mlps_when_large(model):
@@ -398,8 +399,8 @@ def test_the_distill_arm_runs_its_partial_path_on_a_hub_style_gemma3(tmp_path, t
     report = mmie.main(["--model", str(folder), "--sample_cap", "10", "--n_boot", "99", "--n_boot_gates", "99",
                         "--layer_sample", "10", "--lora_steps", "2", "--relearn_steps", "1", "--probe_folds", "2",
                         "--relearn_prompts", "6", "--max_new_tokens", "6", "--arms", "distill", "--undo_steps", "3",
-                        "--undo_scope", "top_mlp", "--undo_forget_domain", "--undo_mask_forget_script", "--out", str(tmp_path / "run"),
-                        "--ckpt_dir", str(tmp_path / "ckpt")])
+                        "--undo_scope", "top_mlp", "--undo_forget_domain", "--undo_mask_forget_script",
+                        "--out", str(tmp_path / "run"), "--ckpt_dir", str(tmp_path / "ckpt")])
     outcome = report["arms"]["distill"]["seeds"]["0"]
     assert outcome["status"] == "ok", outcome.get("error")
     info = outcome["info"]
