@@ -58,10 +58,12 @@ SCRIPT_LETTERS = {
     "Arab": "\u0620-\u064a\u064b-\u065f\u066e-\u06d3\u06d5-\u06ef\u06fa-\u06ff\u0750-\u077f\ufb50-\ufdff\ufe70-\ufefc",
     "Latn": "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f",
 }
-# One str.translate pass maps every tracked letter to its script's marker (a control character
-# that never occurs in text), so counting letters per script is a handful of C-level str.count.
+# One str.translate pass maps every tracked letter to its script's marker (a control character),
+# so counting letters per script is a handful of C-level str.count. The same pass deletes the
+# markers' own characters, which a model can emit (byte-level vocabularies hold them as tokens):
+# an emitted \x01 must not count as a Devanagari letter.
 _MARKERS = {script: chr(1 + i) for i, script in enumerate(SCRIPT_LETTERS)}
-_SCRIPT_TABLE = {}
+_SCRIPT_TABLE = {ord(marker): None for marker in _MARKERS.values()}
 for _script, _chars in SCRIPT_LETTERS.items():
     for _low, _high in re.findall(r"(.)(?:-(.))?", _chars):
         for _code in range(ord(_low), ord(_high or _low) + 1):

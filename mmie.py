@@ -75,8 +75,8 @@ from auto_config import (FIXED_BY_DESIGN, AutoConfig, Decision, OOMBackoff, Prob
                          search_batch_size_cuda, sparse_probe_auc)
 from auto_config import choose_n_layers as elbow_layer_count
 from auto_config import lora_targets as lora_targets_rule
-from lid_ensemble import (EVAL_FRACTION, LID176_LANGUAGES, SCRIPT_LETTERS, LIDEnsemble, is_eval_text, language_words,
-                          share_true)
+from lid_ensemble import (EVAL_FRACTION, LID176_LANGUAGES, LIDEnsemble, is_eval_text, language_words,
+                          script_letter_counts, share_true)
 
 REPO = Path(__file__).resolve().parent
 DATA_DIR = REPO / "data"
@@ -2864,13 +2864,10 @@ class DistillTrainer(Trainer):
 
 
 def script_token_ids(tokenizer, script: str) -> list[int]:
-    """The vocabulary ids whose text holds a letter of `script` (lid_ensemble's letter ranges). Byte fragments of a
-    letter (byte-level BPE pieces that decode to no whole character) are not among them. Not
-    lid_ensemble.script_letter_counts: it marks letters with control characters, which a byte-level vocabulary holds
-    as tokens of their own (the shipped one reads token "\x01" as a Devanagari letter)."""
-    letters = re.compile(f"[{SCRIPT_LETTERS[script]}]")
+    """The vocabulary ids whose text holds a letter of `script` (lid_ensemble's letter counts). Byte fragments of a
+    letter (byte-level BPE pieces that decode to no whole character) are not among them."""
     decoded = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    return [i for i, text in enumerate(decoded) if letters.search(text)]
+    return [i for i, text in enumerate(decoded) if script_letter_counts(text)[script]]
 
 
 def distillation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, top_k: int,

@@ -45,6 +45,16 @@ def test_danda_and_digits_are_not_letters():
     assert dominant_script("। ॥ 123 ...") == ("Zyyy", 0.0)
 
 
+def test_control_characters_a_model_emits_are_no_letters(lid):
+    """The letter counter marks letters with control characters \x01-\x05; a byte-level vocabulary holds those as
+    tokens, so a model can emit them, and they must not read as letters of a tracked script (\x01 as Devanagari)."""
+    junk = "\x01\x01 \x02\x03\x04\x05 \x01"
+    assert script_letter_counts(junk) == {"Deva": 0, "Beng": 0, "Guru": 0, "Arab": 0, "Latn": 0, "other": 0}
+    assert script_letter_counts("\x01ok \x01नम") == {**script_letter_counts("ok नम")}
+    assert dominant_script(junk) == ("Zyyy", 0.0) and lid.identify([junk])[0].lang != "hi"
+    assert not any(lid.hindi_word_masks([junk + " the day"])[0])
+
+
 def test_bengali_and_punjabi_with_danda_are_identified(lid):
     guesses = lid.identify(["আজ সকালে খুব বৃষ্টি হয়েছে। তাই আমরা বাড়িতেই ছিলাম।",
                             "ਅੱਜ ਸਵੇਰੇ ਬਹੁਤ ਮੀਂਹ ਪਿਆ। ਇਸ ਲਈ ਅਸੀਂ ਘਰ ਹੀ ਰਹੇ।"])
