@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill = parser.add_argument_group("distill", "the distill arm: UNDO (Lee et al. 2025) on the lora arm's model")
     flag(distill, "--undo_alpha", type=float, default=0.5, check=between(0, 1),
-         help="shrink-perturb strength: w <- (1 - alpha) w + alpha beta noise (1: distil into a fresh model)")
+         help="shrink-perturb strength: w <- (1 - alpha) w + alpha beta noise (1: distil into fresh noise matrices; "
+              "vectors: --undo_vector_init)")
     flag(distill, "--undo_beta", type=float, default=0.1, check=at_least(0),
          help="scale of the Xavier-uniform noise (the reference code's default 0.1)")
     flag(distill, "--undo_lr", type=float, default=3e-3, check=above(0),
@@ -298,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
          help="the teacher gives no mass to tokens with a letter of the forget language's script (Devanagari), "
               "renormalised: the student learns of them only what a model trained without Hindi text does (pushed "
               "away); off: the teacher's distribution as it is")
+    flag(distill, "--undo_vector_init", default="zero", choices=["zero", "fresh"],
+         help="what alpha shrinks each vector (norm gain, bias) toward: zero, as the reference code (a fresh norm on "
+              "its Gemma models, whose norms scale by 1 + w; silenced norms on Qwen2 or Llama at alpha 1), or the "
+              "architecture's own fresh initialisation")
     flag(distill, "--undo_scope", default="auto", choices=["auto", "all", "top_mlp"],
          help=f"what is perturbed and distilled; auto: every weight up to {FULL_ATTACK_MAX_PARAMS // 10**6}M "
               "parameters, else the MLPs of the top half of the layers")
@@ -2791,7 +2796,9 @@ def lape_arm(ctx: "Experiment", seed: int, stage_dir: Path):
 UNDO_VARIANT = (
     "UNDO, Unlearn-Noise-Distill-on-Outputs (Lee et al. 2025; as in the reference code's shrink-perturb and partial "
     "distillation): the student is the unlearned teacher's weights (the lora arm, adapter merged), each weight "
-    "matrix w <- (1 - alpha) w + alpha beta xavier_uniform, each vector w <- (1 - alpha) w; forward KL(teacher || "
+    "matrix w <- (1 - alpha) w + alpha beta xavier_uniform, each vector w <- (1 - alpha) w + alpha w0 with w0 = 0 as "
+    "in the reference code (--undo_vector_init zero: a fresh norm on its Gemma models, whose norms scale by 1 + w, "
+    "a silenced one on Qwen2 or Llama at alpha 1) or the architecture's fresh values (fresh); forward KL(teacher || "
     "student) per token; stop when the student's retain NLL is within the tolerance of the teacher's (the paper's 5%) "
     "or at the step budget. Deviations: distilled on retain and related-language train texts (the reference code "
     "interleaves forget-domain text 50/50, the teacher's suppressed outputs there; --undo_forget_domain mixes the "
@@ -2823,16 +2830,36 @@ def undo_scope(args: argparse.Namespace, model) -> tuple[list[str], str]:
                     "memory and time)")
 
 
+def fresh_vector_values(model, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """What a freshly initialised model of this architecture holds in each vector (1-D) parameter of `names`: the
+    model's own _init_weights on a copy of the owning module (RMSNorm gains 1 on Qwen2 and Llama, 0 on Gemma, whose
+    norm scales by 1 + w; biases 0)."""
+    wanted, values = set(names), {}
+    for module_name, module in model.named_modules():
+        own = {f"{module_name}.{n}" if module_name else n: p for n, p in module.named_parameters(recurse=False)}
+        if not any(p.ndim == 1 and name in wanted for name, p in own.items()):
+            continue
+        fresh = copy.deepcopy(module)
+        for p in fresh.parameters(recurse=False):
+            p._is_hf_initialized = False  # transformers' init functions skip a tensor flagged as loaded
+        model._init_weights(fresh)
+        values.update({name: p.detach() for name, p in zip(own, fresh.parameters(recurse=False))
+                       if p.ndim == 1 and name in wanted})
+    return values
+
+
 @torch.no_grad()
-def shrink_perturb(params: Iterable[torch.nn.Parameter], alpha: float, beta: float, generator: torch.Generator) -> None:
-    """The reference code's corruption: matrices mixed with Xavier-uniform noise, vectors only shrunk."""
-    for p in params:
+def shrink_perturb(params: dict[str, torch.nn.Parameter], vector_targets: dict[str, torch.Tensor], alpha: float,
+                   beta: float, generator: torch.Generator) -> None:
+    """The reference code's corruption: each matrix mixed with Xavier-uniform noise, each vector shrunk toward its
+    entry of `vector_targets` (0 in the reference code; --undo_vector_init)."""
+    for name, p in params.items():
         if p.ndim >= 2:
             bound = math.sqrt(6.0 / (p.shape[0] + p.shape[1]))  # xavier_uniform on the weight's own fans
             noise = (torch.rand(p.shape, generator=generator) * 2 - 1).mul_(bound).to(p.device, p.dtype)
             p.mul_(1 - alpha).add_(alpha * beta * noise)
         else:
-            p.mul_(1 - alpha)
+            p.mul_(1 - alpha).add_(alpha * vector_targets[name].to(p.device, p.dtype))
 
 
 DISTILL_LR_FLOOR = 0.1  # the last step's lr as a share of the peak, as in data/train_tiny_lm.py
@@ -2919,8 +2946,11 @@ def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dic
             for weight, delta in deltas.items():
                 own[names[id(weight)]].add_(delta.to(weight.dtype))
         teacher_nll, merged_nll = nll_of(model), nll_of(student)
+        vector_targets = (fresh_vector_values(student, scope) if args.undo_vector_init == "fresh" else
+                          {name: torch.zeros_like(own[name]) for name in scope if own[name].ndim == 1})
+        shrink_perturb({name: own[name] for name in scope}, vector_targets, args.undo_alpha, args.undo_beta,
+                       torch.Generator().manual_seed(seed))
         params = [own[name] for name in scope]
-        shrink_perturb(params, args.undo_alpha, args.undo_beta, torch.Generator().manual_seed(seed))
         trained = {id(p) for p in params}
         for p in student.parameters():
             p.requires_grad_(id(p) in trained)
@@ -2957,7 +2987,9 @@ def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dic
               "limit": teacher_nll * (1 + args.undo_retain_tolerance), "stop": trainer.stop, "curve": trainer.curve,
               "train_log": trainer.log, "n_distill_texts": len(texts), "n_validation": len(validation),
               "forget_domain": args.undo_forget_domain, "teacher_top_k": args.undo_top_k or "all tokens",
-              "masked_forget_script_tokens": 0 if blocked is None else len(blocked)}
+              "masked_forget_script_tokens": 0 if blocked is None else len(blocked),
+              "vector_init": args.undo_vector_init,
+              "vector_targets": dict(Counter(f"{t.float().mean().item():g}" for t in vector_targets.values()))}
     changed = set(scope) | {names[id(weight)] for weight in deltas}
     return {name: own[name].detach().clone() for name in sorted(changed)}, record
 

@@ -34,6 +34,11 @@ for steps in 600 1500; do
     run "distill_a1.0_mask_s$steps" "${common[@]}" --arms lora distill --undo_alpha 1.0 --undo_mask_forget_script \
         --undo_steps "$steps"
 done
+# Vectors shrunk toward the architecture's fresh values (norm gains 1) instead of 0; the default student on seeds 3-5
+run distill_a1.0_mask_fresh_s600 "${common[@]}" --arms lora distill --undo_alpha 1.0 --undo_mask_forget_script \
+    --undo_vector_init fresh
+run distill_a1.0_mask_s600_seeds345 "${common[@]}" --arms lora distill --undo_alpha 1.0 --undo_mask_forget_script \
+    --seeds 3 4 5
 run lora_no_sam "${common[@]}" --arms lora --no_sam
 # UNDO with the forget-domain texts in the distillation pool, as the reference code does (--undo_forget_domain)
 run distill_a0.9_forget_domain "${common[@]}" --arms lora distill --undo_alpha 0.9 --undo_forget_domain

@@ -324,14 +324,42 @@ def test_a_hub_style_model_runs_the_whole_protocol_without_a_reference(tmp_path,
 
 
 # --- the distill arm (UNDO) ------------------------------------------------------------------------
-def test_shrink_perturb_mixes_matrices_with_noise_and_shrinks_vectors():
+def test_shrink_perturb_mixes_matrices_with_noise_and_shrinks_vectors_toward_their_fresh_values():
     torch.manual_seed(0)
-    matrix, vector = torch.nn.Parameter(torch.ones(64, 32)), torch.nn.Parameter(torch.ones(32))
-    mmie.shrink_perturb([matrix, vector], alpha=0.6, beta=0.1, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(vector, torch.full((32,), 0.4))
+    matrix, gain, bias = (torch.nn.Parameter(torch.ones(64, 32)), torch.nn.Parameter(torch.full((32,), 3.0)),
+                          torch.nn.Parameter(torch.full((32,), 3.0)))
+    targets = {"gain": torch.ones(32), "bias": torch.zeros(32)}
+    mmie.shrink_perturb({"matrix": matrix, "gain": gain, "bias": bias}, targets, alpha=0.6, beta=0.1,
+                        generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(gain, torch.full((32,), 0.4 * 3 + 0.6)) and torch.allclose(bias, torch.full((32,), 1.2))
     noise = (matrix - 0.4) / (0.6 * 0.1)
     bound = (6 / (64 + 32)) ** 0.5  # Xavier-uniform's bound
     assert noise.abs().max() <= bound + 1e-6 and noise.std() > bound / 3
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "gemma3"])
+def test_fresh_vector_values_are_each_architectures_own_initialisation(family):
+    """A fresh norm gain is 1 on Qwen2 and Llama (x * w) and 0 on Gemma3 (x * (1 + w)); biases 0. At alpha 1 the
+    student's norms must be fresh ones, not silenced (the reference code's shrink toward 0 only fits Gemma)."""
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    config, cls = {"qwen2": (Qwen2Config(**sizes), Qwen2ForCausalLM), "llama": (LlamaConfig(**sizes), LlamaForCausalLM),
+                   "gemma3": (Gemma3TextConfig(**sizes, head_dim=8), Gemma3ForCausalLM)}[family]
+    model = cls(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)  # as a trained model: no vector at its initial value
+    names = [name for name, _ in model.named_parameters()]
+    fresh = mmie.fresh_vector_values(model, names)
+    vectors = {name for name, p in model.named_parameters() if p.ndim == 1}
+    assert set(fresh) == vectors and vectors
+    norm_gain = 0.0 if family == "gemma3" else 1.0
+    for name, value in fresh.items():
+        assert torch.equal(value, torch.full_like(value, norm_gain if "norm" in name else 0.0)), name
+    assert mmie.fresh_vector_values(model, [n for n in names if "mlp" in n]) == {}  # MLP scope: no vectors
 
 
 def test_top_k_distillation_ignores_the_teachers_tail_and_k_of_the_vocabulary_is_the_full_kl():
@@ -409,6 +437,7 @@ def test_the_distill_arm_runs_its_partial_path_on_a_hub_style_gemma3(tmp_path, t
     assert info["masked_forget_script_tokens"] == len(mmie.script_token_ids(tokenizer, "Deva")) > 0
     assert info["scope"].startswith("the MLPs of layers 2-3") and info["teacher"]["arm"] == "lora"
     assert len(info["train_log"]) <= 3 and info["stop"]["reason"]
+    assert info["vector_init"] == "zero" and info["vector_targets"] == {}  # Gemma3's MLPs hold no vectors
     assert outcome["recoverability"]["removable"] is False and "es_relearn" in outcome["per_prompt"]
     assert report["gates"]["distill"]["G7"]["rule"] == "base"
     saved = next((tmp_path / "ckpt" / "distill").glob("*/seed0/student.safetensors"))
