@@ -39,6 +39,9 @@ run distill_a1.0_mask_fresh_s600 "${common[@]}" --arms lora distill --undo_alpha
     --undo_vector_init fresh
 run distill_a1.0_mask_s600_seeds345 "${common[@]}" --arms lora distill --undo_alpha 1.0 --undo_mask_forget_script \
     --seeds 3 4 5
+# A smaller noise scale on the seeds where the default student relearned
+run distill_a1.0_mask_beta0.03_seeds345 "${common[@]}" --arms lora distill --undo_alpha 1.0 \
+    --undo_mask_forget_script --undo_beta 0.03 --seeds 3 4 5
 run lora_no_sam "${common[@]}" --arms lora --no_sam
 # UNDO with the forget-domain texts in the distillation pool, as the reference code does (--undo_forget_domain)
 run distill_a0.9_forget_domain "${common[@]}" --arms lora distill --undo_alpha 0.9 --undo_forget_domain
