@@ -324,7 +324,7 @@ def test_a_hub_style_model_runs_the_whole_protocol_without_a_reference(tmp_path,
 
 
 # --- the distill arm (UNDO) ------------------------------------------------------------------------
-def test_shrink_perturb_mixes_matrices_with_noise_and_shrinks_vectors_toward_their_fresh_values():
+def test_shrink_perturb_mixes_matrices_with_noise_and_shrinks_vectors_toward_their_targets():
     torch.manual_seed(0)
     matrix, gain, bias = (torch.nn.Parameter(torch.ones(64, 32)), torch.nn.Parameter(torch.full((32,), 3.0)),
                           torch.nn.Parameter(torch.full((32,), 3.0)))
@@ -339,8 +339,8 @@ def test_shrink_perturb_mixes_matrices_with_noise_and_shrinks_vectors_toward_the
 
 @pytest.mark.parametrize("family", ["qwen2", "llama", "gemma3"])
 def test_fresh_vector_values_are_each_architectures_own_initialisation(family):
-    """A fresh norm gain is 1 on Qwen2 and Llama (x * w) and 0 on Gemma3 (x * (1 + w)); biases 0. At alpha 1 the
-    student's norms must be fresh ones, not silenced (the reference code's shrink toward 0 only fits Gemma)."""
+    """What --undo_vector_init fresh shrinks toward: a fresh norm gain is 1 on Qwen2 and Llama (x * w) and 0 on Gemma3
+    (x * (1 + w)), a bias 0 (the reference code's 0 is a fresh norm on Gemma only)."""
     from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
                               Qwen2ForCausalLM)
 
