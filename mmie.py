@@ -2946,11 +2946,11 @@ def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dic
             for weight, delta in deltas.items():
                 own[names[id(weight)]].add_(delta.to(weight.dtype))
         teacher_nll, merged_nll = nll_of(model), nll_of(student)
+        in_scope = {name: own[name] for name in scope}
         vector_targets = (fresh_vector_values(student, scope) if args.undo_vector_init == "fresh" else
-                          {name: torch.zeros_like(own[name]) for name in scope if own[name].ndim == 1})
-        shrink_perturb({name: own[name] for name in scope}, vector_targets, args.undo_alpha, args.undo_beta,
-                       torch.Generator().manual_seed(seed))
-        params = [own[name] for name in scope]
+                          {name: torch.zeros_like(p) for name, p in in_scope.items() if p.ndim == 1})
+        shrink_perturb(in_scope, vector_targets, args.undo_alpha, args.undo_beta, torch.Generator().manual_seed(seed))
+        params = list(in_scope.values())
         trained = {id(p) for p in params}
         for p in student.parameters():
             p.requires_grad_(id(p) in trained)

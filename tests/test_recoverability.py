@@ -341,14 +341,9 @@ def test_shrink_perturb_mixes_matrices_with_noise_and_shrinks_vectors_toward_the
 def test_fresh_vector_values_are_each_architectures_own_initialisation(family):
     """What --undo_vector_init fresh shrinks toward: a fresh norm gain is 1 on Qwen2 and Llama (x * w) and 0 on Gemma3
     (x * (1 + w)), a bias 0 (the reference code's 0 is a fresh norm on Gemma only)."""
-    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from test_model import tiny
 
-    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2)
-    config, cls = {"qwen2": (Qwen2Config(**sizes), Qwen2ForCausalLM), "llama": (LlamaConfig(**sizes), LlamaForCausalLM),
-                   "gemma3": (Gemma3TextConfig(**sizes, head_dim=8), Gemma3ForCausalLM)}[family]
-    model = cls(config)
+    model = tiny(family, vocab_size=64, eos_id=0)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.5)  # as a trained model: no vector at its initial value
