@@ -303,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
          help="what alpha shrinks each vector (norm gain, bias) toward: zero, as the reference code (a fresh norm on "
               "its Gemma models, whose norms scale by 1 + w; silenced norms on Qwen2 or Llama at alpha 1), or the "
               "architecture's own fresh initialisation")
+    flag(distill, "--undo_samples", default="none", choices=["none", "teacher", "student"],
+         help="half the distillation steps on sampled continuations of the distillation texts' beginnings: the "
+              "teacher's (sampled once, Hindi-script tokens suppressed under --undo_mask_forget_script; sequence-level "
+              "distillation) or the student's own (on-policy, resampled every "
+              f"{UNDO_RESAMPLE_EVERY} steps; GKD); none: the texts only, as the paper")
+    flag(distill, "--undo_sample_temperature", type=float, default=1.0, check=at_least(0),
+         help="the temperature --undo_samples draws at, from the whole distribution (0: greedy, as the report "
+              "decodes, so the student's samples hold the loops its greedy outputs have)")
     flag(distill, "--undo_scope", default="auto", choices=["auto", "all", "top_mlp"],
          help=f"what is perturbed and distilled; auto: every weight up to {FULL_ATTACK_MAX_PARAMS // 10**6}M "
               "parameters, else the MLPs of the top half of the layers")
@@ -973,24 +981,34 @@ def format_prompts(tokenizer, prompts: list[str], chat: bool, instruction: str |
 
 @torch.no_grad()
 def generate_token_ids(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int, max_len: int,
-                       chat: bool = False, instruction: str | None = None, desc: str = "generate") -> list[list[int]]:
+                       chat: bool = False, instruction: str | None = None, desc: str = "generate",
+                       temperature: float = 0.0, seed: int = 0, suppress_tokens: list[int] | None = None
+                       ) -> list[list[int]]:
     """Greedy, batched (longest first, so batches hold similar lengths), left-padded, KV-cached
-    continuations: per prompt, the new token ids only, up to and without EOS and padding."""
+    continuations: per prompt, the new token ids only, up to and without EOS and padding. With a `temperature`
+    above 0, sampled instead, from the whole distribution at that temperature (seeded by `seed`, the global RNG left
+    as it was); tokens in `suppress_tokens` are never produced."""
     texts = format_prompts(tokenizer, prompts, chat, instruction)
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=not chat)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
     new_ids: list[list[int]] = [[] for _ in texts]
     stop_ids = {tokenizer.pad_token_id, *np.atleast_1d(model.generation_config.eos_token_id or [])}
     device = next(model.parameters()).device
-    for start in progress(range(0, len(order), batch_size), desc):
-        batch = order[start : start + batch_size]
-        encoded = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_len, add_special_tokens=not chat).to(device)
-        generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                   pad_token_id=tokenizer.pad_token_id, top_p=None, top_k=None, temperature=None)
-        for i, row in zip(batch, generated[:, encoded["input_ids"].shape[1]:].tolist()):
-            ended = next((pos for pos, token in enumerate(row) if token in stop_ids), len(row))
-            new_ids[i] = row[:ended]
+    decoding = (dict(do_sample=True, top_p=1.0, top_k=0, temperature=temperature) if temperature > 0 else
+                dict(do_sample=False, top_p=None, top_k=None, temperature=None))
+    cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, enabled=temperature > 0):
+        if temperature > 0:  # greedy decoding draws nothing: the global RNG stays untouched
+            torch.manual_seed(seed)
+        for start in progress(range(0, len(order), batch_size), desc):
+            batch = order[start : start + batch_size]
+            encoded = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, truncation=True,
+                                max_length=max_len, add_special_tokens=not chat).to(device)
+            generated = model.generate(**encoded, max_new_tokens=max_new_tokens, use_cache=True,
+                                       pad_token_id=tokenizer.pad_token_id, suppress_tokens=suppress_tokens, **decoding)
+            for i, row in zip(batch, generated[:, encoded["input_ids"].shape[1]:].tolist()):
+                ended = next((pos for pos, token in enumerate(row) if token in stop_ids), len(row))
+                new_ids[i] = row[:ended]
     return new_ids
 
 
@@ -2793,6 +2811,8 @@ def lape_arm(ctx: "Experiment", seed: int, stage_dir: Path):
                       info={"neurons": neurons, "n_neurons": sum(map(len, neurons.values()))})
 
 
+UNDO_RESAMPLE_EVERY = 100  # --undo_samples student: steps between samplings (about one pass over the samples each)
+
 UNDO_VARIANT = (
     "UNDO, Unlearn-Noise-Distill-on-Outputs (Lee et al. 2025; as in the reference code's shrink-perturb and partial "
     "distillation): the student is the unlearned teacher's weights (the lora arm, adapter merged), each weight "
@@ -2806,8 +2826,12 @@ UNDO_VARIANT = (
     "and schedule (linear warmup, cosine to 0.1x; the reference decays 9e-4 to 7e-4 by cosine), and on large models only "
     "the scope the rule chooses is perturbed and trained; --undo_top_k k distils only the teacher's k most likely "
     "tokens per position, renormalised (top-k distillation, not in the paper); --undo_mask_forget_script gives the "
-    "teacher's tokens of the forget language's script no mass (not in the paper); every distillation text ends in "
-    "the tokenizer's EOS, as in pretraining")
+    "teacher's tokens of the forget language's script no mass (not in the paper); --undo_samples trains every other "
+    "step on sampled continuations of the texts' beginnings, the teacher's (sequence-level distillation, Kim and "
+    f"Rush 2016) or the student's own, drawn again every {UNDO_RESAMPLE_EVERY} steps (on-policy distillation as in "
+    "GKD, Agarwal et al. 2024, with its student share 0.5, but forward KL on every position of the text and samples "
+    "refreshed in rounds, not per batch; not in the UNDO paper); every distillation text ends in the tokenizer's EOS, "
+    "as in pretraining")
 
 
 def undo_scope(args: argparse.Namespace, model) -> tuple[list[str], str]:
@@ -2871,13 +2895,18 @@ class DistillTrainer(Trainer):
     steps the student's retain-validation NLL is compared with the teacher's and training stops once it is within
     the tolerance (recorded in `curve` and `stop`)."""
 
-    def __init__(self, *args, check: Callable[[], float], limit: float, check_every: int, **kwargs):
+    def __init__(self, *args, check: Callable[[], float], limit: float, check_every: int,
+                 resample: Callable[[int], list[str]] | None = None, **kwargs):
         super().__init__(*args, lr_floor=DISTILL_LR_FLOOR, **kwargs)
-        self.check, self.limit, self.check_every = check, limit, check_every
+        self.check, self.limit, self.check_every, self.resample = check, limit, check_every, resample
         self.curve, self.stop = [], {"reason": "step budget spent", "step": self.steps}
 
     def after_step(self, record: dict) -> bool:
         done = record["step"] + 1
+        if self.resample is not None and done % UNDO_RESAMPLE_EVERY == 0 and done < self.steps:
+            self.model.eval()
+            self.pools["samples"] = self.resample(done)
+            self.model.train()
         if done % self.check_every and done != self.steps:
             return False
         self.model.eval()
@@ -2916,6 +2945,24 @@ def distillation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, 
     return torch.where(teacher_p > 0, teacher_p * (teacher_logp - student_logp), 0.0).sum(-1)
 
 
+def sampled_texts(network, tokenizer, prompts: list[str], args: argparse.Namespace, *, max_new_tokens: int, seed: int,
+                  suppress: list[int] | None = None) -> tuple[list[str], dict]:
+    """Each prompt continued by one sample of `network` (raw text, as the distillation texts are), ending in EOS where
+    the sample ended; with what the samples were like (length, share ended, repetition as the report reads it, share
+    holding a letter of the forget language's script)."""
+    ids = generate_token_ids(network, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=args.score_batch_size,
+                             max_len=args.max_len, desc="distillation samples", temperature=args.undo_sample_temperature,
+                             seed=seed, suppress_tokens=suppress)
+    continuations = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    ended = [len(row) < max_new_tokens for row in ids]
+    texts = [p + c + ((tokenizer.eos_token or "") if e else "") for p, c, e in zip(prompts, continuations, ended)]
+    script = EXPECTED_LANG["forget"][1]
+    stats = {"new_tokens": float(np.mean([len(row) for row in ids])), "share_ended": float(np.mean(ended)),
+             "repetition": float(np.mean([repetition_rate(c, args.repetition_ngram) for c in continuations])),
+             f"share_with_{script}": float(np.mean([script_letter_counts(c)[script] > 0 for c in continuations]))}
+    return texts, stats
+
+
 def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
     """UNDO's student for one seed: the lora arm's unlearned model (read back from its stage, or trained there) as the
     teacher, its merged weights shrunk and perturbed within `scope` and distilled from the teacher on the retain and
@@ -2931,6 +2978,9 @@ def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dic
     validation = [retain[i] for i in order[:n_val]]
     texts = [retain[i] for i in order[n_val:]] + benign_texts(ctx) + (
         list(ctx.sets["forget"].train) if args.undo_forget_domain else [])
+    prompts = continuation_prompts(texts, args.prompt_words)  # --undo_samples continues these
+    # as long as most texts, and never past what training keeps of a text
+    max_new_tokens = min(args.max_len, int(np.percentile([len(ids) for ids in tokenizer(texts)["input_ids"]], 90)))
     # Each text ends in EOS, as in pretraining: a student distilled from fresh weights learns where a text ends
     end = tokenizer.eos_token or ""
     texts, validation = [text + end for text in texts], [text + end for text in validation]
@@ -2959,6 +3009,21 @@ def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dic
         blocked = (torch.tensor([i for i in script_token_ids(tokenizer, EXPECTED_LANG["forget"][1]) if i < vocab],
                                 device=model.device) if args.undo_mask_forget_script else None)
 
+        pools, resample, samplings = {"distill": texts}, None, []
+
+        def sample_from(network, step, suppress=None):
+            drawn, stats = sampled_texts(network, tokenizer, prompts, args, max_new_tokens=max_new_tokens,
+                                         seed=int(np.random.SeedSequence([seed, step]).generate_state(1)[0]),
+                                         suppress=suppress)
+            samplings.append({"step": step, **stats})
+            return drawn
+
+        if args.undo_samples == "teacher":  # the teacher samples once, Hindi-script tokens suppressed when masked
+            pools["samples"] = sample_from(model, 0, None if blocked is None else blocked.tolist())
+        elif args.undo_samples == "student":  # on-policy: its own samples, however bad, which the teacher corrects
+            pools["samples"] = sample_from(student, 0)
+            resample = functools.partial(sample_from, student)
+
         def kl_to_teacher(batch, idx):
             with torch.no_grad():
                 target = scored_hidden(model, batch)[0]
@@ -2973,12 +3038,13 @@ def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dic
             return per_row(chunked(kl, student, hidden, target), rows, n_rows) / count
 
         with frozen(model):
-            trainer = DistillTrainer(student, tokenizer, params, {"distill": texts}, {"distill": kl_to_teacher},
+            trainer = DistillTrainer(student, tokenizer, params, pools, dict.fromkeys(pools, kl_to_teacher),
                                      steps=args.undo_steps, lr=args.undo_lr, batch_size=args.train_batch_size,
                                      max_len=args.max_len, seed=seed, max_grad_norm=1.0, desc="distill",
                                      warmup_share=min(50, max(1, args.undo_steps // 10)) / args.undo_steps,
                                      check=lambda: nll_of(student),
-                                     limit=teacher_nll * (1 + args.undo_retain_tolerance), check_every=25)
+                                     limit=teacher_nll * (1 + args.undo_retain_tolerance), check_every=25,
+                                     resample=resample)
             trainer.run()
     recipe = "the adaptive trainer (--adaptive_unlearning)" if args.adaptive_unlearning else \
         "the static trainer" + (" with early stopping (--auto_config)" if args.auto_config else "")
@@ -2989,6 +3055,8 @@ def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dic
               "forget_domain": args.undo_forget_domain, "teacher_top_k": args.undo_top_k or "all tokens",
               "masked_forget_script_tokens": 0 if blocked is None else len(blocked),
               "vector_init": args.undo_vector_init,
+              "samples": {"source": args.undo_samples, "n_prompts": len(prompts), "max_new_tokens": max_new_tokens,
+                          "samplings": samplings} if args.undo_samples != "none" else "none",
               "vector_targets": dict(Counter(f"{t.float().mean().item():g}" for t in vector_targets.values()))}
     changed = set(scope) | {names[id(weight)] for weight in deltas}
     return {name: own[name].detach().clone() for name in sorted(changed)}, record

@@ -72,6 +72,41 @@ def test_generation_strips_prompt_and_stops_at_max_new_tokens_or_eos(tokenizer):
     assert eos_only == [[], [], [], []]
 
 
+def test_sampled_generation_is_seeded_draws_from_the_whole_distribution_and_never_emits_a_suppressed_token(tokenizer):
+    """Sampling (the distill arm's --undo_samples): the same seed gives the same samples and leaves the global RNG
+    where it was; temperature 0 is greedy whatever the seed; it is not truncated to a top k; suppressed tokens never
+    come out."""
+    model = tiny("qwen2", len(tokenizer), tokenizer.eos_token_id)
+    kwargs = dict(max_new_tokens=12, batch_size=2, max_len=64)
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first = mmie.generate_token_ids(model, tokenizer, PROMPTS, temperature=1.0, seed=1, **kwargs)
+    assert torch.equal(torch.rand(1), expected_next)
+    assert mmie.generate_token_ids(model, tokenizer, PROMPTS, temperature=1.0, seed=1, **kwargs) == first
+    assert mmie.generate_token_ids(model, tokenizer, PROMPTS, temperature=1.0, seed=2, **kwargs) != first
+    torch.manual_seed(123)
+    greedy = mmie.generate_token_ids(model, tokenizer, PROMPTS, **kwargs)
+    assert torch.equal(torch.rand(1), expected_next) and first != greedy  # greedy draws nothing
+    assert mmie.generate_token_ids(model, tokenizer, PROMPTS, temperature=0.0, seed=5, **kwargs) == greedy
+
+    def hundred_equal_tokens(module, inputs, logits):  # tokens 100-199 equally likely, no other
+        forced = torch.full_like(logits, -1e9)
+        forced[..., 100:200] = 0.0
+        return forced
+
+    handle = model.lm_head.register_forward_hook(hundred_equal_tokens)
+    try:
+        drawn = mmie.generate_token_ids(model, tokenizer, PROMPTS * 4, temperature=1.0, seed=0, **kwargs)
+        kept = mmie.generate_token_ids(model, tokenizer, PROMPTS * 4, temperature=1.0, seed=0, suppress_tokens=list(range(150)),
+                                       **kwargs)
+    finally:
+        handle.remove()
+    tokens = {t for row in drawn for t in row}
+    assert tokens <= set(range(100, 200)) and len(tokens) > 50  # more than a default top-50 could give
+    assert all(len(row) == 12 for row in kept) and {t for row in kept for t in row} <= set(range(150, 200))
+
+
 def test_model_auto_choice_on_cpu():
     name, reason = mmie.resolve_model_name("auto", "cpu")
     assert name == str(mmie.EMBEDDED_MODEL) and "no CUDA" in reason

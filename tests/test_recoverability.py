@@ -407,6 +407,27 @@ def test_undo_scope_is_every_weight_when_small_and_the_top_mlps_when_large(model
     assert "MLPs of layers 1-2" in rule
 
 
+def test_distillation_samples_alternate_with_the_texts_and_the_students_are_drawn_again(tmp_path, tokenizer, monkeypatch):
+    """--undo_samples student: every other step trains on the student's sampled continuations of the texts'
+    beginnings, drawn again every UNDO_RESAMPLE_EVERY steps (2 here), never longer than training keeps a text."""
+    monkeypatch.setattr(mmie, "UNDO_RESAMPLE_EVERY", 2)
+    folder = tmp_path / "hub-qwen2"
+    qwen2(tokenizer, layers=2).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    report = mmie.main(["--model", str(folder), "--sample_cap", "10", "--n_boot", "99", "--n_boot_gates", "99",
+                        "--layer_sample", "10", "--lora_steps", "2", "--relearn_steps", "1", "--probe_folds", "2",
+                        "--relearn_prompts", "6", "--max_new_tokens", "6", "--arms", "distill", "--undo_steps", "5",
+                        "--undo_samples", "student", "--max_len", "24", "--out", str(tmp_path / "run"), "--ckpt_dir", str(tmp_path / "ckpt")])
+    outcome = report["arms"]["distill"]["seeds"]["0"]
+    assert outcome["status"] == "ok", outcome.get("error")
+    info = outcome["info"]
+    assert [record["kind"] for record in info["train_log"]] == ["distill", "samples"] * 2 + ["distill"]
+    samples = info["samples"]
+    assert samples["source"] == "student" and samples["n_prompts"] == info["n_distill_texts"]
+    assert [s["step"] for s in samples["samplings"]] == [0, 2, 4] and samples["max_new_tokens"] == 24
+    assert all(0 < s["new_tokens"] <= 24 for s in samples["samplings"])
+
+
 def test_the_distill_arm_runs_its_partial_path_on_a_hub_style_gemma3(tmp_path, tokenizer):
     """A random-init Gemma3 (Gemma-3's architecture, soft-capped logits) saved as a hub folder: the partial path
     perturbs and distils the top half's MLPs only; the output head is the base's, so token KL reads it as usual."""
@@ -423,7 +444,7 @@ def test_the_distill_arm_runs_its_partial_path_on_a_hub_style_gemma3(tmp_path, t
                         "--layer_sample", "10", "--lora_steps", "2", "--relearn_steps", "1", "--probe_folds", "2",
                         "--relearn_prompts", "6", "--max_new_tokens", "6", "--arms", "distill", "--undo_steps", "3",
                         "--undo_scope", "top_mlp", "--undo_forget_domain", "--undo_mask_forget_script",
-                        "--out", str(tmp_path / "run"), "--ckpt_dir", str(tmp_path / "ckpt")])
+                        "--undo_samples", "teacher", "--max_len", "24", "--out", str(tmp_path / "run"), "--ckpt_dir", str(tmp_path / "ckpt")])
     outcome = report["arms"]["distill"]["seeds"]["0"]
     assert outcome["status"] == "ok", outcome.get("error")
     info = outcome["info"]
@@ -433,6 +454,8 @@ def test_the_distill_arm_runs_its_partial_path_on_a_hub_style_gemma3(tmp_path, t
     assert info["scope"].startswith("the MLPs of layers 2-3") and info["teacher"]["arm"] == "lora"
     assert len(info["train_log"]) <= 3 and info["stop"]["reason"]
     assert info["vector_init"] == "zero" and info["vector_targets"] == {}  # Gemma3's MLPs hold no vectors
+    teacher_samples = info["samples"]["samplings"]
+    assert [s["step"] for s in teacher_samples] == [0] and teacher_samples[0]["share_with_Deva"] == 0  # suppressed
     assert outcome["recoverability"]["removable"] is False and "es_relearn" in outcome["per_prompt"]
     assert report["gates"]["distill"]["G7"]["rule"] == "base"
     saved = next((tmp_path / "ckpt" / "distill").glob("*/seed0/student.safetensors"))
