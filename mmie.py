@@ -2945,6 +2945,25 @@ def distillation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, 
     return torch.where(teacher_p > 0, teacher_p * (teacher_logp - student_logp), 0.0).sum(-1)
 
 
+def teacher_kl_objective(teacher, student, top_k: int, blocked: torch.Tensor | None
+                         ) -> Callable[[dict, np.ndarray], torch.Tensor]:
+    """The distillation loss of a batch, per text: the mean over its scored positions of KL(teacher || student)
+    (distillation_kl), a chunk of positions at a time."""
+    def kl_to_teacher(batch, idx):
+        with torch.no_grad():
+            target = scored_hidden(teacher, batch)[0]
+        hidden, _, rows = scored_hidden(student, batch)
+
+        def kl(h, t):
+            return distillation_kl(logits_from_hidden(teacher, t), logits_from_hidden(student, h), top_k, blocked)
+
+        n_rows = batch["input_ids"].shape[0]
+        count = per_row(torch.ones_like(rows, dtype=torch.float32), rows, n_rows).clamp(min=1)
+        return per_row(chunked(kl, student, hidden, target), rows, n_rows) / count
+
+    return kl_to_teacher
+
+
 def sampled_texts(network, tokenizer, prompts: list[str], args: argparse.Namespace, *, max_new_tokens: int, seed: int,
                   suppress: list[int] | None = None) -> tuple[list[str], dict]:
     """Each prompt continued by one sample of `network` (raw text, as the distillation texts are), ending in EOS where
@@ -3024,20 +3043,8 @@ def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dic
             pools["samples"] = sample_from(student, 0)
             resample = functools.partial(sample_from, student)
 
-        def kl_to_teacher(batch, idx):
-            with torch.no_grad():
-                target = scored_hidden(model, batch)[0]
-            hidden, _, rows = scored_hidden(student, batch)
-
-            def kl(h, t):
-                return distillation_kl(logits_from_hidden(model, t), logits_from_hidden(student, h), args.undo_top_k,
-                                       blocked)
-
-            n_rows = batch["input_ids"].shape[0]
-            count = per_row(torch.ones_like(rows, dtype=torch.float32), rows, n_rows).clamp(min=1)
-            return per_row(chunked(kl, student, hidden, target), rows, n_rows) / count
-
         with frozen(model):
+            kl_to_teacher = teacher_kl_objective(model, student, args.undo_top_k, blocked)
             trainer = DistillTrainer(student, tokenizer, params, pools, dict.fromkeys(pools, kl_to_teacher),
                                      steps=args.undo_steps, lr=args.undo_lr, batch_size=args.train_batch_size,
                                      max_len=args.max_len, seed=seed, max_grad_norm=1.0, desc="distill",

@@ -14,7 +14,8 @@ Sections (each prints its ratio; results go in BENCHMARKS.md):
   5. peak memory of one scoring batch on Qwen's 151,936-token vocabulary: the old full log-softmax against the
      chunked scoring from hidden states (each in a fresh process);
   6. with --report, the time of a finished run split by arm and phase, and what recoverability (the attacks and
-     the reference arm) costs of it.
+     the reference arm) costs of it;
+  7. the distill arm's --undo_samples: one sampling pass against distillation steps.
 Run it alone: a second heavy process on two cores slows both by far more than 2x.
 """
 
@@ -162,6 +163,36 @@ def section_training(model, tokenizer, sets, settings, rounds: int = 3) -> None:
           "against the adaptive trainer without it")
 
 
+def section_distillation_samples(model, tokenizer, sets, settings, steps: int = 50) -> None:
+    """What --undo_samples costs the distill arm: one sampling pass (a continuation of each distillation text's
+    beginning, as the arm draws them, at the default temperature 1) against distillation steps (KL to a teacher,
+    batch --train_batch_size), side by side. A fresh student never stops, so its first samplings run every
+    continuation to the limit (EOS suppressed here); the base model stops as a trained one does."""
+    import copy
+
+    texts = list(sets["retain"].train) + [t for name, text_set in sets.items() if name.startswith("xlang_")
+                                          for t in text_set.train]
+    prompts = mmie.continuation_prompts(texts, settings.prompt_words)
+    limit = min(settings.max_len, int(np.percentile([len(ids) for ids in tokenizer(texts)["input_ids"]], 90)))
+    student = copy.deepcopy(model)
+    trainer = mmie.Trainer(student, tokenizer, list(student.parameters()), {"distill": texts},
+                           {"distill": mmie.teacher_kl_objective(model, student, 0, None)}, steps=steps,
+                           lr=settings.undo_lr, batch_size=settings.train_batch_size, max_len=settings.max_len, seed=0,
+                           max_grad_norm=1.0)
+    step = timed(trainer.run) / steps
+    ended = timed(lambda: mmie.sampled_texts(model, tokenizer, prompts, settings, max_new_tokens=limit, seed=0))
+    unended = timed(lambda: mmie.sampled_texts(model, tokenizer, prompts, settings, max_new_tokens=limit, seed=0,
+                                               suppress=[tokenizer.eos_token_id]))
+    n_student = -(-settings.undo_steps // mmie.UNDO_RESAMPLE_EVERY)  # samplings at steps 0, 100, ... below the budget
+    budget = settings.undo_steps * step
+    print(f"7. distillation samples ({len(prompts)} prompts, up to {limit} new tokens): one sampling pass "
+          f"{ended:.1f} s when samples end, {unended:.1f} s when none does, = {ended / step:.0f} / {unended / step:.0f} "
+          f"distillation steps ({step * 1000:.0f} ms each); over the default {settings.undo_steps} steps, "
+          f"--undo_samples teacher adds {ended / budget:+.0%} (one pass), student {n_student} passes, "
+          f"{(unended + (n_student - 1) * ended) / budget:+.0%} (the fresh student's first pass unended, the later "
+          f"ones ending as a trained model's) to {n_student * unended / budget:+.0%} (none ending)")
+
+
 MEMORY_PROBE = """
 import sys, torch
 sys.path.insert(0, {repo!r})
@@ -264,7 +295,7 @@ def gpu_sections() -> None:
     del tokenizer
 
 
-SECTIONS = ["evaluation", "generation", "lid", "training", "memory"]
+SECTIONS = ["evaluation", "generation", "lid", "training", "memory", "distillation_samples"]
 
 
 def main() -> None:
@@ -283,7 +314,8 @@ def main() -> None:
     run = {"evaluation": lambda: section_evaluation(model, tokenizer, lid, eval_sets, settings),
            "generation": lambda: section_generation(model, tokenizer, eval_sets, settings),
            "lid": lambda: section_lid(sets), "training": lambda: section_training(model, tokenizer, sets, settings),
-           "memory": section_memory}
+           "memory": section_memory,
+           "distillation_samples": lambda: section_distillation_samples(model, tokenizer, sets, settings)}
     for name in args.sections:
         run[name]()
     if args.report:
