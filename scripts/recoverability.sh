@@ -42,6 +42,15 @@ run distill_a1.0_mask_s600_seeds345 "${common[@]}" --arms lora distill --undo_al
 # A smaller noise scale on the seeds where the default student relearned
 run distill_a1.0_mask_beta0.03_seeds345 "${common[@]}" --arms lora distill --undo_alpha 1.0 \
     --undo_mask_forget_script --undo_beta 0.03 --seeds 3 4 5
+# Half the steps on sampled continuations of the texts' beginnings: the student's own (on-policy, as GKD), on the
+# seeds where the default student relearned, then on seeds 0-2
+run distill_a1.0_mask_samples_student_seeds345 "${common[@]}" --arms lora distill --undo_alpha 1.0 \
+    --undo_mask_forget_script --undo_samples student --seeds 3 4 5
+run distill_a1.0_mask_samples_student_seeds012 "${common[@]}" --arms lora distill --undo_alpha 1.0 \
+    --undo_mask_forget_script --undo_samples student --seeds 0 1 2
+# The teacher's samples instead (sampled once, Devanagari suppressed), on the same seeds 3-5
+run distill_a1.0_mask_samples_teacher_seeds345 "${common[@]}" --arms lora distill --undo_alpha 1.0 \
+    --undo_mask_forget_script --undo_samples teacher --seeds 3 4 5
 run lora_no_sam "${common[@]}" --arms lora --no_sam
 # UNDO with the forget-domain texts in the distillation pool, as the reference code does (--undo_forget_domain)
 run distill_a0.9_forget_domain "${common[@]}" --arms lora distill --undo_alpha 0.9 --undo_forget_domain
