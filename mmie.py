@@ -2982,6 +2982,25 @@ def sampled_texts(network, tokenizer, prompts: list[str], args: argparse.Namespa
     return texts, stats
 
 
+def distillation_texts(ctx: "Experiment", seed: int) -> tuple[list[str], list[str], list[str], int]:
+    """The distillation pool (the retain train texts but a seeded validation slice, the related-language train texts,
+    and the forget-train texts under --undo_forget_domain) and the validation slice of the stop rule, each text
+    ending in EOS as in pretraining (a student distilled from fresh weights learns where a text ends); with the
+    pool's beginnings that --undo_samples continues and how many tokens a continuation may take (as long as most
+    texts, never past what training keeps of a text)."""
+    args, tokenizer = ctx.args, ctx.tokenizer
+    retain = list(ctx.sets["retain"].train)
+    order = np.random.default_rng(seed).permutation(len(retain))
+    n_val = max(8, round(args.adaptive_val_share * len(retain)))
+    validation = [retain[i] for i in order[:n_val]]
+    texts = [retain[i] for i in order[n_val:]] + benign_texts(ctx) + (
+        list(ctx.sets["forget"].train) if args.undo_forget_domain else [])
+    max_new_tokens = min(args.max_len, int(np.percentile([len(ids) for ids in tokenizer(texts)["input_ids"]], 90)))
+    end = tokenizer.eos_token or ""
+    return ([text + end for text in texts], [text + end for text in validation],
+            continuation_prompts(texts, args.prompt_words), max_new_tokens)
+
+
 def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
     """UNDO's student for one seed: the lora arm's unlearned model (read back from its stage, or trained there) as the
     teacher, its merged weights shrunk and perturbed within `scope` and distilled from the teacher on the retain and
@@ -2991,18 +3010,7 @@ def distill_student(ctx: "Experiment", seed: int, scope: list[str]) -> tuple[dic
     student = copy.deepcopy(model)  # no arm is active here: a clean copy of the base model
     names = {id(p): name for name, p in model.named_parameters()}
     own = dict(student.named_parameters())
-    retain = list(ctx.sets["retain"].train)
-    order = np.random.default_rng(seed).permutation(len(retain))
-    n_val = max(8, round(args.adaptive_val_share * len(retain)))
-    validation = [retain[i] for i in order[:n_val]]
-    texts = [retain[i] for i in order[n_val:]] + benign_texts(ctx) + (
-        list(ctx.sets["forget"].train) if args.undo_forget_domain else [])
-    prompts = continuation_prompts(texts, args.prompt_words)  # --undo_samples continues these
-    # as long as most texts, and never past what training keeps of a text
-    max_new_tokens = min(args.max_len, int(np.percentile([len(ids) for ids in tokenizer(texts)["input_ids"]], 90)))
-    # Each text ends in EOS, as in pretraining: a student distilled from fresh weights learns where a text ends
-    end = tokenizer.eos_token or ""
-    texts, validation = [text + end for text in texts], [text + end for text in validation]
+    texts, validation, prompts, max_new_tokens = distillation_texts(ctx, seed)
     lora_stage = ctx.stage_dir("lora", seed)
     read_back = any(lora_stage.glob("**/*.safetensors")) or (lora_stage / "sine_lora.pt").is_file()
 

@@ -163,17 +163,16 @@ def section_training(model, tokenizer, sets, settings, rounds: int = 3) -> None:
           "against the adaptive trainer without it")
 
 
-def section_distillation_samples(model, tokenizer, sets, settings, steps: int = 50) -> None:
+def section_distillation_samples(model, tokenizer, lid, sets, eval_sets, settings, steps: int = 50) -> None:
     """What --undo_samples costs the distill arm: one sampling pass (a continuation of each distillation text's
     beginning, as the arm draws them, at the default temperature 1) against distillation steps (KL to a teacher,
     batch --train_batch_size), side by side. A fresh student never stops, so its first samplings run every
     continuation to the limit (EOS suppressed here); the base model stops as a trained one does."""
     import copy
 
-    texts = list(sets["retain"].train) + [t for name, text_set in sets.items() if name.startswith("xlang_")
-                                          for t in text_set.train]
-    prompts = mmie.continuation_prompts(texts, settings.prompt_words)
-    limit = min(settings.max_len, int(np.percentile([len(ids) for ids in tokenizer(texts)["input_ids"]], 90)))
+    ctx = mmie.Experiment(settings, model, tokenizer, lid, sets, eval_sets, {"chosen": []},
+                          lambda stage, seed=None: Path("/tmp"))
+    texts, _, prompts, limit = mmie.distillation_texts(ctx, seed=0)  # the arm's own pool and sample length
     student = copy.deepcopy(model)
     trainer = mmie.Trainer(student, tokenizer, list(student.parameters()), {"distill": texts},
                            {"distill": mmie.teacher_kl_objective(model, student, 0, None)}, steps=steps,
@@ -315,7 +314,8 @@ def main() -> None:
            "generation": lambda: section_generation(model, tokenizer, eval_sets, settings),
            "lid": lambda: section_lid(sets), "training": lambda: section_training(model, tokenizer, sets, settings),
            "memory": section_memory,
-           "distillation_samples": lambda: section_distillation_samples(model, tokenizer, sets, settings)}
+           "distillation_samples": lambda: section_distillation_samples(model, tokenizer, lid, sets, eval_sets,
+                                                                        settings)}
     for name in args.sections:
         run[name]()
     if args.report:
