@@ -301,16 +301,25 @@ def test_no_file_cites_anything_outside_the_repository():
     assert not offenders, offenders
 
 
+TINY_PROTOCOL = ["--sample_cap", "10", "--n_boot", "99", "--n_boot_gates", "99", "--layer_sample", "10", "--lora_steps",
+                 "2", "--relearn_steps", "1", "--probe_folds", "2", "--relearn_prompts", "6", "--max_new_tokens", "6"]
+
+
+def run_hub_style(model, tokenizer, tmp_path, *flags: str) -> dict:
+    """The model and the shipped tokenizer saved as a hub folder, run through the whole protocol at its smallest
+    (TINY_PROTOCOL, then `flags`, which override it)."""
+    folder = tmp_path / f"hub-{model.config.model_type}"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return mmie.main(["--model", str(folder), *TINY_PROTOCOL, *flags, "--out", str(tmp_path / "run"),
+                      "--ckpt_dir", str(tmp_path / "ckpt")])
+
+
 def test_a_hub_style_model_runs_the_whole_protocol_without_a_reference(tmp_path, tokenizer):
     """A random-init Qwen2 saved as a hub folder: no reference is known, so G7 uses the stated base rule, the
     lora arm is attacked on its released weights and the removable dim arm is not."""
-    folder = tmp_path / "hub-qwen2"
-    qwen2(tokenizer, layers=2, hidden=64).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    report = mmie.main(["--model", str(folder), "--sample_cap", "10", "--n_boot", "99", "--n_boot_gates", "99",
-                        "--layer_sample", "10", "--lora_steps", "2", "--relearn_steps", "1", "2", "--probe_folds", "2",
-                        "--relearn_prompts", "6", "--max_new_tokens", "6", "--arms", "lora", "dim",
-                        "--out", str(tmp_path / "run"), "--ckpt_dir", str(tmp_path / "ckpt")])
+    report = run_hub_style(qwen2(tokenizer, layers=2, hidden=64), tokenizer, tmp_path, "--relearn_steps", "1", "2",
+                           "--arms", "lora", "dim")
     assert "reference" not in report["arms"] and report["recoverability"]["reference"] is None
     assert report["statistics_config"]["G7_rule"].startswith("no reference")
     lora = report["arms"]["lora"]["seeds"]["0"]
@@ -411,13 +420,8 @@ def test_distillation_samples_alternate_with_the_texts_and_the_students_are_draw
     """--undo_samples student: every other step trains on the student's sampled continuations of the texts'
     beginnings, drawn again every UNDO_RESAMPLE_EVERY steps (2 here), never longer than training keeps a text."""
     monkeypatch.setattr(mmie, "UNDO_RESAMPLE_EVERY", 2)
-    folder = tmp_path / "hub-qwen2"
-    qwen2(tokenizer, layers=2).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    report = mmie.main(["--model", str(folder), "--sample_cap", "10", "--n_boot", "99", "--n_boot_gates", "99",
-                        "--layer_sample", "10", "--lora_steps", "2", "--relearn_steps", "1", "--probe_folds", "2",
-                        "--relearn_prompts", "6", "--max_new_tokens", "6", "--arms", "distill", "--undo_steps", "5",
-                        "--undo_samples", "student", "--max_len", "24", "--out", str(tmp_path / "run"), "--ckpt_dir", str(tmp_path / "ckpt")])
+    report = run_hub_style(qwen2(tokenizer, layers=2), tokenizer, tmp_path, "--arms", "distill", "--undo_steps", "5",
+                           "--undo_samples", "student", "--max_len", "24")
     outcome = report["arms"]["distill"]["seeds"]["0"]
     assert outcome["status"] == "ok", outcome.get("error")
     info = outcome["info"]
@@ -437,14 +441,9 @@ def test_the_distill_arm_runs_its_partial_path_on_a_hub_style_gemma3(tmp_path, t
     config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    folder = tmp_path / "hub-gemma3"
-    Gemma3ForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    report = mmie.main(["--model", str(folder), "--sample_cap", "10", "--n_boot", "99", "--n_boot_gates", "99",
-                        "--layer_sample", "10", "--lora_steps", "2", "--relearn_steps", "1", "--probe_folds", "2",
-                        "--relearn_prompts", "6", "--max_new_tokens", "6", "--arms", "distill", "--undo_steps", "3",
-                        "--undo_scope", "top_mlp", "--undo_forget_domain", "--undo_mask_forget_script",
-                        "--undo_samples", "teacher", "--max_len", "24", "--out", str(tmp_path / "run"), "--ckpt_dir", str(tmp_path / "ckpt")])
+    report = run_hub_style(Gemma3ForCausalLM(config), tokenizer, tmp_path, "--arms", "distill", "--undo_steps", "3",
+                           "--undo_scope", "top_mlp", "--undo_forget_domain", "--undo_mask_forget_script",
+                           "--undo_samples", "teacher", "--max_len", "24")
     outcome = report["arms"]["distill"]["seeds"]["0"]
     assert outcome["status"] == "ok", outcome.get("error")
     info = outcome["info"]
