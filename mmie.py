@@ -3960,6 +3960,28 @@ def recoverability_gate(arm_relearn: ArrayLike, yardstick_relearn: ArrayLike, *,
     return result
 
 
+def meets_recoverability(arm_mean: float, result: dict) -> bool | None:
+    """Whether a mean worst-case relearned ES meets G7's criterion as `result` (recoverability_gate's) states it:
+    below the reference's + the margin, or below the ratio x the base's; None when the result lacks either number."""
+    yardstick, threshold = result.get("yardstick_mean"), result.get("threshold")
+    if not (_number(yardstick) and _number(threshold)):
+        return None
+    return arm_mean - yardstick < threshold if result.get("rule") == "reference" else arm_mean < threshold * yardstick
+
+
+def recoverability_per_seed(arm: dict, result: dict) -> dict:
+    """G7's criterion read on each seed's model alone: its mean worst-case relearned ES and whether that meets the
+    criterion. Descriptive, with no test: the gate averages each prompt over the seeds (conditional on the trained
+    seeds), and this shows whether every seed's model behaves like the mean (one seed that relearns in full can hide
+    among robust ones)."""
+    seeds = {seed: float(np.mean(outcome["per_prompt"]["es_relearn"])) for seed, outcome in
+             sorted(arm["seeds"].items(), key=lambda item: int(item[0]))
+             if outcome["status"] == "ok" and not _is_empty(outcome["per_prompt"].get("es_relearn"))}
+    meets = {seed: meets_recoverability(value, result) for seed, value in seeds.items()}
+    return {"es_relearn": seeds, "meets": meets, "n_meeting": sum(bool(m) for m in meets.values()),
+            "note": "each seed's model against G7's criterion, no test; the gate averages the seeds"}
+
+
 def _child_seed(seed: int, name: str) -> int:
     """A reproducible seed per gate, so gates do not share resamples."""
     return int(np.random.SeedSequence([int(seed), zlib.crc32(name.encode("utf-8"))]).generate_state(1)[0])
@@ -4248,6 +4270,8 @@ def compute_statistics(report: dict, args: argparse.Namespace) -> None:
         for gate, reason in uninformative.items():
             if gates[name][gate].get("evaluated"):
                 gates[name][gate].update(uninformative=True, reason=reason)
+        if gates[name]["G7"].get("evaluated"):
+            gates[name]["G7"]["per_seed"] = recoverability_per_seed(arm, gates[name]["G7"])
     report["gates"] = apply_fdr(gates, q=args.fdr_q)
     report["reference_gates"] = reference_gates(base, reference_seeds, thresholds, args) if reference_seeds else None
     report["decision"] = decide(report["gates"])
@@ -4837,10 +4861,22 @@ def _recoverability_finding(name: str, result: dict) -> tuple[str, bool | None]:
     if result.get("rule") == "reference":
         needs = _needs(threshold, lambda t: f"needs < reference + {t:.2f}")
         return (f"{name}: relearned ES {_two_decimals(arm)} vs the reference's {_two_decimals(yardstick)}, {needs}",
-                arm - yardstick < threshold if _number(threshold) else None)
+                meets_recoverability(arm, result))
     needs = _needs(threshold, lambda t: f"needs < {t:.2f} x base, no reference")
     return (f"{name}: relearned ES {_two_decimals(arm)} vs the base's {_two_decimals(yardstick)}, {needs}",
-            arm < threshold * yardstick if _number(threshold) else None)
+            meets_recoverability(arm, result))
+
+
+def per_seed_recoverability_line(result: dict) -> str | None:
+    """G7 read per seed in words, when the arm has several seeds: each seed's worst-case relearned ES and how many
+    meet the criterion."""
+    per_seed = result.get("per_seed") or {}
+    values = per_seed.get("es_relearn") or {}
+    if len(values) < 2:
+        return None
+    shown = " / ".join(f"{value:.2f}" for value in values.values())
+    return (f"G7: worst-case relearned ES by seed ({', '.join(values)}) {shown}; {per_seed.get('n_meeting', '?')} of "
+            f"{len(values)} meet the criterion alone (no test; the gate averages the seeds)")
 
 
 def _health_finding(name: str, result: dict) -> tuple[str, bool | None]:
@@ -4947,6 +4983,9 @@ def arm_conclusion(arm: str, gates: dict, decision: str | None, q: float | None,
         power = result.get("underpowered")
         if isinstance(power, dict):
             add("underpowered", f"{name}: {power.get('n', '?')} prompts, about {power.get('n_needed', '?')} needed")
+    seed_line = per_seed_recoverability_line(gates.get("G7") or {})
+    if seed_line:
+        add("per seed", seed_line)
     return lines
 
 

@@ -288,6 +288,29 @@ def test_the_reference_models_own_gates_say_which_gates_no_arm_that_matches_it_c
     assert "GH" in line and "adversarial" in line
 
 
+def test_g7_is_also_read_per_seed_so_one_relearning_seed_does_not_hide_in_the_mean():
+    """Five seeds' models hold no Hindi after the attack and one relearns it in full: the gate (which averages each
+    prompt over the seeds) passes, and the per-seed read says that one model of six does not meet the criterion."""
+    rng = np.random.default_rng(0)
+
+    def outcome(relearned_share):
+        return {"status": "ok", "per_prompt": {**per_prompt(64, es=0.0),
+                                               "es_relearn": list((rng.random(64) < relearned_share).astype(float))}}
+
+    reference = {**per_prompt(64, es=0.0), "es_relearn": [1.0] * 16 + [0.0] * 48}  # 0.25, as the embedded pair's
+    report = {"arms": {"base": {"seeds": {"0": {"status": "ok", "per_prompt": per_prompt(64)}}},
+                       "reference": {"seeds": {"0": {"status": "ok", "per_prompt": reference}}},
+                       "distill": {"seeds": {str(seed): outcome(0.95 if seed == 3 else 0.02) for seed in range(6)}}}}
+    args = mmie.build_parser().parse_args(["--n_boot", "99", "--n_boot_gates", "199"])
+    mmie.compute_statistics(report, args)
+    g7 = report["gates"]["distill"]["G7"]
+    assert g7["pass"] and g7["arm_mean"] < 0.25 + 0.10
+    per_seed = g7["per_seed"]
+    assert per_seed["n_meeting"] == 5 and per_seed["meets"]["3"] is False and per_seed["es_relearn"]["3"] > 0.8
+    line = next(line for line in mmie.closing_summary(report) if "by seed" in line)
+    assert "(0, 1, 2, 3, 4, 5)" in line and "5 of 6 meet" in line
+
+
 def test_no_file_cites_anything_outside_the_repository():
     """Eight places cited a design document that is not in the repository; what a reader needs is in docs/."""
     outside = ["DESIGN" + ".md", "DESIGN" + " section", "/wo" + "rk/", "sha" + "red/", "no" + "tes/"]
