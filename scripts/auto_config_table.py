@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from transformers import (AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,  # noqa: E402
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,  # noqa: E402
                           Qwen2Config, Qwen2ForCausalLM)
 
 import auto_config as ac  # noqa: E402
@@ -60,7 +60,7 @@ def simulated_search(n_params, config, tier_gib, max_len, training, max_batch) -
 
 
 def main() -> None:
-    tokenizer = AutoTokenizer.from_pretrained(mmie.EMBEDDED_MODEL)
+    tokenizer = mmie.load_tokenizer(mmie.EMBEDDED_MODEL)
     settings = mmie.build_parser().parse_args([])
     sets = mmie.load_sets(settings)
     texts = sets["retain"].eval + sets["forget"].texts + sets["mixed"].eval + sets["adversarial"].eval

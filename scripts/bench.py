@@ -256,13 +256,13 @@ def section_report(path: Path) -> None:
 def gpu_sections() -> None:
     """A random-init model from Qwen2.5-1.5B-Instruct's configuration (no download): generation tokens per
     second, scoring peak memory (chunked, batch 64 x 256), one LoRA training step."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                          num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
                          rope_theta=1e6, tie_word_embeddings=True, torch_dtype="bfloat16")
     model = Qwen2ForCausalLM(config).to("cuda", torch.bfloat16).eval()
-    tokenizer = AutoTokenizer.from_pretrained(mmie.EMBEDDED_MODEL)
+    tokenizer = mmie.load_tokenizer(mmie.EMBEDDED_MODEL)
     ids = torch.randint(0, 4096, (64, 16), device="cuda")
     torch.cuda.synchronize()
     seconds = timed(lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=64,

@@ -16,10 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig  # noqa: E402
+
+import mmie  # noqa: E402
+
 # Gemma-3-270M's text configuration (its config.json on the hub), but for the vocabulary's token ids, which are the
 # embedded tokenizer's: the model keeps all 262,144 rows, so every forward pays for the full output head.
 GEMMA3_270M = dict(vocab_size=262_144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
@@ -30,7 +34,7 @@ GEMMA3_270M = dict(vocab_size=262_144, hidden_size=640, intermediate_size=2048, 
 def build_model(folder: Path) -> None:
     if (folder / "config.json").is_file():
         return
-    tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "tiny-lm")
+    tokenizer = mmie.load_tokenizer(REPO / "data" / "tiny-lm")
     torch.manual_seed(0)
     config = Gemma3TextConfig(**GEMMA3_270M, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                               bos_token_id=tokenizer.bos_token_id)

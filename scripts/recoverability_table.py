@@ -4,7 +4,11 @@ reference model's, the relearning curve, G7 and G5, and the outcome.
     python scripts/recoverability_table.py runs/g7/adaptive3.json runs/g7/distill_a0.6.json
 
 A row per arm of each report (the base and the reference once per report); CIs and p-values are the report's own
-(each report is its own Benjamini-Hochberg family).
+(each report is its own Benjamini-Hochberg family). With --target, a row per gated arm against what unlearning asks
+of it: ES on forget-eval at most 0.10, worst-case relearned ES within 0.10 of the reference's (and how many seeds'
+models meet G7 alone, from the report's per-seed read), retain perplexity within 5% of the base's, related-language
+fidelity within 0.05 of the base's, benign relearning and 4-bit quantization within 0.10 of the reference's, and the
+gates that did not pass. Reports written before the per-seed read: pool each alone with `mmie.py --aggregate`.
 """
 
 import argparse
@@ -15,6 +19,7 @@ import numpy as np
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("reports", type=Path, nargs="+")
+parser.add_argument("--target", action="store_true", help="the table against the unlearning target (see above)")
 args = parser.parse_args()
 
 
@@ -52,6 +57,45 @@ def gate(gates: dict, name: str) -> str:
     word = "uninf." if result.get("uninformative") else "PASS" if result.get("pass") else "fail"
     return f"{word} {result['p_adj']:.3g}"
 
+
+def mean(summary: dict, metric: str, key: str | None = None) -> float | None:
+    row = summary.get(metric) or {}
+    row = row.get(key) if key else row
+    return None if not row or row.get("mean") is None else float(row["mean"])
+
+
+def number(value: float | None, form: str = "{:.3f}") -> str:
+    return "-" if value is None else form.format(value)
+
+
+def target_row(path: Path, report: dict, arm: str) -> list[str]:
+    s, gates = report["summary"].get(arm, {}), report["gates"][arm]
+    per_seed = gates.get("G7", {}).get("per_seed") or {}
+    relearned = per_seed.get("es_relearn") or {}
+    drops = [mean(s, f"fidelity_{lang}", "diff_vs_base") for lang in ("ur", "pa", "bn")]
+    failed = [name for name, result in gates.items() if not result.get("pass")]
+    return [path.stem, arm, str(len(relearned) or "-"), number(mean(s, "es_forget_eval")),
+            number(mean(s, "es_relearn", "diff_vs_reference"), "{:+.3f}"),
+            f"{per_seed['n_meeting']} of {len(relearned)}: " + " / ".join(f"{v:.2f}" for v in relearned.values())
+            if relearned else "-",
+            number(mean(s.get("ppl_retain") or {}, "ratio_vs_base"), "×{:.3f}"),
+            " / ".join(number(None if d is None else -d, "{:.2f}") for d in drops),
+            number(mean(s, "es_relearn_benign", "diff_vs_reference"), "{:+.3f}") + ", " +
+            number(mean(s, "es_quant4", "diff_vs_reference"), "{:+.3f}"),
+            ", ".join(failed) or "none"]
+
+
+if args.target:
+    header = ["report", "arm", "seeds", "ES forget-eval (≤ 0.10)", "relearned − reference (< 0.10)",
+              "seeds meeting G7 alone: worst-case ES", "ppl / base (≤ ×1.05)", "fidelity drop ur / pa / bn (≤ 0.05)",
+              "benign, 4-bit − reference (< 0.10)", "gates not passed"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for path in args.reports:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        for arm in report.get("gates", {}):
+            print("| " + " | ".join(target_row(path, report, arm)) + " |")
+    raise SystemExit(0)
 
 header = ["report", "arm", "seeds", "ES forget-eval", "ES relearned (worst)", "relearned − reference",
           "ES benign", "ES 4-bit", "ES 8-bit", "ppl / base", "curve (lr: steps→ES)", "G7", "G5", "outcome"]

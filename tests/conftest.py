@@ -27,11 +27,9 @@ def lid():
 @pytest.fixture(scope="module")
 def tokenizer():
     """The embedded model's tokenizer (modules that need another padding side define their own)."""
-    from transformers import AutoTokenizer
-
     import mmie
 
-    return AutoTokenizer.from_pretrained(mmie.EMBEDDED_MODEL)
+    return mmie.load_tokenizer(mmie.EMBEDDED_MODEL)
 
 
 @pytest.fixture()

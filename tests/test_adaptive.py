@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import AutoTokenizer
 
 import adaptive_unlearning as ad
 import mmie
@@ -552,7 +551,7 @@ def test_dynamic_gate_runs_inside_dsg_on_a_model_and_strips_the_chat_template(mo
 
 def test_dynamic_gate_reads_the_prompt_without_the_chat_template():
     """The Hindi share is taken over the user's prompt: the template's English words would dilute it."""
-    chat = AutoTokenizer.from_pretrained(mmie.EMBEDDED_MODEL)
+    chat = mmie.load_tokenizer(mmie.EMBEDDED_MODEL)
     chat.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\nYou are helpful. {{ m.content }}"
                           "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     seen = []
@@ -719,7 +718,7 @@ def test_encode_continuations_scores_only_the_continuation(model, tokenizer, cha
     """log p(prompt + continuation) - log p(prompt) = log p(continuation | prompt), where the tokens split there;
     under a chat template the prompt is the user turn and the continuation the assistant's reply."""
     if chat:
-        tokenizer = AutoTokenizer.from_pretrained(mmie.EMBEDDED_MODEL)
+        tokenizer = mmie.load_tokenizer(mmie.EMBEDDED_MODEL)
         tokenizer.chat_template = CHAT_TEMPLATE
     prompts, continuations = [HINDI[0].split()[0], "आज माँ ने"], [ENGLISH[0], ENGLISH[3]]
     heads = mmie.format_prompts(tokenizer, prompts, chat)

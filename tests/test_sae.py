@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import mmie
 from mmie import (TopKSAE, calibrate_dsg_threshold, dsg_gate, load_sae, random_features, sae_gate,
@@ -169,7 +169,7 @@ def test_random_features_control():
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tokenizer():
-    tok = AutoTokenizer.from_pretrained(mmie.EMBEDDED_MODEL)
+    tok = mmie.load_tokenizer(mmie.EMBEDDED_MODEL)
     tok.padding_side = "left"
     return tok
 
