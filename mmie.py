@@ -691,7 +691,9 @@ def build_eval_sets(sets: dict[str, TextSet], checks: dict[str, dict], args: arg
     return {"generation": generation, "scoring": scoring, "related": related, "related_source": related_source,
             "prompt_counts": counts,
             # the attacks' prompts: never cut by the prompt plan, so G7 keeps --relearn_prompts pairs whatever G1 needs
-            "attack": generation["forget_eval"][: args.relearn_prompts]}
+            "attack": generation["forget_eval"][: args.relearn_prompts],
+            # held-out Hindi the attacks are also scored on by likelihood (never trained on: the relearn set is disjoint)
+            "attack_texts": first(sets["forget"].eval)[: args.relearn_prompts]}
 
 
 # =============================================================================================
@@ -3281,9 +3283,10 @@ def released_weights(ctx: "Experiment", arm: ArmEdit):
 
 class AttackTrainer(Trainer):
     """The attacker on the one training loop: mean token NLL of its texts at a constant lr; after each checkpoint step
-    `score()` runs in eval mode and its result is kept in `scores` (step -> value): one trajectory, several strengths."""
+    `score()` runs in eval mode and its result is kept in `scores` (step -> {"es": per prompt, "nll": per text}): one
+    trajectory, several strengths."""
 
-    def __init__(self, *args, checkpoints: Iterable[int], score: Callable[[], list[float]], **kwargs):
+    def __init__(self, *args, checkpoints: Iterable[int], score: Callable[[], dict[str, list[float]]], **kwargs):
         super().__init__(*args, **kwargs)
         self.checkpoints, self.score, self.scores = set(checkpoints), score, {}
 
@@ -3293,28 +3296,35 @@ class AttackTrainer(Trainer):
             self.model.eval()
             self.scores[done] = self.score()
             self.model.train()
-            print(f"mmie:   {self.desc}: {done} steps, ES {np.mean(self.scores[done]):.3f}", flush=True)
+            print(f"mmie:   {self.desc}: {done} steps, ES {np.mean(self.scores[done]['es']):.3f}, Hindi NLL "
+                  f"{np.mean(self.scores[done]['nll']):.2f}", flush=True)
         return False
 
 
 def attack_trajectory(ctx: "Experiment", arm: ArmEdit, texts: list[str], lr: float, checkpoints: list[int],
-                      seed: int, desc: str) -> dict[int, list[float]]:
+                      seed: int, desc: str) -> dict[int, dict[str, list[float]]]:
     """Fine-tune the released arm on `texts` for max(checkpoints) steps of --relearn_batch_size at a constant lr and
-    score ES on the attack's prompts (with the arm's context) at each checkpoint. Full fine-tuning of the merged
+    score, at each checkpoint, ES on the attack's prompts ("es") and the per-token NLL of the held-out Hindi texts
+    ("nll"; how much Hindi the weights predict, which a loop of one Hindi word does not fake), with the arm's context. Full fine-tuning of the merged
     weights, or (large models) a fresh LoRA on every projection over the arm as it runs (stacked on the lora arm's
     frozen adapter: the same function as merged). The model is left as it was."""
     from peft import LoraConfig
 
     model, tokenizer, args = ctx.model, ctx.tokenizer, ctx.args
-    prompts = attack_prompts(ctx)
+    prompts, held_out = attack_prompts(ctx), ctx.eval_sets["attack_texts"]
     torch.manual_seed(seed)
+
+    def score() -> dict[str, list[float]]:
+        nll = text_nll(model, tokenizer, held_out, batch_size=args.score_batch_size, max_len=args.max_len,
+                       context=arm.context)[0]
+        return {"es": forget_es(model, tokenizer, ctx.lid, prompts, args, instruction=arm.context),
+                "nll": nll.tolist()}
 
     def train(params):
         trainer = AttackTrainer(model, tokenizer, params, {"attack": texts},
                                 {"attack": lambda batch, idx: retain_losses("nll", model, batch, base_hidden=None)},
                                 steps=max(checkpoints), lr=lr, batch_size=args.relearn_batch_size, max_len=args.max_len,
-                                seed=seed, schedule="constant", desc=desc, checkpoints=checkpoints,
-                                score=lambda: forget_es(model, tokenizer, ctx.lid, prompts, args, instruction=arm.context))
+                                seed=seed, schedule="constant", desc=desc, checkpoints=checkpoints, score=score)
         trainer.run()
         return trainer.scores
 
@@ -3375,24 +3385,32 @@ def benign_texts(ctx: "Experiment") -> list[str]:
 
 def recoverability(ctx: "Experiment", arm: ArmEdit, seed: int) -> tuple[dict[str, list[float]], dict]:
     """Does the Hindi come back? The relearning attack over the fixed grid (each --relearn_lrs a trajectory read at
-    each --relearn_steps), the worst case (the grid point of highest mean ES) as es_relearn; the benign attack
+    each --relearn_steps), the worst case (the grid point of highest mean ES) as es_relearn, and by likelihood the
+    grid point of lowest mean NLL on held-out Hindi texts as nll_relearn (UNDO's read of a language's relearning, Lee
+    et al. 2025: a model that only learned to repeat a Hindi word has a high ES and a high NLL); the benign attack
     (related languages only, the strongest grid point) as es_relearn_benign; 8- and 4-bit RTN as es_quant<bits>.
-    Per-prompt values on the first --relearn_prompts forget-eval prompts; the record keeps every grid point."""
+    Per-prompt values on the first --relearn_prompts forget-eval prompts and texts; the record keeps every grid
+    point."""
     args = ctx.args
-    grid = {}
+    grid, grid_nll = {}, {}
     for lr in args.relearn_lrs:
-        for step, es in attack_trajectory(ctx, arm, ctx.sets["relearn"].texts, lr, args.relearn_steps, seed,
-                                          f"relearn lr {lr:g}").items():
-            grid[f"lr={lr:g} steps={step}"] = es
+        for step, scores in attack_trajectory(ctx, arm, ctx.sets["relearn"].texts, lr, args.relearn_steps, seed,
+                                              f"relearn lr {lr:g}").items():
+            grid[f"lr={lr:g} steps={step}"], grid_nll[f"lr={lr:g} steps={step}"] = scores["es"], scores["nll"]
     worst = max(grid, key=lambda point: float(np.mean(grid[point])))
+    worst_nll = min(grid_nll, key=lambda point: float(np.mean(grid_nll[point])))
     strongest = max(args.relearn_steps)
     benign = attack_trajectory(ctx, arm, benign_texts(ctx), max(args.relearn_lrs), [strongest], seed,
-                               "benign relearn")[strongest]
-    per_prompt = {"es_relearn": grid[worst], "es_relearn_benign": benign,
+                               "benign relearn")[strongest]["es"]
+    per_prompt = {"es_relearn": grid[worst], "nll_relearn": grid_nll[worst_nll], "es_relearn_benign": benign,
                   **{f"es_quant{bits}": quantized_es(ctx, arm, bits) for bits in QUANT_BITS}}
-    record = {"mode": ctx.attack_mode[0], "worst": worst, "grid": grid,
-              "curves": {f"{lr:g}": {str(step): float(np.mean(grid[f"lr={lr:g} steps={step}"]))
-                                     for step in args.relearn_steps} for lr in args.relearn_lrs}}
+
+    def curve(values: dict) -> dict:
+        return {f"{lr:g}": {str(step): float(np.mean(values[f"lr={lr:g} steps={step}"])) for step in args.relearn_steps}
+                for lr in args.relearn_lrs}
+
+    record = {"mode": ctx.attack_mode[0], "worst": worst, "grid": grid, "curves": curve(grid),
+              "worst_nll": worst_nll, "grid_nll": grid_nll, "curves_nll": curve(grid_nll)}
     return per_prompt, record
 
 
@@ -4244,7 +4262,7 @@ def ok_per_prompt(arm: dict) -> list[dict]:
 
 
 # Metrics also compared with the reference model ("diff_vs_reference"): Hindi before and after the attacks.
-REFERENCE_COMPARED = ("es_forget_eval", "es_relearn", "es_relearn_benign", "es_quant8", "es_quant4")
+REFERENCE_COMPARED = ("es_forget_eval", "es_relearn", "nll_relearn", "es_relearn_benign", "es_quant8", "es_quant4")
 
 
 def summarise(arm_seeds: list[dict], base_seeds: list[dict], args: argparse.Namespace,
@@ -4511,7 +4529,8 @@ def stage_key(parser: argparse.ArgumentParser, args: argparse.Namespace, stage: 
 # the number gate G2 judges. fidelity_<lang> rows of other related languages are added when present.
 TABLE_METRICS = ["es_forget_train", "es_forget_eval", "es_semantic", "es_forget_roman", "es_mixed", "es_adversarial",
                  "fidelity_ur", "fidelity_pa", "fidelity_bn", "ppl_retain", "ppl_retain_ratio", "token_kl_retain",
-                 "mia_auc", "es_relearn", "es_relearn_benign", "es_quant8", "es_quant4", "empty_rate_forget_eval",
+                 "mia_auc", "es_relearn", "nll_relearn", "es_relearn_benign", "es_quant8", "es_quant4",
+                 "empty_rate_forget_eval",
                  "repetition_forget_eval", "fidelity_en"]
 LANGUAGE_NAMES = {"hi": "Hindi", "en": "English", "ur": "Urdu", "pa": "Punjabi", "bn": "Bengali"}
 _FIDELITY_TEXT = "share of outputs in {language} for {language} prompts (1 = the model still answers in {language})"
@@ -4534,6 +4553,9 @@ METRIC_LEGEND = {
     "mia_auc": "membership-inference AUC, forget-train vs forget-eval texts by loss (0.5 = cannot tell them apart)",
     "es_relearn": "share of Hindi words after the worst relearning attack of the grid (fine-tuning on other Hindi "
                   "text; does the Hindi come back?), on the attack's forget-eval prompts",
+    "nll_relearn": "NLL per token of held-out Hindi texts after the relearning attack, at the grid point where it is "
+                   "lowest (how much Hindi the weights predict again; a model that only learned to repeat a Hindi word "
+                   "stays high)",
     "es_relearn_benign": "share of Hindi words after the strongest attack on related-language text only (Urdu, Punjabi, "
                          "Bengali: does Hindi come back when nobody teaches it?)",
     "es_quant8": "share of Hindi words with the released weights rounded to 8 bits (does quantization undo it?)",
@@ -4912,9 +4934,11 @@ def per_seed_recoverability_line(result: dict) -> str | None:
     values = per_seed.get("es_relearn") or {}
     if len(values) < 2:
         return None
-    shown = " / ".join(f"{value:.2f}" for value in values.values())
-    return (f"G7: worst-case relearned ES by seed ({', '.join(values)}) {shown}; {per_seed.get('n_meeting', '?')} of "
-            f"{len(values)} meet the criterion alone (no test; the gate averages the seeds)")
+    shown = f"G7: worst-case relearned ES by seed ({', '.join(values)}) " + " / ".join(f"{v:.2f}" for v in values.values())
+    if result.get("uninformative"):
+        return shown + "; the gate is uninformative, so no seed is read against it"
+    return (f"{shown}; {per_seed.get('n_meeting', '?')} of {len(values)} meet the criterion alone (no test; the gate "
+            "averages the seeds)")
 
 
 def _health_finding(name: str, result: dict) -> tuple[str, bool | None]:

@@ -6,7 +6,8 @@ can tell recovery from new learning (docs/METHODS.md, "Recoverability").
     python scripts/relearn_grid.py --lrs 3e-5 1e-4 3e-4 1e-3 3e-3 --steps 10 30 100 300 --seeds 0 1 2
 
 Prints the mean ES on the attack's prompts per model, learning rate, step count and seed (the base under the first
-seed only: it knows Hindi, so the attack has little to add), and the base - reference gap; --out writes the same as JSON. Uses mmie.py's own attack (attack_trajectory) on the embedded model.
+seed only: it knows Hindi, so the attack has little to add) with the mean NLL per token of the held-out Hindi texts,
+and the base - reference gap in ES; --out writes the same as JSON. Uses mmie.py's own attack (attack_trajectory) on the embedded model.
 """
 
 import argparse
@@ -42,7 +43,7 @@ ctx = SimpleNamespace(model=model, tokenizer=run["tokenizer"], args=args, lid=ru
                       eval_sets=run["eval_sets"], base_params=list(model.parameters()),
                       attack_mode=mmie.attack_mode(args, model))
 arm = mmie.ArmEdit(removable=False)
-results = {}
+results, likelihood = {}, {}  # mean ES on the attack's prompts; mean NLL per token of the held-out Hindi texts
 for name in ("base", "reference"):
     weights = run["reference_weights"] if name == "reference" else [p.detach().clone() for p in ctx.base_params]
     with mmie.loaded_weights(ctx.base_params, weights):
@@ -52,10 +53,12 @@ for name in ("base", "reference"):
                 scores = mmie.attack_trajectory(ctx, arm, run["sets"]["relearn"].texts, lr, options.steps, seed,
                                                 f"{name} lr {lr:g}")
                 results.setdefault(name, {}).setdefault(f"{lr:g}", {})[str(seed)] = {
-                    str(step): float(np.mean(es)) for step, es in scores.items()}
+                    str(step): float(np.mean(score["es"])) for step, score in scores.items()}
+                likelihood.setdefault(name, {}).setdefault(f"{lr:g}", {})[str(seed)] = {
+                    str(step): float(np.mean(score["nll"])) for step, score in scores.items()}
                 print(f"{name:9s} lr {lr:<7g} seed {seed}: " + "  ".join(
-                    f"{step}: {np.mean(es):.3f}" for step, es in sorted(scores.items())) +
-                    f"  ({time.time() - started:.0f}s)", flush=True)
+                    f"{step}: ES {np.mean(score['es']):.3f} NLL {np.mean(score['nll']):.2f}"
+                    for step, score in sorted(scores.items())) + f"  ({time.time() - started:.0f}s)", flush=True)
 
 print("\nmean over seeds (base / reference / gap)")
 for lr in map(lambda v: f"{v:g}", options.lrs):
@@ -67,5 +70,5 @@ for lr in map(lambda v: f"{v:g}", options.lrs):
         cells.append(f"{step}: {b:.2f}/{r:.2f}/{b - r:+.2f} (ref sd {sd:.2f})")
     print(f"lr {lr:<7}" + "  ".join(cells))
 if options.out:
-    options.out.write_text(json.dumps({"options": {k: str(v) for k, v in vars(options).items()}, "results": results},
-                                      indent=1) + "\n", encoding="utf-8")
+    options.out.write_text(json.dumps({"options": {k: str(v) for k, v in vars(options).items()}, "results": results,
+                                       "nll": likelihood}, indent=1) + "\n", encoding="utf-8")

@@ -69,7 +69,8 @@ def attack_context(model, tokenizer, lid, **settings):
     prompts = ["नमस्ते आप कैसे हैं", "मेरा नाम राम है", "आज मौसम अच्छा है", "हम बाजार गए", "यह किताब मेरी है",
                "वह स्कूल जाता है"]
     return SimpleNamespace(model=model, tokenizer=tokenizer, args=args, lid=lid, base_params=list(model.parameters()),
-                           eval_sets={"generation": {"forget_eval": prompts}, "attack": prompts},
+                           eval_sets={"generation": {"forget_eval": prompts}, "attack": prompts,
+                                      "attack_texts": [prompt + " और फिर घर लौट आए।" for prompt in prompts]},
                            attack_mode=mmie.attack_mode(args, model))
 
 
@@ -106,7 +107,9 @@ def test_attack_trajectory_scores_each_checkpoint_and_leaves_the_model_as_it_was
     before = [p.detach().clone() for p in ctx.base_params]
     texts = ["मैं रोज़ सुबह पार्क में टहलने जाता हूँ और ताज़ी हवा लेता हूँ।"] * 4
     scores = mmie.attack_trajectory(ctx, mmie.ArmEdit(removable=False), texts, 1e-2, [1, 3], seed=0, desc="test")
-    assert sorted(scores) == [1, 3] and all(len(values) == 6 for values in scores.values())
+    assert sorted(scores) == [1, 3] and all(len(s["es"]) == 6 and len(s["nll"]) == 6 for s in scores.values())
+    # training on Hindi lowers the NLL of other Hindi text: the likelihood read moves with the attack
+    assert np.mean(scores[3]["nll"]) < np.mean(scores[1]["nll"])
     assert all(torch.equal(p, b) for p, b in zip(ctx.base_params, before))
     assert not any(p.requires_grad is False for p in model.parameters())  # the flags are put back too
 
@@ -307,6 +310,8 @@ def test_g7_is_also_read_per_seed_so_one_relearning_seed_does_not_hide_in_the_me
     assert per_seed["n_meeting"] == 5 and per_seed["meets"]["3"] is False and per_seed["es_relearn"]["3"] > 0.8
     line = next(line for line in mmie.closing_summary(report) if "by seed" in line)
     assert "(0, 1, 2, 3, 4, 5)" in line and "5 of 6 meet" in line
+    uninformative = mmie.per_seed_recoverability_line({**g7, "uninformative": True})
+    assert "meet" not in uninformative and "uninformative" in uninformative
 
 
 def test_no_file_cites_anything_outside_the_repository():
