@@ -54,3 +54,9 @@ run distill_a1.0_mask_samples_teacher_seeds345 "${common[@]}" --arms lora distil
 run lora_no_sam "${common[@]}" --arms lora --no_sam
 # UNDO with the forget-domain texts in the distillation pool, as the reference code does (--undo_forget_domain)
 run distill_a0.9_forget_domain "${common[@]}" --arms lora distill --undo_alpha 0.9 --undo_forget_domain
+# After the tokenizer fix (runs/g13): the default recipe with the likelihood read of the attack, seeds 0-2 and 3-5, and
+# a weaker grid on one seed (does any attack strength separate the arm that hides from the reference by ES?)
+run distill_a1.0_mask_s600_nll "${common[@]}" --arms lora distill --undo_alpha 1.0 --undo_mask_forget_script
+run distill_a1.0_mask_s600_nll_seeds345 "${common[@]}" --arms lora distill --undo_alpha 1.0 --undo_mask_forget_script \
+    --seeds 3 4 5
+run lora_weakgrid "${common[@]}" --arms lora --relearn_lrs 1e-5 3e-5 --relearn_steps 5 10 30 --seeds 0

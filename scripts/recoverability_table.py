@@ -8,7 +8,9 @@ A row per arm of each report (the base and the reference once per report); CIs a
 of it: ES on forget-eval at most 0.10, worst-case relearned ES within 0.10 of the reference's (and how many seeds'
 models meet G7 alone, from the report's per-seed read), retain perplexity within 5% of the base's, related-language
 fidelity within 0.05 of the base's, benign relearning and 4-bit quantization within 0.10 of the reference's, and the
-gates that did not pass. Reports written before the per-seed read: pool each alone with `mmie.py --aggregate`.
+gates that did not pass, with the relearned Hindi NLL beside the reference's (nll_relearn: below 0, the attack brings
+back more Hindi than it teaches the reference). Reports written before the per-seed read: pool each alone with
+`mmie.py --aggregate`.
 """
 
 import argparse
@@ -76,6 +78,7 @@ def target_row(path: Path, report: dict, arm: str) -> list[str]:
     failed = [name for name, result in gates.items() if not result.get("pass")]
     return [path.stem, arm, str(len(relearned) or "-"), number(mean(s, "es_forget_eval")),
             number(mean(s, "es_relearn", "diff_vs_reference"), "{:+.3f}"),
+            number(mean(s, "nll_relearn", "diff_vs_reference"), "{:+.2f}"),
             f"{per_seed['n_meeting']} of {len(relearned)}: " + " / ".join(f"{v:.2f}" for v in relearned.values())
             if relearned else "-",
             number(mean(s.get("ppl_retain") or {}, "ratio_vs_base"), "×{:.3f}"),
@@ -87,6 +90,7 @@ def target_row(path: Path, report: dict, arm: str) -> list[str]:
 
 if args.target:
     header = ["report", "arm", "seeds", "ES forget-eval (≤ 0.10)", "relearned − reference (< 0.10)",
+              "relearned Hindi NLL − reference (nats)",
               "seeds meeting G7 alone: worst-case ES", "ppl / base (≤ ×1.05)", "fidelity drop ur / pa / bn (≤ 0.05)",
               "benign, 4-bit − reference (< 0.10)", "gates not passed"]
     print("| " + " | ".join(header) + " |")
