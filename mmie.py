@@ -692,7 +692,7 @@ def build_eval_sets(sets: dict[str, TextSet], checks: dict[str, dict], args: arg
             "prompt_counts": counts,
             # the attacks' prompts: never cut by the prompt plan, so G7 keeps --relearn_prompts pairs whatever G1 needs
             "attack": generation["forget_eval"][: args.relearn_prompts],
-            # held-out Hindi the attacks are also scored on by likelihood (never trained on: the relearn set is disjoint)
+            # held-out Hindi the attacks are also scored on by likelihood (the relearn set is disjoint from it)
             "attack_texts": first(sets["forget"].eval)[: args.relearn_prompts]}
 
 
@@ -3305,9 +3305,9 @@ def attack_trajectory(ctx: "Experiment", arm: ArmEdit, texts: list[str], lr: flo
                       seed: int, desc: str) -> dict[int, dict[str, list[float]]]:
     """Fine-tune the released arm on `texts` for max(checkpoints) steps of --relearn_batch_size at a constant lr and
     score, at each checkpoint, ES on the attack's prompts ("es") and the per-token NLL of the held-out Hindi texts
-    ("nll"; how much Hindi the weights predict, which a loop of one Hindi word does not fake), with the arm's context. Full fine-tuning of the merged
-    weights, or (large models) a fresh LoRA on every projection over the arm as it runs (stacked on the lora arm's
-    frozen adapter: the same function as merged). The model is left as it was."""
+    ("nll": how much Hindi the weights predict, which a loop of one Hindi word does not fake), with the arm's context.
+    Full fine-tuning of the merged weights, or (large models) a fresh LoRA on every projection over the arm as it runs
+    (stacked on the lora arm's frozen adapter: the same function as merged). The model is left as it was."""
     from peft import LoraConfig
 
     model, tokenizer, args = ctx.model, ctx.tokenizer, ctx.args
@@ -4530,8 +4530,7 @@ def stage_key(parser: argparse.ArgumentParser, args: argparse.Namespace, stage: 
 TABLE_METRICS = ["es_forget_train", "es_forget_eval", "es_semantic", "es_forget_roman", "es_mixed", "es_adversarial",
                  "fidelity_ur", "fidelity_pa", "fidelity_bn", "ppl_retain", "ppl_retain_ratio", "token_kl_retain",
                  "mia_auc", "es_relearn", "nll_relearn", "es_relearn_benign", "es_quant8", "es_quant4",
-                 "empty_rate_forget_eval",
-                 "repetition_forget_eval", "fidelity_en"]
+                 "empty_rate_forget_eval", "repetition_forget_eval", "fidelity_en"]
 LANGUAGE_NAMES = {"hi": "Hindi", "en": "English", "ur": "Urdu", "pa": "Punjabi", "bn": "Bengali"}
 _FIDELITY_TEXT = "share of outputs in {language} for {language} prompts (1 = the model still answers in {language})"
 _G4_TEXT = "related language: {language} fidelity drops by less than {gate_fidelity_drop} from base (non-inferiority)"
@@ -4934,7 +4933,8 @@ def per_seed_recoverability_line(result: dict) -> str | None:
     values = per_seed.get("es_relearn") or {}
     if len(values) < 2:
         return None
-    shown = f"G7: worst-case relearned ES by seed ({', '.join(values)}) " + " / ".join(f"{v:.2f}" for v in values.values())
+    shown = (f"G7: worst-case relearned ES by seed ({', '.join(values)}) "
+             + " / ".join(f"{value:.2f}" for value in values.values()))
     if result.get("uninformative"):
         return shown + "; the gate is uninformative, so no seed is read against it"
     return (f"{shown}; {per_seed.get('n_meeting', '?')} of {len(values)} meet the criterion alone (no test; the gate "
