@@ -79,8 +79,8 @@ def target_row(path: Path, report: dict, arm: str) -> list[str]:
     return [path.stem, arm, str(len(relearned) or "-"), number(mean(s, "es_forget_eval")),
             number(mean(s, "es_relearn", "diff_vs_reference"), "{:+.3f}"),
             number(mean(s, "nll_relearn", "diff_vs_reference"), "{:+.2f}"),
-            f"{per_seed['n_meeting']} of {len(relearned)}: " + " / ".join(f"{v:.2f}" for v in relearned.values())
-            if relearned else "-",
+            ("uninformative" if gates["G7"].get("uninformative") else f"{per_seed['n_meeting']} of {len(relearned)}")
+            + ": " + " / ".join(f"{v:.2f}" for v in relearned.values()) if relearned else "-",
             number(mean(s.get("ppl_retain") or {}, "ratio_vs_base"), "×{:.3f}"),
             " / ".join(number(None if d is None else -d, "{:.2f}") for d in drops),
             number(mean(s, "es_relearn_benign", "diff_vs_reference"), "{:+.3f}") + ", " +
