@@ -351,7 +351,11 @@ def test_a_hub_style_model_runs_the_whole_protocol_without_a_reference(tmp_path,
     lora = report["arms"]["lora"]["seeds"]["0"]
     assert lora["recoverability"]["mode"] == "full" and set(lora["recoverability"]["grid"]) == {
         f"lr={lr:g} steps={step}" for lr in mmie.RELEARN_LRS for step in (1, 2)}
-    assert {"es_relearn", "es_relearn_benign", "es_quant8", "es_quant4"} <= set(lora["per_prompt"])
+    assert {"es_relearn", "nll_relearn", "es_relearn_benign", "es_quant8", "es_quant4"} <= set(lora["per_prompt"])
+    record = lora["recoverability"]  # the likelihood read: its lowest grid point, on the held-out Hindi texts
+    assert set(record["grid_nll"]) == set(record["grid"])
+    assert lora["per_prompt"]["nll_relearn"] == min(record["grid_nll"].values(), key=np.mean)
+    assert "nll_relearn" in report["summary"]["lora"]
     assert report["gates"]["lora"]["G7"].get("rule") == "base"
     assert report["gates"]["dim"]["G7"]["removable"] and "es_relearn" not in report["arms"]["dim"]["seeds"]["0"]["per_prompt"]
     assert report["outcome"]["dim"] in ("suppresses", "fails", "inconclusive")
