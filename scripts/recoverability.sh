@@ -60,3 +60,8 @@ run distill_a1.0_mask_s600_nll "${common[@]}" --arms lora distill --undo_alpha 1
 run distill_a1.0_mask_s600_nll_seeds345 "${common[@]}" --arms lora distill --undo_alpha 1.0 --undo_mask_forget_script \
     --seeds 3 4 5
 run lora_weakgrid "${common[@]}" --arms lora --relearn_lrs 1e-5 3e-5 --relearn_steps 5 10 30 --seeds 0
+# ... and the student distilled for 1500 steps, seeds 0-2 and 3-5
+run distill_a1.0_mask_s1500_nll "${common[@]}" --arms lora distill --undo_alpha 1.0 --undo_mask_forget_script \
+    --undo_steps 1500
+run distill_a1.0_mask_s1500_nll_seeds345 "${common[@]}" --arms lora distill --undo_alpha 1.0 \
+    --undo_mask_forget_script --undo_steps 1500 --seeds 3 4 5
