@@ -3393,11 +3393,14 @@ def recoverability(ctx: "Experiment", arm: ArmEdit, seed: int) -> tuple[dict[str
     Per-prompt values on the first --relearn_prompts forget-eval prompts and texts; the record keeps every grid
     point."""
     args = ctx.args
+    def point(lr: float, step: int) -> str:
+        return f"lr={lr:g} steps={step}"
+
     grid, grid_nll = {}, {}
     for lr in args.relearn_lrs:
         for step, scores in attack_trajectory(ctx, arm, ctx.sets["relearn"].texts, lr, args.relearn_steps, seed,
                                               f"relearn lr {lr:g}").items():
-            grid[f"lr={lr:g} steps={step}"], grid_nll[f"lr={lr:g} steps={step}"] = scores["es"], scores["nll"]
+            grid[point(lr, step)], grid_nll[point(lr, step)] = scores["es"], scores["nll"]
     worst = max(grid, key=lambda point: float(np.mean(grid[point])))
     worst_nll = min(grid_nll, key=lambda point: float(np.mean(grid_nll[point])))
     strongest = max(args.relearn_steps)
@@ -3407,7 +3410,7 @@ def recoverability(ctx: "Experiment", arm: ArmEdit, seed: int) -> tuple[dict[str
                   **{f"es_quant{bits}": quantized_es(ctx, arm, bits) for bits in QUANT_BITS}}
 
     def curve(values: dict) -> dict:
-        return {f"{lr:g}": {str(step): float(np.mean(values[f"lr={lr:g} steps={step}"])) for step in args.relearn_steps}
+        return {f"{lr:g}": {str(step): float(np.mean(values[point(lr, step)])) for step in args.relearn_steps}
                 for lr in args.relearn_lrs}
 
     record = {"mode": ctx.attack_mode[0], "worst": worst, "grid": grid, "curves": curve(grid),
